@@ -1,0 +1,76 @@
+"""Backend choice for every op: ``"auto" | "triton" | "native" | "reference"``.
+
+* ``auto`` -> ``triton`` for CUDA tensors; for CPU tensors ``native`` when the C++ extension is
+  available, else ``reference``.  The environment variable ``FASTRLHF_BACKEND`` replaces ``auto``
+  (an explicit ``backend=`` argument always wins).
+* ``triton`` on CPU tensors runs the real kernels in Triton's interpreter; that requires
+  ``TRITON_INTERPRET=1`` in the environment before the kernels are first imported.
+* ``reference`` is the eager PyTorch definition in :mod:`fastrlhf.reference`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "native", "reference")
+
+
+def _interpret_env() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def native_available() -> bool:
+    """True when the C++ CPU extension (csrc/) is built and loadable."""
+    try:
+        from . import _native  # noqa: F401  (present once the native backend lands)
+    except ImportError:
+        return False
+    return bool(getattr(_native, "available", lambda: False)())
+
+
+def resolve(backend: str | None, device: torch.device, *, op: str, native_ok: bool = False) -> str:
+    """Return the concrete backend for ``op`` on ``device``; raises ValueError on a bad name."""
+    if backend is None:
+        backend = "auto"
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get("FASTRLHF_BACKEND", "").strip().lower()
+        if env and env != "auto":
+            if env not in BACKENDS:
+                raise ValueError(f"FASTRLHF_BACKEND must be one of {BACKENDS}, got {env!r}")
+            backend = env
+    if backend == "auto":
+        if device.type == "cuda":
+            return "triton"
+        if native_ok and native_available():
+            return "native"
+        return "reference"
+    if backend == "triton":
+        if device.type == "cpu":
+            if not _interpret_env():
+                raise RuntimeError(
+                    f"{op}: backend='triton' on CPU tensors needs Triton's interpreter: set "
+                    "TRITON_INTERPRET=1 before triton is imported (or use backend='reference')")
+            kmod = importlib.import_module("fastrlhf.kernels._utils")
+            if not kmod.INTERPRET_AT_IMPORT:
+                raise RuntimeError(
+                    f"{op}: TRITON_INTERPRET=1 was set after fastrlhf.kernels was imported; set it "
+                    "before the first Triton-backed call")
+        elif device.type != "cuda":
+            raise ValueError(f"{op}: backend='triton' supports CUDA tensors (or CPU under "
+                             f"TRITON_INTERPRET=1), got device {device}")
+        return "triton"
+    if backend == "native":
+        if device.type != "cpu":
+            raise ValueError(f"{op}: backend='native' is the CPU backend, got device {device}")
+        if not native_ok:
+            raise ValueError(f"{op}: no native (C++) implementation of this op yet")
+        if not native_available():
+            raise RuntimeError(f"{op}: backend='native' requested but the C++ extension is not "
+                               "available (no compiler, or the build failed; see the warning)")
+        return "native"
+    return "reference"

@@ -1,0 +1,264 @@
+"""Triton kernels: token log-probabilities and entropy from logits, forward and backward.
+
+Layout handled here: ``logits`` is addressed as ``[D0, D1, D2, V]`` with arbitrary strides on the
+three leading dims and unit stride on the vocab (``fastrlhf.ops`` collapses any leading shape to at
+most three strided dims).  Row ``n`` of the flattened ``[N, V]`` view lives at
+``(n // (D1*D2)) * s0 + ((n // D2) % D1) * s1 + (n % D2) * s2`` -- so ``logits[:, :-1]`` is read in
+place, never copied.
+
+Forward: one program per row, one streaming pass over the vocab.  Every lane of the block keeps its
+own running max ``m``, sum ``s = sum exp(x - m)`` and ``t = sum exp(x - m) * (x - m)`` (the entropy's
+sum, kept relative to the running max so that offsets like +1e4 lose nothing), updated with a
+single ``exp`` per element; lanes are merged once at the end.  With ``x = logits / T``:
+
+    lse = M + log S,   logp = x[token] - lse,   H = log S - T_sum / S
+
+Backward recomputes ``p = exp(x - lse)`` from the saved logsumexp and writes
+
+    dlogits = (dlogp * (onehot - p) - dH * p * (log p + H)) / T
+
+into a fresh buffer or into the logits buffer itself (in-place backward).  Nothing of size [N, V]
+is allocated by these kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import acc_dtype_of, cdiv, interpreting, tl_dtype
+
+__all__ = ["logprobs_fwd", "logprobs_bwd", "AOT_SPECS"]
+
+# Block of the vocab streamed per iteration.  4096 lanes over 8 warps = 16 elements per thread:
+# two 128-bit loads per thread per iteration for bf16, four for fp32, and ~60 live registers.
+BLOCK_V = 4096
+NUM_WARPS = 8
+# The interpreter executes numpy ops per block: a smaller block keeps CPU tests fast and still
+# exercises the multi-block path at small V.
+BLOCK_V_INTERPRET = 64
+
+
+@triton.jit
+def _row_offset(row, D1, D2, s0, s1, s2):
+    row = row.to(tl.int64)
+    i2 = row % D2
+    r = row // D2
+    i1 = r % D1
+    i0 = r // D1
+    return i0 * s0 + i1 * s1 + i2 * s2
+
+
+@triton.jit(do_not_specialize=["n_rows", "D1", "D2"])
+def _logprobs_fwd_kernel(
+    logits_ptr, tokens_ptr, logp_ptr, ent_ptr, lse_ptr,
+    n_rows, V, D1, D2, s0, s1, s2,
+    inv_temp, ignore_index,
+    HAS_TOKENS: tl.constexpr, WRITE_ENT: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    if row >= n_rows:
+        return
+    base = logits_ptr + _row_offset(row, D1, D2, s0, s1, s2)
+    offs = tl.arange(0, BLOCK_V)
+
+    m = tl.full([BLOCK_V], float("-inf"), ACC)
+    s = tl.zeros([BLOCK_V], ACC)
+    t = tl.zeros([BLOCK_V], ACC)
+    nan_seen = tl.zeros([BLOCK_V], tl.int1)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(ACC) * inv_temp
+        nan_seen = nan_seen | (x != x)
+        gt = x > m
+        # One exp per element: whichever of (x, m) is larger becomes the new max, the other side
+        # is scaled by exp(-|x - m|).  x == -inf (masked vocab, padding lanes) changes nothing.
+        d = tl.exp(-tl.abs(x - m))
+        d = tl.where(x == float("-inf"), 0.0, d)
+        alpha = tl.where(gt, d, 1.0)
+        e = tl.where(gt, 1.0, d)
+        m_new = tl.where(gt, x, m)
+        shift = tl.where(s > 0, m - m_new, 0.0)
+        xm = tl.where(e > 0, x - m_new, 0.0)
+        t = alpha * (t + shift * s) + e * xm
+        s = s * alpha + e
+        m = m_new
+
+    M = tl.max(m, axis=0)
+    w = tl.exp(m - M)
+    w = tl.where(s > 0, w, 0.0)
+    S = tl.sum(s * w, axis=0)
+    Tsum = tl.sum(tl.where(s > 0, w * (t + (m - M) * s), 0.0), axis=0)
+    log_s = tl.log(S)
+    lse = M + log_s
+    bad = tl.max(nan_seen.to(tl.int32), axis=0) > 0
+    nan = float("nan")
+    lse = tl.where(bad, nan, lse)
+    tl.store(lse_ptr + row, lse)
+    if WRITE_ENT:
+        ent = log_s - Tsum / S
+        ent = tl.where(bad, nan, ent)
+        tl.store(ent_ptr + row, ent)
+    if HAS_TOKENS:
+        tok = tl.load(tokens_ptr + row).to(tl.int64)
+        valid = (tok >= 0) & (tok < V)
+        # Out-of-range ids never reach memory: they read nothing and give NaN (the host-side
+        # check normally rejects them before launch; it can be disabled for graph capture).
+        x_tok = tl.load(base + tl.where(valid, tok, 0)).to(ACC) * inv_temp
+        logp = tl.where(valid, x_tok - lse, nan)
+        logp = tl.where(tok == ignore_index, 0.0, logp)
+        tl.store(logp_ptr + row, logp)
+
+
+@triton.jit(do_not_specialize=["n_rows", "D1", "D2"])
+def _logprobs_bwd_kernel(
+    logits_ptr, dlogits_ptr, tokens_ptr, dlogp_ptr, dent_ptr, lse_ptr, ent_ptr,
+    n_rows, V, D1, D2, s0, s1, s2, o0, o1, o2,
+    inv_temp, ignore_index,
+    HAS_TOKENS: tl.constexpr, HAS_DENT: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    if row >= n_rows:
+        return
+    base = logits_ptr + _row_offset(row, D1, D2, s0, s1, s2)
+    obase = dlogits_ptr + _row_offset(row, D1, D2, o0, o1, o2)
+    offs = tl.arange(0, BLOCK_V)
+    lse = tl.load(lse_ptr + row).to(ACC)
+
+    g_lp = tl.zeros([], ACC)
+    tok = tl.full([], -1, tl.int64)
+    if HAS_TOKENS:
+        tok = tl.load(tokens_ptr + row).to(tl.int64)
+        g_lp = tl.load(dlogp_ptr + row).to(ACC)
+        g_lp = tl.where(tok == ignore_index, 0.0, g_lp)
+    g_h = tl.zeros([], ACC)
+    ent = tl.zeros([], ACC)
+    if HAS_DENT:
+        g_h = tl.load(dent_ptr + row).to(ACC)
+        ent = tl.load(ent_ptr + row).to(ACC)
+
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        cmask = cols < V
+        x = tl.load(base + cols, mask=cmask, other=float("-inf")).to(ACC) * inv_temp
+        z = x - lse
+        p = tl.exp(z)
+        g = -g_lp * p
+        if HAS_DENT:
+            # d H / d x_j = -p_j (log p_j + H); p_j = 0 (x = -inf) contributes exactly 0.
+            g -= g_h * tl.where(p > 0, p * (z + ent), 0.0)
+        g = tl.where(cols == tok, g + g_lp, g)
+        g = g * inv_temp
+        tl.store(obase + cols, g.to(dlogits_ptr.dtype.element_ty), mask=cmask)
+
+
+def _grid_rows(n_rows: int):
+    return (max(n_rows, 1),)
+
+
+def _block_v(V: int) -> int:
+    if interpreting():
+        return min(BLOCK_V_INTERPRET, triton.next_power_of_2(max(V, 1)))
+    return min(BLOCK_V, max(triton.next_power_of_2(V), 128))
+
+
+def logprobs_fwd(logits3, dims, strides, V, tokens, inv_temp, ignore_index, want_entropy):
+    """Launch the forward kernel.
+
+    logits3: the logits tensor (any view); ``dims`` = (D0, D1, D2) and ``strides`` = (s0, s1, s2)
+    describe the rows, unit stride over the vocab.  tokens: contiguous int [N] or None.
+    Returns (logp or None, entropy or None, lse), each [N] in the accumulation dtype.
+    """
+    D0, D1, D2 = dims
+    n_rows = D0 * D1 * D2
+    acc = acc_dtype_of(logits3.dtype)
+    dev = logits3.device
+    lse = torch.empty(n_rows, dtype=acc, device=dev)
+    logp = torch.empty(n_rows, dtype=acc, device=dev) if tokens is not None else None
+    ent = torch.empty(n_rows, dtype=acc, device=dev) if want_entropy else None
+    if n_rows == 0:
+        return logp, ent, lse
+    _logprobs_fwd_kernel[_grid_rows(n_rows)](
+        logits3, tokens if tokens is not None else lse, logp if logp is not None else lse,
+        ent if ent is not None else lse, lse,
+        n_rows, V, D1, D2, strides[0], strides[1], strides[2],
+        inv_temp, ignore_index,
+        HAS_TOKENS=tokens is not None, WRITE_ENT=want_entropy,
+        ACC=tl_dtype(acc), BLOCK_V=_block_v(V), num_warps=NUM_WARPS,
+    )
+    return logp, ent, lse
+
+
+def logprobs_bwd(logits3, dlogits3, dims, strides, out_strides, V, tokens, dlogp, dent, lse, ent,
+                 inv_temp, ignore_index):
+    """Launch the backward kernel, writing dlogits into ``dlogits3`` (may alias ``logits3``)."""
+    D0, D1, D2 = dims
+    n_rows = D0 * D1 * D2
+    if n_rows == 0:
+        return dlogits3
+    acc = acc_dtype_of(logits3.dtype)
+    dummy = lse
+    _logprobs_bwd_kernel[_grid_rows(n_rows)](
+        logits3, dlogits3, tokens if tokens is not None else dummy,
+        dlogp if dlogp is not None else dummy, dent if dent is not None else dummy,
+        lse, ent if ent is not None else dummy,
+        n_rows, V, D1, D2, strides[0], strides[1], strides[2],
+        out_strides[0], out_strides[1], out_strides[2],
+        inv_temp, ignore_index,
+        HAS_TOKENS=tokens is not None, HAS_DENT=dent is not None,
+        ACC=tl_dtype(acc), BLOCK_V=_block_v(V), num_warps=NUM_WARPS,
+    )
+    return dlogits3
+
+
+# Ahead-of-time compilation specs (used by the tests to compile for sm_90 / sm_80 without a GPU
+# and read registers, spills and the SASS).  Pointer args are 16-byte aligned, row strides
+# divisible by 16: the production case for V in {32000, 128256, 151936}.
+def _aot_specs():
+    specs = []
+    for dt in ("bf16", "fp32"):
+        for has_tok, ent in ((True, True), (True, False), (False, True)):
+            specs.append(dict(
+                name=f"logprobs_fwd[{dt},tok={has_tok},ent={ent}]",
+                fn=_logprobs_fwd_kernel,
+                signature={"logits_ptr": f"*{dt}", "tokens_ptr": "*i64", "logp_ptr": "*fp32",
+                           "ent_ptr": "*fp32", "lse_ptr": "*fp32",
+                           "n_rows": "i32", "V": "i32", "D1": "i32", "D2": "i32",
+                           "s0": "i64", "s1": "i64", "s2": "i64",
+                           "inv_temp": "fp32", "ignore_index": "i64",
+                           "HAS_TOKENS": "constexpr", "WRITE_ENT": "constexpr",
+                           "ACC": "constexpr", "BLOCK_V": "constexpr"},
+                constexprs={"HAS_TOKENS": has_tok, "WRITE_ENT": ent, "ACC": tl.float32,
+                            "BLOCK_V": BLOCK_V},
+                aligned=["logits_ptr", "tokens_ptr", "logp_ptr", "ent_ptr", "lse_ptr",
+                         "s0", "s1", "s2"],
+                num_warps=NUM_WARPS,
+                stream_dtype=dt,
+            ))
+        for has_tok, dent in ((True, True), (True, False), (False, True)):
+            specs.append(dict(
+                name=f"logprobs_bwd[{dt},tok={has_tok},dent={dent}]",
+                fn=_logprobs_bwd_kernel,
+                signature={"logits_ptr": f"*{dt}", "dlogits_ptr": f"*{dt}", "tokens_ptr": "*i64",
+                           "dlogp_ptr": "*fp32", "dent_ptr": "*fp32", "lse_ptr": "*fp32",
+                           "ent_ptr": "*fp32",
+                           "n_rows": "i32", "V": "i32", "D1": "i32", "D2": "i32",
+                           "s0": "i64", "s1": "i64", "s2": "i64",
+                           "o0": "i64", "o1": "i64", "o2": "i64",
+                           "inv_temp": "fp32", "ignore_index": "i64",
+                           "HAS_TOKENS": "constexpr", "HAS_DENT": "constexpr",
+                           "ACC": "constexpr", "BLOCK_V": "constexpr"},
+                constexprs={"HAS_TOKENS": has_tok, "HAS_DENT": dent, "ACC": tl.float32,
+                            "BLOCK_V": BLOCK_V},
+                aligned=["logits_ptr", "dlogits_ptr", "tokens_ptr", "dlogp_ptr", "dent_ptr",
+                         "lse_ptr", "ent_ptr", "s0", "s1", "s2", "o0", "o1", "o2"],
+                num_warps=NUM_WARPS,
+                stream_dtype=dt,
+            ))
+    return specs
+
+
+AOT_SPECS = _aot_specs
