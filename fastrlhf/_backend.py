@@ -10,8 +10,8 @@
 
 from __future__ import annotations
 
-import importlib
 import os
+import sys
 
 import torch
 
@@ -55,8 +55,8 @@ def resolve(backend: str | None, device: torch.device, *, op: str, native_ok: bo
                 raise RuntimeError(
                     f"{op}: backend='triton' on CPU tensors needs Triton's interpreter: set "
                     "TRITON_INTERPRET=1 before triton is imported (or use backend='reference')")
-            kmod = importlib.import_module("fastrlhf.kernels._utils")
-            if not kmod.INTERPRET_AT_IMPORT:
+            kmod = sys.modules.get("fastrlhf.kernels._utils")
+            if kmod is not None and not kmod.INTERPRET_AT_IMPORT:
                 raise RuntimeError(
                     f"{op}: TRITON_INTERPRET=1 was set after fastrlhf.kernels was imported; set it "
                     "before the first Triton-backed call")

@@ -11,7 +11,7 @@ own running max ``m``, sum ``s = sum exp(x - m)`` and ``t = sum exp(x - m) * (x 
 sum, kept relative to the running max so that offsets like +1e4 lose nothing), updated with a
 single ``exp`` per element; lanes are merged once at the end.  With ``x = logits / T``:
 
-    lse = M + log S,   logp = x[token] - lse,   H = log S - T_sum / S
+    lse = M + log S,   logp = (x[token] - M) - log S,   H = log S - T_sum / S
 
 Backward recomputes ``p = exp(x - lse)`` from the saved logsumexp and writes
 
@@ -92,11 +92,13 @@ def _logprobs_fwd_kernel(
     S = tl.sum(s * w, axis=0)
     Tsum = tl.sum(tl.where(s > 0, w * (t + (m - M) * s), 0.0), axis=0)
     log_s = tl.log(S)
-    lse = M + log_s
     bad = tl.max(nan_seen.to(tl.int32), axis=0) > 0
     nan = float("nan")
-    lse = tl.where(bad, nan, lse)
-    tl.store(lse_ptr + row, lse)
+    # The logsumexp is kept as the pair (M, log S): x - lse is then formed as (x - M) - log S,
+    # which stays exact to fp32 rounding even when the logits sit at +1e4 (where M + log S alone
+    # would already have lost ~1e-3).
+    tl.store(lse_ptr + 2 * row, tl.where(bad, nan, M))
+    tl.store(lse_ptr + 2 * row + 1, tl.where(bad, nan, log_s))
     if WRITE_ENT:
         ent = log_s - Tsum / S
         ent = tl.where(bad, nan, ent)
@@ -107,7 +109,8 @@ def _logprobs_fwd_kernel(
         # Out-of-range ids never reach memory: they read nothing and give NaN (the host-side
         # check normally rejects them before launch; it can be disabled for graph capture).
         x_tok = tl.load(base + tl.where(valid, tok, 0)).to(ACC) * inv_temp
-        logp = tl.where(valid, x_tok - lse, nan)
+        logp = tl.where(valid, (x_tok - M) - log_s, nan)
+        logp = tl.where(bad, nan, logp)
         logp = tl.where(tok == ignore_index, 0.0, logp)
         tl.store(logp_ptr + row, logp)
 
@@ -126,7 +129,8 @@ def _logprobs_bwd_kernel(
     base = logits_ptr + _row_offset(row, D1, D2, s0, s1, s2)
     obase = dlogits_ptr + _row_offset(row, D1, D2, o0, o1, o2)
     offs = tl.arange(0, BLOCK_V)
-    lse = tl.load(lse_ptr + row).to(ACC)
+    row_max = tl.load(lse_ptr + 2 * row).to(ACC)
+    log_s = tl.load(lse_ptr + 2 * row + 1).to(ACC)
 
     g_lp = tl.zeros([], ACC)
     tok = tl.full([], -1, tl.int64)
@@ -144,7 +148,7 @@ def _logprobs_bwd_kernel(
         cols = start + offs
         cmask = cols < V
         x = tl.load(base + cols, mask=cmask, other=float("-inf")).to(ACC) * inv_temp
-        z = x - lse
+        z = (x - row_max) - log_s
         p = tl.exp(z)
         g = -g_lp * p
         if HAS_DENT:
@@ -170,13 +174,14 @@ def logprobs_fwd(logits3, dims, strides, V, tokens, inv_temp, ignore_index, want
 
     logits3: the logits tensor (any view); ``dims`` = (D0, D1, D2) and ``strides`` = (s0, s1, s2)
     describe the rows, unit stride over the vocab.  tokens: contiguous int [N] or None.
-    Returns (logp or None, entropy or None, lse), each [N] in the accumulation dtype.
+    Returns (logp or None, entropy or None, lse), [N] in the accumulation dtype except lse, which
+    is [N, 2]: the row max M and log S (so that logsumexp = M + log S).
     """
     D0, D1, D2 = dims
     n_rows = D0 * D1 * D2
     acc = acc_dtype_of(logits3.dtype)
     dev = logits3.device
-    lse = torch.empty(n_rows, dtype=acc, device=dev)
+    lse = torch.empty(n_rows, 2, dtype=acc, device=dev)  # (row max, log sum exp(x - max))
     logp = torch.empty(n_rows, dtype=acc, device=dev) if tokens is not None else None
     ent = torch.empty(n_rows, dtype=acc, device=dev) if want_entropy else None
     if n_rows == 0:
@@ -233,7 +238,7 @@ def _aot_specs():
                            "ACC": "constexpr", "BLOCK_V": "constexpr"},
                 constexprs={"HAS_TOKENS": has_tok, "WRITE_ENT": ent, "ACC": tl.float32,
                             "BLOCK_V": BLOCK_V},
-                aligned=["logits_ptr", "tokens_ptr", "logp_ptr", "ent_ptr", "lse_ptr",
+                aligned=["logits_ptr", "tokens_ptr", "logp_ptr", "ent_ptr", "lse_ptr", "V",
                          "s0", "s1", "s2"],
                 num_warps=NUM_WARPS,
                 stream_dtype=dt,
@@ -253,7 +258,7 @@ def _aot_specs():
                            "ACC": "constexpr", "BLOCK_V": "constexpr"},
                 constexprs={"HAS_TOKENS": has_tok, "HAS_DENT": dent, "ACC": tl.float32,
                             "BLOCK_V": BLOCK_V},
-                aligned=["logits_ptr", "dlogits_ptr", "tokens_ptr", "dlogp_ptr", "dent_ptr",
+                aligned=["logits_ptr", "dlogits_ptr", "tokens_ptr", "dlogp_ptr", "dent_ptr", "V",
                          "lse_ptr", "ent_ptr", "s0", "s1", "s2", "o0", "o1", "o2"],
                 num_warps=NUM_WARPS,
                 stream_dtype=dt,

@@ -51,13 +51,14 @@ def _fwd_impl(logits: Tensor, tokens: Tensor, temperature: float, ignore_index: 
     logp, ent, lse = _kernels().logprobs_fwd(lg, dims, strides, V, tok, 1.0 / temperature,
                                              ignore_index, True)
     lead = logits.shape[:-1]
-    return logp.view(lead), ent.view(lead), lse.view(lead)
+    return logp.view(lead), ent.view(lead), lse.view(*lead, 2)
 
 
 def _fwd_fake(logits, tokens, temperature, ignore_index):
     acc = reference.acc_dtype(logits.dtype)
     lead = logits.shape[:-1]
-    return tuple(logits.new_empty(lead, dtype=acc) for _ in range(3))
+    return (logits.new_empty(lead, dtype=acc), logits.new_empty(lead, dtype=acc),
+            logits.new_empty((*lead, 2), dtype=acc))
 
 
 @torch.library.custom_op("fastrlhf::token_logprobs", mutates_args=())
@@ -75,14 +76,14 @@ def _te_fwd(logits: Tensor, temperature: float) -> Tuple[Tensor, Tensor]:
     lg, dims, strides = rows_layout(logits)
     _, ent, lse = _kernels().logprobs_fwd(lg, dims, strides, V, None, 1.0 / temperature, -100, True)
     lead = logits.shape[:-1]
-    return ent.view(lead), lse.view(lead)
+    return ent.view(lead), lse.view(*lead, 2)
 
 
 @_te_fwd.register_fake
 def _(logits, temperature):
     acc = reference.acc_dtype(logits.dtype)
     lead = logits.shape[:-1]
-    return logits.new_empty(lead, dtype=acc), logits.new_empty(lead, dtype=acc)
+    return logits.new_empty(lead, dtype=acc), logits.new_empty((*lead, 2), dtype=acc)
 
 
 def _launch_bwd(logits, out, tokens, dlogp, dent, lse, ent, temperature, ignore_index):

@@ -1,0 +1,96 @@
+"""Compile every Triton kernel of fastrlhf.kernels ahead of time for real GPUs (no GPU needed).
+
+Run as a script *without* TRITON_INTERPRET (the test does that in a subprocess).  For each spec a
+kernel module exposes through ``AOT_SPECS()`` and each target in ``--arch`` (default 90 80), it
+compiles with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, then reads
+the cubin with the ``cuobjdump`` that Triton ships: registers, stack, local memory, and the widths
+of the global loads / stores in the SASS.  Prints one JSON list on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+
+
+def _cuobjdump():
+    import triton
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(path):
+        raise SystemExit(f"cuobjdump not found at {path}")
+    return path
+
+
+def all_specs():
+    import fastrlhf.kernels as pkg
+    specs = []
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name.startswith("_"):
+            continue
+        m = importlib.import_module(f"fastrlhf.kernels.{mod.name}")
+        fn = getattr(m, "AOT_SPECS", None)
+        if fn is not None:
+            for spec in fn():
+                specs.append((mod.name, spec))
+    return specs
+
+
+def compile_one(spec, arch, cuobjdump, workdir):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = dict(spec["signature"])
+    names = list(sig)
+    constexprs = {(names.index(k),): v for k, v in spec.get("constexprs", {}).items()}
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in spec.get("aligned", [])}
+    src = ASTSource(fn=spec["fn"], signature=sig, constexprs=constexprs, attrs=attrs)
+    opts = {"num_warps": spec.get("num_warps", 4)}
+    if "num_stages" in spec:
+        opts["num_stages"] = spec["num_stages"]
+    c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+    path = os.path.join(workdir, "k.cubin")
+    with open(path, "wb") as f:
+        f.write(c.asm["cubin"])
+    res = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True,
+                         check=True).stdout
+    sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True,
+                          check=True).stdout
+    usage = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", res)}
+    ops = re.findall(r"\b((?:LDG|STG)\.E[\w.]*)", sass)
+    return {"regs": usage.get("REG"), "stack": usage.get("STACK"), "local": usage.get("LOCAL"),
+            "shared": usage.get("SHARED"), "mem_ops": sorted(set(ops)),
+            "ptx_has_local": ".local" in c.asm.get("ptx", "")}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", type=int, nargs="+", default=[90, 80])
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("run without TRITON_INTERPRET: the interpreter cannot compile kernels")
+    cuobjdump = _cuobjdump()
+    out = []
+    with tempfile.TemporaryDirectory() as d:
+        for module, spec in all_specs():
+            for arch in args.arch:
+                row = {"module": module, "name": spec["name"], "arch": arch,
+                       "stream_dtype": spec.get("stream_dtype")}
+                try:
+                    row.update(compile_one(spec, arch, cuobjdump, d))
+                except Exception as e:  # reported, and failed, by the test
+                    row["error"] = f"{type(e).__name__}: {e}"[:2000]
+                out.append(row)
+    json.dump(out, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
