@@ -52,3 +52,478 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     """Entropy of softmax(logits / temperature) over the last dim, ``[..., V] -> [...]``."""
     x = logits.to(acc_dtype(logits.dtype)) / temperature
     return _entropy_from_logsm(torch.log_softmax(x, dim=-1))
+
+
+# --------------------------------------------------------------------------------------------
+# KL estimators, exact full-vocabulary KL, group (outcome) advantages
+# --------------------------------------------------------------------------------------------
+
+_KL_BASE = {"k1": "k1", "kl": "k1", "abs": "abs", "k2": "k2", "mse": "k2", "k3": "k3",
+            "low_var_kl": "k3"}
+
+
+def _kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, base: str) -> torch.Tensor:
+    if base == "k1":
+        return logp - ref_logp
+    if base == "abs":
+        return (logp - ref_logp).abs()
+    if base == "k2":
+        return 0.5 * (logp - ref_logp).square()
+    kl = torch.clamp(ref_logp - logp, min=-20, max=20)
+    return torch.clamp(torch.exp(kl) - kl - 1, min=-10, max=10)
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token KL estimator (verl ``kl_penalty_forward``), elementwise, same shape as ``logp``.
+
+    With ``d = logp - ref_logp``: ``k1``/``kl``: d;  ``abs``: |d|;  ``k2``/``mse``: d^2 / 2;
+    ``k3``/``low_var_kl``: ``k = clamp(-d, -20, 20)``, ``clamp(exp(k) - k - 1, -10, 10)``.
+    A ``"+"`` suffix is the straight-through variant: the base value with k2's gradient,
+    ``k2 - k2.detach() + base.detach()``.  Computed (and returned) in float32, float64 if either
+    input is float64.
+    """
+    plus = kind.endswith("+")
+    base = _KL_BASE.get(kind[:-1] if plus else kind)
+    if base is None:
+        raise ValueError(f"kl_penalty: unknown kind {kind!r}")
+    acc = torch.float64 if torch.float64 in (logp.dtype, ref_logp.dtype) else torch.float32
+    x, y = logp.to(acc), ref_logp.to(acc)
+    fwd = _kl_estimate(x, y, base)
+    if not plus or base == "k2":
+        return fwd
+    bwd = 0.5 * (x - y).square()
+    return bwd - bwd.detach() + fwd.detach()
+
+
+def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0
+            ) -> torch.Tensor:
+    """KL(p || q) = sum_j p_j (log p_j - log q_j) over the last dim, ``[..., V] -> [...]``.
+
+    ``p = softmax(logits / T)``, ``q = softmax(ref_logits / T)``.  Terms with ``p_j = 0`` are 0
+    (also when ``q_j = 0``); ``q_j = 0`` with ``p_j > 0`` gives +inf; rows that are entirely
+    ``-inf`` (in either tensor) give NaN.  Float32, float64 if either input is float64.
+    """
+    acc = torch.float64 if torch.float64 in (logits.dtype, ref_logits.dtype) else torch.float32
+    logp = torch.log_softmax(logits.to(acc) / temperature, dim=-1)
+    logq = torch.log_softmax(ref_logits.to(acc) / temperature, dim=-1)
+    p = logp.exp()
+    diff = torch.where(p > 0, logp - logq, torch.zeros_like(logp))
+    return (p * diff).sum(-1)
+
+
+GROUP_ADV_KINDS = ("grpo", "dr_grpo", "rloo")
+
+
+def group_advantages(scores: torch.Tensor, group_ids: torch.Tensor, kind: str = "grpo",
+                     eps: float = 1e-6, norm_by_std: bool = True) -> torch.Tensor:
+    """Outcome advantages per sample, a plain loop over groups (verl 0.9's estimators).
+
+    scores ``[B]`` float, group_ids ``[B]`` int (any ids).  For a group of size n, mean m and
+    unbiased std s (``torch.std``):
+
+    * ``grpo``: ``(x - m) / (s + eps)``; with ``norm_by_std=False`` it is ``dr_grpo``.
+    * ``dr_grpo``: ``x - m``.
+    * ``rloo``: ``x * n / (n - 1) - m * n / (n - 1)``.
+
+    A group of size 1 has m = 0 and s = 1 (verl), i.e. grpo gives ``x / (1 + eps)``, dr_grpo
+    ``x``, and rloo leaves ``x`` unchanged.  Returns ``[B]`` float32 (float64 for float64).
+    """
+    if kind not in GROUP_ADV_KINDS:
+        raise ValueError(f"group_advantages: unknown kind {kind!r}")
+    acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    x = scores.to(acc)
+    ids = group_ids.tolist()
+    members: dict = {}
+    for i, g in enumerate(ids):
+        members.setdefault(g, []).append(i)
+    out = [None] * len(ids)
+    for idx in members.values():
+        vals = torch.stack([x[i] for i in idx])
+        n = len(idx)
+        if n == 1:
+            mean = torch.tensor(0.0, dtype=acc, device=x.device)
+            std = torch.tensor(1.0, dtype=acc, device=x.device)
+        else:
+            mean = torch.mean(vals)
+            std = torch.std(vals)
+        for i in idx:
+            if kind == "grpo" and norm_by_std:
+                out[i] = (x[i] - mean) / (std + eps)
+            elif kind in ("grpo", "dr_grpo"):
+                out[i] = x[i] - mean
+            elif n > 1:
+                out[i] = x[i] * n / (n - 1) - mean * n / (n - 1)
+            else:
+                out[i] = x[i]
+    if not out:
+        return x.clone()
+    return torch.stack(out)
+
+
+__all__ += ["kl_penalty", "full_kl", "group_advantages", "GROUP_ADV_KINDS"]
+
+
+# --------------------------------------------------------------------------------------------
+# masked statistics, loss aggregation, clipped PPO policy / value losses (verl 0.9 semantics)
+# --------------------------------------------------------------------------------------------
+#
+# Masks may be bool, integer or floating; a float mask acts as a per-token weight.  Everywhere a
+# masked reduction is taken, positions where the mask is 0 are *selected out* before multiplying
+# (``where(mask != 0, x, 0) * mask``), so NaN / inf outside the mask never leaks in.  Unlike verl,
+# a fully masked input never produces NaN: masked means, variances, whitened values and losses
+# are 0 there.
+
+from typing import NamedTuple  # noqa: E402
+
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+             "seq-mean-token-sum-norm")
+MASKED_EPS = 1e-8  # verl: masked_mean denominator, whitening, seq-mean-token-mean
+
+
+def _loss_acc(*tensors) -> torch.dtype:
+    """float64 if any floating input is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _div_or_zero(num: torch.Tensor, den) -> torch.Tensor:
+    """``num / den``, and exactly 0 (with a zero gradient) where ``den == 0``."""
+    den = torch.as_tensor(den, dtype=num.dtype, device=num.device)
+    zero = den == 0
+    return torch.where(zero, torch.zeros_like(num), num / torch.where(zero, torch.ones_like(den), den))
+
+
+def _masked_terms(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    # where(mask != 0, x, 0) * mask: the mask weight, with anything outside the mask ignored.
+    return torch.where(m != 0, x, torch.zeros_like(x)) * m
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """``sum(where(mask != 0, x, 0) * mask)`` over ``dim`` (all dims when None)."""
+    acc = acc_dtype(x.dtype)
+    t = _masked_terms(x.to(acc), mask.to(acc))
+    return t.sum() if dim is None else t.sum(dim=dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """``masked_sum(x, mask, dim) / (sum(mask, dim) + 1e-8)``; 0 where the mask is all zero."""
+    acc = acc_dtype(x.dtype)
+    m = mask.to(acc)
+    s = masked_sum(x, m, dim)
+    n = m.sum() if dim is None else m.sum(dim=dim)
+    return s / (n + MASKED_EPS)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance over all masked elements: ``masked_mean((x - masked_mean(x))^2)``, times the
+    Bessel factor ``n / (n - 1)`` (``n = sum(mask)``) when ``unbiased`` and ``n > 1``.
+
+    verl raises for ``n <= 1``; here the uncorrected value is returned (0 for a single element
+    or an empty mask)."""
+    acc = acc_dtype(x.dtype)
+    xv, m = x.to(acc), mask.to(acc)
+    mean = masked_mean(xv, m)
+    var = masked_mean((xv - mean) ** 2, m)
+    if unbiased:
+        n = m.sum()
+        big = n > 1
+        var = torch.where(big, var * n / torch.where(big, n - 1, torch.ones_like(n)), var)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """``(x - mean) * rsqrt(var + 1e-8)`` (``+ mean`` again when not ``shift_mean``) at every
+    position, with ``mean = masked_mean(x, mask)`` and ``var = masked_var(x, mask)`` (unbiased).
+    An all-zero mask gives zeros everywhere."""
+    acc = acc_dtype(x.dtype)
+    xv, m = x.to(acc), mask.to(acc)
+    mean = masked_mean(xv, m)
+    var = masked_var(xv, m, unbiased=True)
+    w = (xv - mean) * torch.rsqrt(var + MASKED_EPS)
+    if not shift_mean:
+        w = w + mean
+    return torch.where((m != 0).any(), w, torch.zeros_like(w))
+
+
+def agg_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
+             dp_size: int = 1, batch_num_tokens=None, global_batch_size=None,
+             loss_scale_factor=None) -> torch.Tensor:
+    """Aggregate a ``[B, T]`` per-token loss into a scalar, as verl 0.9 ``agg_loss``.
+
+    With ``m`` the mask, ``S_b = sum_t where(m != 0, L, 0) * m`` and ``n_b = sum_t m``:
+
+    * ``token-mean``: ``dp_size * sum_b S_b / N``, ``N = batch_num_tokens`` or ``sum_b n_b``.
+    * ``token-sum``: ``dp_size * sum_b S_b``.
+    * ``seq-mean-token-sum``: ``dp_size * sum_{b: n_b > 0} S_b / G``, ``G = global_batch_size``
+      or the number of rows with ``n_b > 0``.
+    * ``seq-mean-token-mean``: ``dp_size * sum_{b: n_b > 0} S_b / (n_b + 1e-8) / G``.
+    * ``seq-mean-token-sum-norm``: ``seq-mean-token-sum / loss_scale_factor`` (default ``T``).
+
+    A zero denominator (fully masked batch) gives 0, never NaN.
+    """
+    if mode not in AGG_MODES:
+        raise ValueError(f"agg_loss: unknown mode {mode!r}; expected one of {AGG_MODES}")
+    acc = acc_dtype(per_token.dtype)
+    m = mask.to(acc)
+    terms = _masked_terms(per_token.to(acc), m)
+    if mode == "token-mean":
+        n = m.sum() if batch_num_tokens is None else batch_num_tokens
+        return _div_or_zero(terms.sum(), n) * dp_size
+    if mode == "token-sum":
+        return terms.sum() * dp_size
+    n_b = m.sum(-1)
+    seq_valid = (n_b > 0).to(acc)
+    seq = terms.sum(-1)
+    if mode == "seq-mean-token-mean":
+        seq = seq / (n_b + MASKED_EPS)
+    g = seq_valid.sum() if global_batch_size is None else global_batch_size
+    loss = _div_or_zero(_masked_terms(seq, seq_valid).sum(), g) * dp_size
+    if mode == "seq-mean-token-sum-norm":
+        loss = loss / (per_token.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    return loss
+
+
+def agg_row_weights(mask: torch.Tensor, mode: str = "token-mean", dp_size: int = 1,
+                    batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-row coefficients ``c`` ``[B]`` with ``agg_loss(L, mask, mode, ...) ==
+    sum_b c_b * sum_t where(m != 0, L, 0) * m`` for every ``L``: the aggregation is linear in the
+    per-token loss and its weights depend on the mask only (so ``d loss / d L = c_b * m``).
+
+    token-mean: ``dp / N``; token-sum: ``dp``; seq-mean-token-sum: ``dp * [n_b > 0] / G``
+    (``/ loss_scale_factor`` for -norm); seq-mean-token-mean: ``dp * [n_b > 0] / ((n_b + 1e-8) G)``;
+    0 wherever the denominator ``N`` or ``G`` is 0.
+    """
+    if mode not in AGG_MODES:
+        raise ValueError(f"agg_row_weights: unknown mode {mode!r}; expected one of {AGG_MODES}")
+    m = mask.to(dtype)
+    n_b = m.sum(-1)
+    if mode == "token-mean":
+        n = n_b.sum() if batch_num_tokens is None else batch_num_tokens
+        return _div_or_zero(torch.full_like(n_b, float(dp_size)), n)
+    if mode == "token-sum":
+        return torch.full_like(n_b, float(dp_size))
+    seq_valid = (n_b > 0).to(dtype)
+    g = seq_valid.sum() if global_batch_size is None else global_batch_size
+    c = _div_or_zero(seq_valid * dp_size, g)
+    if mode == "seq-mean-token-mean":
+        c = c / (n_b + MASKED_EPS)
+    elif mode == "seq-mean-token-sum-norm":
+        c = c / (mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    return c
+
+
+class PolicyTokenTerms(NamedTuple):
+    """Per-token pieces of the clipped policy loss (all ``[B, T]``)."""
+    loss: torch.Tensor          # the per-token loss (before aggregation)
+    dloss_dlogp: torch.Tensor   # its derivative w.r.t. logp (torch's subgradient conventions)
+    clipped: torch.Tensor       # bool: the clipped term won (verl pg_clipfrac numerator)
+    clipped_lower: torch.Tensor  # bool: the dual clip applied (verl pg_clipfrac_lower numerator)
+    approx_kl: torch.Tensor     # old_logp - logp (clamped to [-20, 20] for ratio_level="token")
+
+
+def _policy_log_ratio(lp, old, m, ratio_level):
+    """(log-ratio value, 1 where d(log-ratio)/d(logp) = 1 else 0, per-token approx-KL)."""
+    if ratio_level == "token":
+        d = lp - old
+        lr = torch.clamp(d, min=-20.0, max=20.0)
+        return lr, ((d >= -20.0) & (d <= 20.0)), -lr
+    # GSPO: mean log-ratio of the sequence (verl: sum / clamp(count, min=1)), clamped at 10.
+    seq = masked_sum(lp - old, m, -1) / m.sum(-1).clamp(min=1)
+    lr = torch.clamp(seq, max=10.0).unsqueeze(-1).expand_as(lp)
+    return lr, (seq <= 10.0).unsqueeze(-1).expand_as(lp), -(lp - old)
+
+
+def policy_loss_per_token(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                          mask: torch.Tensor = None, clip_low: float = 0.2, clip_high=None,
+                          dual_clip=None, ratio_level: str = "token") -> PolicyTokenTerms:
+    """Per-token clipped PPO / GSPO loss and its derivative w.r.t. ``logp``, in closed form.
+
+    ``logp``, ``old_logp``: ``[B, T]``; ``advantages``: ``[B, T]`` or ``[B]`` (broadcast over T);
+    ``mask`` ``[B, T]`` (needed for ``ratio_level="sequence"`` only).  With ``lo = 1 - clip_low``,
+    ``hi = 1 + clip_high`` (``clip_high=None``: ``clip_low``):
+
+    * token: ``s = clamp(logp - old_logp, -20, 20)``, ``r = exp(s)``, ``dr/dlogp = r`` inside the
+      clamp, 0 outside (torch's clamp passes the gradient at the bounds).
+    * sequence (GSPO, verl's stop-gradient form): ``s_b = sum_t m (logp - old) / max(sum_t m, 1)``,
+      ``r = exp(min(s_b, 10))`` per row; ``dr/dlogp_t = r`` (0 when ``s_b > 10``).
+    * ``l1 = -A r``, ``l2 = -A clamp(r, lo, hi)``, ``L = max(l1, l2)``;
+      with ``dual_clip = c``: ``L = min(L, -A c)`` where ``A < 0``.
+
+    Ties follow torch's subgradients (``maximum`` / ``minimum`` split the gradient 50/50 on
+    equality), so ``dloss_dlogp`` equals autograd of the eager formula.
+    """
+    acc = _loss_acc(logp, old_logp, advantages)
+    lp, old, adv = logp.to(acc), old_logp.to(acc), advantages.to(acc)
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(-1).expand_as(lp)
+    m = None if mask is None else mask.to(acc)
+    if ratio_level == "sequence" and m is None:
+        raise ValueError("policy_loss_per_token: ratio_level='sequence' needs the mask")
+    lr, ind, kl = _policy_log_ratio(lp, old, m, ratio_level)
+    clip_high = clip_low if clip_high is None else clip_high
+    lo, hi = 1.0 - clip_low, 1.0 + clip_high
+    r = torch.exp(lr)
+    l1 = -adv * r
+    l2 = -adv * torch.clamp(r, lo, hi)
+    c1 = torch.maximum(l1, l2)
+    half = lambda c: c.to(acc) * 0.5  # noqa: E731
+    w1 = (l1 > l2).to(acc) + half(l1 == l2)
+    w2 = (l2 > l1).to(acc) + half(l1 == l2)
+    dl_dr = -adv * (w1 + w2 * ((r >= lo) & (r <= hi)).to(acc))
+    if dual_clip is not None:
+        l3 = -adv * dual_clip
+        neg = adv < 0
+        loss = torch.where(neg, torch.minimum(l3, c1), c1)
+        wd = (c1 < l3).to(acc) + half(c1 == l3)
+        dl_dr = torch.where(neg, dl_dr * wd, dl_dr)
+        lower = (c1 > l3) & neg
+    else:
+        loss = c1
+        lower = torch.zeros_like(l1, dtype=torch.bool)
+    grad = dl_dr * r * ind.to(acc)
+    grad = torch.where(torch.isnan(loss), loss, grad)
+    return PolicyTokenTerms(loss, grad, l2 > l1, lower, kl)
+
+
+def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, clip_low: float = 0.2, clip_high=None, dual_clip=None,
+                    agg: str = "token-mean", ratio_level: str = "token", dp_size: int = 1,
+                    batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None):
+    """Clipped PPO policy loss (verl ``compute_policy_loss_vanilla``) or, with
+    ``ratio_level="sequence"``, GSPO (verl ``compute_policy_loss_gspo``), written as verl does.
+
+    Returns ``(loss, stats)``: ``loss = agg_loss(L, mask, agg, ...)`` with ``L`` the per-token loss
+    of :func:`policy_loss_per_token`; stats (detached scalars), each ``masked_mean(., mask)``:
+    ``clipfrac`` = [l2 > l1] (verl pg_clipfrac), ``clipfrac_lower`` = [A < 0 and max(l1, l2) >
+    -A c] (verl pg_clipfrac_lower; 0 without dual clip), ``approx_kl`` = old_logp - logp (verl
+    ppo_kl: clamped log-ratio for token level, raw for sequence level).
+    Gradient flows to ``logp`` only.
+    """
+    acc = _loss_acc(logp, old_logp, advantages)
+    lp = logp.to(acc)
+    old, adv = old_logp.detach().to(acc), advantages.detach().to(acc)
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(-1).expand_as(lp)
+    m = mask.to(acc)
+    clip_high = clip_low if clip_high is None else clip_high
+    if ratio_level == "token":
+        neg_kl = torch.clamp(lp - old, min=-20.0, max=20.0)
+        ratio = torch.exp(neg_kl)
+        approx_kl = masked_mean(-neg_kl, m)
+    else:
+        neg_kl = lp - old
+        seq = masked_sum(neg_kl, m, -1) / m.sum(-1).clamp(min=1)
+        log_ratio = lp - lp.detach() + seq.detach().unsqueeze(-1)
+        ratio = torch.exp(torch.clamp(log_ratio, max=10.0))
+        approx_kl = masked_mean(-neg_kl, m)
+    l1 = -adv * ratio
+    l2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    c1 = torch.maximum(l1, l2)
+    clipfrac = masked_mean((l2 > l1).to(acc), m)
+    if dual_clip is not None:
+        l3 = -adv * dual_clip
+        per_token = torch.where(adv < 0, torch.min(l3, c1), c1)
+        clipfrac_lower = masked_mean(((c1 > l3) & (adv < 0)).to(acc), m)
+    else:
+        per_token = c1
+        clipfrac_lower = torch.zeros((), dtype=acc, device=lp.device)
+    loss = agg_loss(per_token, m, agg, dp_size, batch_num_tokens, global_batch_size,
+                    loss_scale_factor)
+    stats = {"clipfrac": clipfrac.detach(), "clipfrac_lower": clipfrac_lower.detach(),
+             "approx_kl": approx_kl.detach()}
+    return loss, stats
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                   mask: torch.Tensor, clip=0.5, agg: str = "token-mean", dp_size: int = 1,
+                   batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None):
+    """Clipped value loss (verl ``compute_value_loss``):
+    ``0.5 * agg_loss(max((v - R)^2, (vc - R)^2))`` with
+    ``vc = max(min(v, old + clip), old - clip)``; ``clip=None``: ``0.5 * agg_loss((v - R)^2)``.
+    Returns ``(loss, {"clipfrac": masked_mean([(vc - R)^2 > (v - R)^2], mask)})``.
+    Gradient flows to ``values`` only.
+    """
+    acc = _loss_acc(values, old_values, returns)
+    v = values.to(acc)
+    old, ret = old_values.detach().to(acc), returns.detach().to(acc)
+    m = mask.to(acc)
+    l1 = (v - ret) ** 2
+    if clip is None:
+        per_token = l1
+        clipfrac = torch.zeros((), dtype=acc, device=v.device)
+    else:
+        vc = torch.max(torch.min(v, old + clip), old - clip)
+        l2 = (vc - ret) ** 2
+        per_token = torch.max(l1, l2)
+        clipfrac = masked_mean((l2 > l1).to(acc), m)
+    loss = 0.5 * agg_loss(per_token, m, agg, dp_size, batch_num_tokens, global_batch_size,
+                          loss_scale_factor)
+    return loss, {"clipfrac": clipfrac.detach()}
+
+
+__all__ += ["AGG_MODES", "masked_sum", "masked_mean", "masked_var", "masked_whiten", "agg_loss",
+            "agg_row_weights", "PolicyTokenTerms", "policy_loss_per_token", "ppo_policy_loss",
+            "ppo_value_loss"]
+
+
+# --------------------------------------------------------------------------------------------
+# GAE (verl 0.9 ``compute_gae_advantage_return``, multi-turn aware, not whitened)
+# --------------------------------------------------------------------------------------------
+
+def _gae_rows(r: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, gamma: float, lam: float):
+    # The plain reverse loop over T, rows in parallel.  Masked steps are skipped: the next value
+    # and the running advantage carry across them unchanged (torch.where, so whatever sits at a
+    # masked position -- NaN included -- never enters the arithmetic).
+    B, T = r.shape
+    nextvalues = torch.zeros(B, dtype=r.dtype, device=r.device)
+    lastgaelam = torch.zeros(B, dtype=r.dtype, device=r.device)
+    adv = torch.zeros(B, T, dtype=r.dtype, device=r.device)
+    for t in reversed(range(T)):
+        ok = valid[:, t]
+        delta = r[:, t] + gamma * nextvalues - v[:, t]
+        cur = delta + gamma * lam * lastgaelam
+        nextvalues = torch.where(ok, v[:, t], nextvalues)
+        lastgaelam = torch.where(ok, cur, lastgaelam)
+        adv[:, t] = torch.where(ok, lastgaelam, torch.zeros_like(lastgaelam))
+    ret = torch.where(valid, adv + v, torch.zeros_like(adv))
+    return adv, ret
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95, cu_seqlens: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None):
+    """Generalized advantage estimation, a plain Python loop over T (the spec of ``fr.gae``).
+
+    rewards, values, mask ``[B, T]`` (mask: any dtype, ``mask != 0`` = valid), or the packed
+    layout ``[1, total]`` with ``cu_seqlens`` ``[S+1]`` (segment s = columns
+    ``cu_seqlens[s]:cu_seqlens[s+1]``, each an independent sequence).  Per row, for t = T-1..0
+    with ``nv = A = 0`` past the end::
+
+        valid t:  delta = r_t + gamma * nv - V_t;  A = delta + gamma * lam * A;  nv = V_t
+                  adv_t = A;  ret_t = A + V_t
+        masked t: nv, A unchanged;  adv_t = ret_t = 0
+
+    Computed and returned in ``compute_dtype`` (default float64 if rewards or values is
+    float64, else float32).  Returns ``(advantages, returns)``, detached.
+    """
+    if compute_dtype is None:
+        compute_dtype = (torch.float64 if torch.float64 in (rewards.dtype, values.dtype)
+                         else torch.float32)
+    with torch.no_grad():
+        r = rewards.detach().to(compute_dtype)
+        v = values.detach().to(compute_dtype)
+        valid = mask.detach() != 0
+        if cu_seqlens is None:
+            return _gae_rows(r, v, valid, gamma, lam)
+        adv = torch.zeros_like(r)
+        ret = torch.zeros_like(r)
+        bounds = [int(x) for x in cu_seqlens.tolist()]
+        for s in range(len(bounds) - 1):
+            a, b = bounds[s], bounds[s + 1]
+            if b > a:
+                adv[:, a:b], ret[:, a:b] = _gae_rows(r[:, a:b], v[:, a:b], valid[:, a:b], gamma,
+                                                     lam)
+        return adv, ret
+
+
+__all__ += ["gae"]
