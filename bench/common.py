@@ -130,15 +130,20 @@ def environment(device: str) -> dict:
     }
 
 
+def _sig(x: float, digits: int = 4) -> float:
+    """Round to significant digits (a slow CPU's 0.004 GB/s must not print as 0.0)."""
+    return float(f"{x:.{digits}g}")
+
+
 def finish_row(row: dict, copy_gbps: float) -> dict:
     """Add gbps / pct_copy_bw / floor ratio to a timed row that declares ``bytes``."""
     if row.get("ms") and row.get("bytes"):
         gbps = row["bytes"] / (row["ms"] * 1e-3) / 1e9
-        row["gbps"] = round(gbps, 1)
-        row["pct_copy_bw"] = round(100.0 * gbps / copy_gbps, 1)
-        row["x_floor"] = round(copy_gbps / gbps, 2)  # time / (bytes / copy bandwidth)
+        row["gbps"] = _sig(gbps)
+        row["pct_copy_bw"] = _sig(100.0 * gbps / copy_gbps)
+        row["x_floor"] = _sig(copy_gbps / gbps)  # time / (bytes / copy bandwidth)
     if row.get("ms") is not None:
-        row["ms"] = round(row["ms"], 4)
+        row["ms"] = _sig(row["ms"], 5)
     return row
 
 
