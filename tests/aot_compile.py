@@ -70,24 +70,34 @@ def compile_one(spec, arch, cuobjdump, workdir):
             "ptx_has_local": ".local" in c.asm.get("ptx", "")}
 
 
+def _job(args):
+    index, arch = args
+    module, spec = all_specs()[index]
+    row = {"module": module, "name": spec["name"], "arch": arch,
+           "stream_dtype": spec.get("stream_dtype")}
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            row.update(compile_one(spec, arch, _cuobjdump(), d))
+    except Exception as e:  # reported, and failed, by the test
+        row["error"] = f"{type(e).__name__}: {e}"[:2000]
+    return row
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80])
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("run without TRITON_INTERPRET: the interpreter cannot compile kernels")
-    cuobjdump = _cuobjdump()
-    out = []
-    with tempfile.TemporaryDirectory() as d:
-        for module, spec in all_specs():
-            for arch in args.arch:
-                row = {"module": module, "name": spec["name"], "arch": arch,
-                       "stream_dtype": spec.get("stream_dtype")}
-                try:
-                    row.update(compile_one(spec, arch, cuobjdump, d))
-                except Exception as e:  # reported, and failed, by the test
-                    row["error"] = f"{type(e).__name__}: {e}"[:2000]
-                out.append(row)
+    _cuobjdump()
+    jobs = [(i, arch) for i in range(len(all_specs())) for arch in args.arch]
+    if args.jobs > 1:
+        import multiprocessing as mp
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
+            out = pool.map(_job, jobs, chunksize=1)
+    else:
+        out = [_job(j) for j in jobs]
     json.dump(out, sys.stdout)
     return 0
 
