@@ -9,13 +9,19 @@ Public ops (see DESIGN.md and each docstring for shapes, dtypes and formulas)::
     kl = fastrlhf.full_kl(logits, ref_logits)
     adv = fastrlhf.group_advantages(scores, group_ids, kind="grpo")
     adv, ret = fastrlhf.gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    adv = fastrlhf.masked_whiten(adv, mask)
+    loss, stats = fastrlhf.ppo_policy_loss(logp, old_logp, adv, mask, clip_low=0.2, agg="token-mean")
+    loss, stats = fastrlhf.ppo_value_loss(values, old_values, returns, mask, clip=0.5)
 """
 
 from . import config
-from .ops import (GROUP_ADV_KINDS, KL_KINDS, full_kl, gae, group_advantages, kl_penalty,
-                  token_entropy, token_logprobs)
+from .ops import (AGG_MODES, GROUP_ADV_KINDS, KL_KINDS, RATIO_LEVELS, agg_loss, full_kl, gae,
+                  group_advantages, kl_penalty, masked_mean, masked_sum, masked_var, masked_whiten,
+                  ppo_policy_loss, ppo_value_loss, token_entropy, token_logprobs)
 
 __version__ = "0.1.0"
 
 __all__ = ["token_logprobs", "token_entropy", "kl_penalty", "full_kl", "KL_KINDS",
-           "group_advantages", "GROUP_ADV_KINDS", "gae", "config"]
+           "group_advantages", "GROUP_ADV_KINDS", "gae", "masked_sum", "masked_mean", "masked_var",
+           "masked_whiten", "agg_loss", "AGG_MODES", "RATIO_LEVELS", "ppo_policy_loss", "ppo_value_loss",
+           "config"]

@@ -527,3 +527,49 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 __all__ += ["gae"]
+
+
+# --------------------------------------------------------------------------------------------
+# fused PPO loss from the logits (the spec of ``fr.fused_ppo_loss``)
+# --------------------------------------------------------------------------------------------
+
+def fused_ppo_loss(logits: torch.Tensor, tokens: torch.Tensor, old_logp: torch.Tensor,
+                   advantages: torch.Tensor, mask: torch.Tensor, ref_logp=None,
+                   kl_coef: float = 0.0, kl_kind: str = "k3", entropy_coef: float = 0.0,
+                   clip_low: float = 0.2, clip_high=None, dual_clip=None,
+                   temperature: float = 1.0, agg: str = "token-mean", ratio_level: str = "token",
+                   ignore_index: int = -100, dp_size: int = 1, batch_num_tokens=None,
+                   global_batch_size=None, loss_scale_factor=None):
+    """``agg_loss(pg + kl_coef * kl - entropy_coef * H, mask, agg)``, composed of the references.
+
+    ``logp, H = token_logprobs(logits, tokens, temperature, True, ignore_index)``; ``pg`` the
+    per-token loss of :func:`ppo_policy_loss`; ``kl = kl_penalty(logp, ref_logp, kl_kind)`` (no
+    KL term when ``ref_logp`` is None).  The aggregation is linear in the per-token loss (weights
+    from the mask only, :func:`agg_row_weights`), so this is computed as
+    ``ppo_policy_loss(...)[0] + kl_coef * agg_loss(kl) - entropy_coef * agg_loss(H)``.
+    The per-token inputs are cast to the logits' accumulation dtype (float32, float64 for
+    float64 logits).  Returns ``(loss, stats)``: stats (detached) per-token ``logp``,
+    ``entropy``, ``kl`` (zeros without ``ref_logp``) and the scalars ``clipfrac``,
+    ``clipfrac_lower``, ``approx_kl`` (of :func:`ppo_policy_loss`), ``entropy_mean`` and
+    ``kl_mean`` (``masked_mean`` of the per-token values).
+    """
+    acc = acc_dtype(logits.dtype)
+    kw = dict(dp_size=dp_size, batch_num_tokens=batch_num_tokens,
+              global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor)
+    logp, ent = token_logprobs(logits, tokens, temperature, True, ignore_index)
+    old, adv = old_logp.detach().to(acc), advantages.detach().to(acc)
+    loss, pg_stats = ppo_policy_loss(logp, old, adv, mask, clip_low, clip_high, dual_clip, agg,
+                                     ratio_level, **kw)
+    if ref_logp is not None:
+        kl = kl_penalty(logp, ref_logp.detach().to(acc), kl_kind)
+        loss = loss + kl_coef * agg_loss(kl, mask, agg, **kw)
+    else:
+        kl = torch.zeros_like(logp)
+    loss = loss - entropy_coef * agg_loss(ent, mask, agg, **kw)
+    stats = {"logp": logp.detach(), "entropy": ent.detach(), "kl": kl.detach(), **pg_stats,
+             "entropy_mean": masked_mean(ent.detach(), mask),
+             "kl_mean": masked_mean(kl.detach(), mask)}
+    return loss, stats
+
+
+__all__ += ["fused_ppo_loss"]
