@@ -36,3 +36,11 @@ def cdiv(a: int, b: int) -> int:
 
 # Whether the kernels in this process were decorated in interpreter mode (fixed at import time).
 INTERPRET_AT_IMPORT = interpreting()
+
+
+@triton.jit
+def scalar_to(x, ACC: tl.constexpr):
+    """Round a scalar kernel argument (declared ``tl.float64`` so float64 compute stays exact) to
+    the accumulation dtype once.  Adding to a typed zero keeps this valid in the interpreter,
+    where ``x`` is a Python float."""
+    return (tl.zeros([], ACC) + x).to(ACC)

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype_of, cdiv, interpreting, tl_dtype
+from ._utils import acc_dtype_of, cdiv, interpreting, scalar_to, tl_dtype
 
 __all__ = ["logprobs_fwd", "logprobs_bwd", "AOT_SPECS"]
 
@@ -54,10 +54,12 @@ def _row_offset(row, D1, D2, s0, s1, s2):
 def _logprobs_fwd_kernel(
     logits_ptr, tokens_ptr, logp_ptr, ent_ptr, lse_ptr,
     n_rows, V, D1, D2, s0, s1, s2,
-    inv_temp, ignore_index,
+    inv_temp_in: tl.float64, ignore_index,
     HAS_TOKENS: tl.constexpr, WRITE_ENT: tl.constexpr,
     ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    # 1/T arrives as float64 so that float64 logits keep full precision; fp32 math elsewhere.
+    inv_temp = scalar_to(inv_temp_in, ACC)
     row = tl.program_id(0)
     if row >= n_rows:
         return
@@ -119,10 +121,11 @@ def _logprobs_fwd_kernel(
 def _logprobs_bwd_kernel(
     logits_ptr, dlogits_ptr, tokens_ptr, dlogp_ptr, dent_ptr, lse_ptr, ent_ptr,
     n_rows, V, D1, D2, s0, s1, s2, o0, o1, o2,
-    inv_temp, ignore_index,
+    inv_temp_in: tl.float64, ignore_index,
     HAS_TOKENS: tl.constexpr, HAS_DENT: tl.constexpr,
     ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    inv_temp = scalar_to(inv_temp_in, ACC)
     row = tl.program_id(0)
     if row >= n_rows:
         return
@@ -233,7 +236,7 @@ def _aot_specs():
                            "ent_ptr": "*fp32", "lse_ptr": "*fp32",
                            "n_rows": "i32", "V": "i32", "D1": "i32", "D2": "i32",
                            "s0": "i64", "s1": "i64", "s2": "i64",
-                           "inv_temp": "fp32", "ignore_index": "i64",
+                           "inv_temp_in": "fp64", "ignore_index": "i64",
                            "HAS_TOKENS": "constexpr", "WRITE_ENT": "constexpr",
                            "ACC": "constexpr", "BLOCK_V": "constexpr"},
                 constexprs={"HAS_TOKENS": has_tok, "WRITE_ENT": ent, "ACC": tl.float32,
@@ -253,7 +256,7 @@ def _aot_specs():
                            "n_rows": "i32", "V": "i32", "D1": "i32", "D2": "i32",
                            "s0": "i64", "s1": "i64", "s2": "i64",
                            "o0": "i64", "o1": "i64", "o2": "i64",
-                           "inv_temp": "fp32", "ignore_index": "i64",
+                           "inv_temp_in": "fp64", "ignore_index": "i64",
                            "HAS_TOKENS": "constexpr", "HAS_DENT": "constexpr",
                            "ACC": "constexpr", "BLOCK_V": "constexpr"},
                 constexprs={"HAS_TOKENS": has_tok, "HAS_DENT": dent, "ACC": tl.float32,
