@@ -42,7 +42,10 @@ def resolve(backend: str | None, device: torch.device, *, op: str, native_ok: bo
         if env and env != "auto":
             if env not in BACKENDS:
                 raise ValueError(f"FASTRLHF_BACKEND must be one of {BACKENDS}, got {env!r}")
-            backend = env
+            # A process-wide preference for "native" applies to the ops that have a native
+            # implementation; the others keep their automatic choice instead of failing.
+            if not (env == "native" and not native_ok):
+                backend = env
     if backend == "auto":
         if device.type == "cuda":
             return "triton"

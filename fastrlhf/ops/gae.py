@@ -143,7 +143,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, la
             the host (one device sync).
         compute_dtype: ``None`` (float64 if rewards or values is float64, else float32),
             ``torch.float32`` or ``torch.float64`` (the float64 option for any input dtype).
-        backend: ``"auto" | "triton" | "reference"`` (see :mod:`fastrlhf._backend`).
+        backend: ``"auto" | "triton" | "native" | "reference"`` (see :mod:`fastrlhf._backend`).
 
     Returns:
         ``(advantages, returns)``: two fresh contiguous ``[B, T]`` tensors of ``compute_dtype``,
@@ -166,10 +166,13 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, la
         max_len = _check_cu_seqlens(op, cu_seqlens, rewards)
     else:
         max_len = rewards.shape[1]
-    which = _backend.resolve(backend, rewards.device, op=op)
+    which = _backend.resolve(backend, rewards.device, op=op, native_ok=True)
     rewards, values, mask = rewards.detach(), values.detach(), mask.detach()
     if which == "reference":
         return reference.gae(rewards, values, mask, gamma, lam, cu_seqlens, acc)
+    if which == "native":  # C++ CPU backend (fastrlhf/_native.py, csrc/gae.cpp)
+        from .. import _native
+        return _native.gae(rewards, values, mask, cu_seqlens, gamma, lam, acc)
     cu = cu_seqlens.detach() if cu_seqlens is not None else None
     return _gae_op(rewards, values, mask, cu, gamma, lam, max_len, acc == torch.float64)
 

@@ -204,7 +204,8 @@ def _check_logits(op: str, logits, temperature) -> float:
 
 def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
                    return_entropy: bool = False, ignore_index: int = -100,
-                   inplace_backward: bool = False, backend: str = "auto"):
+                   inplace_backward: bool = False, backend: str = "auto",
+                   process_group=None, vocab_start_index: Optional[int] = None):
     """Log-probability of ``tokens`` under ``softmax(logits / temperature)`` (and its entropy).
 
     Args:
@@ -218,8 +219,17 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
         return_entropy: also return ``H = -sum_j p_j log p_j`` per position.
         inplace_backward: the backward writes d loss / d logits into the ``logits`` buffer itself
             and returns it as the gradient: no [N, V] allocation in training.  The caller promises
-            not to read ``logits`` after backward.  Triton backend only (others ignore it).
-        backend: ``"auto" | "triton" | "reference"`` (see :mod:`fastrlhf._backend`).
+            not to read ``logits`` after backward.  Triton and native backends (the reference
+            ignores it; native falls back to a fresh buffer if the rows had to be copied).
+        backend: ``"auto" | "triton" | "native" | "reference"`` (see :mod:`fastrlhf._backend`).
+        process_group: vocab parallelism (tensor-parallel lm_head): ``logits`` holds only this
+            rank's vocab slice ``[vocab_start_index, vocab_start_index + V_local)`` and ``tokens``
+            are full-vocab ids.  Ranks exchange per-row partials (two all-reduces of ``[N]`` and
+            ``[N, 3]`` floats, never the logits) and every rank returns the full-vocab logp /
+            entropy; the backward is local.  See :mod:`fastrlhf.ops._vocab_parallel`.  With the
+            native / reference backends the local slice is processed in plain torch.
+        vocab_start_index: first vocab id of this rank's slice (default ``rank * V_local``,
+            i.e. equal shards).
 
     Returns:
         ``logp`` ``[...]`` (float32; float64 for float64 logits), or ``(logp, entropy)``.
@@ -233,25 +243,52 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
     check_shape(op, "tokens", tokens, logits.shape[:-1], "the leading shape of logits")
     check_same_device(op, "logits", logits, tokens=tokens)
     ignore_index = check_int(op, "ignore_index", ignore_index)
-    which = _backend.resolve(backend, logits.device, op=op)
+    which = _backend.resolve(backend, logits.device, op=op, native_ok=True)
+    if process_group is not None:
+        from ._vocab_parallel import vocab_parallel_token_logprobs
+        logp, ent = vocab_parallel_token_logprobs(
+            logits, tokens, temperature, ignore_index, process_group, vocab_start_index,
+            which == "triton", inplace_backward and which == "triton",
+            config.check_tokens_enabled())
+        return (logp, ent) if return_entropy else logp
+    if vocab_start_index is not None:
+        raise ValueError(f"{op}: vocab_start_index is only meaningful with process_group")
     if which == "reference":
         V = logits.shape[-1]
         _check_token_range(tokens, V, ignore_index)
         return reference.token_logprobs(logits, tokens, temperature, return_entropy, ignore_index)
+    if which == "native":  # C++ CPU backend (fastrlhf/_native.py, csrc/logprobs.cpp)
+        from .. import _native
+        logp, ent = _native.token_logprobs(logits, tokens, temperature, ignore_index,
+                                           inplace_backward)
+        return (logp, ent) if return_entropy else logp
     fn = _tl_fwd_ib if inplace_backward else _tl_fwd
     logp, ent, _ = fn(logits, tokens, temperature, ignore_index)
     return (logp, ent) if return_entropy else logp
 
 
-def token_entropy(logits: Tensor, *, temperature: float = 1.0, backend: str = "auto") -> Tensor:
+def token_entropy(logits: Tensor, *, temperature: float = 1.0, backend: str = "auto",
+                  process_group=None, vocab_start_index: Optional[int] = None) -> Tensor:
     """Entropy of ``softmax(logits / temperature)`` over the last dim: ``[..., V] -> [...]``.
 
-    Same dtypes, strides and backends as :func:`token_logprobs`; differentiable.
+    Same dtypes, strides, backends and vocab parallelism (``process_group``,
+    ``vocab_start_index``) as :func:`token_logprobs`; differentiable.
     """
     op = "token_entropy"
     temperature = _check_logits(op, logits, temperature)
-    which = _backend.resolve(backend, logits.device, op=op)
+    which = _backend.resolve(backend, logits.device, op=op, native_ok=True)
+    if process_group is not None:
+        from ._vocab_parallel import vocab_parallel_token_logprobs
+        ignore = torch.full(logits.shape[:-1], -100, dtype=torch.int64, device=logits.device)
+        return vocab_parallel_token_logprobs(logits, ignore, temperature, -100, process_group,
+                                             vocab_start_index, which == "triton", False,
+                                             False)[1]
+    if vocab_start_index is not None:
+        raise ValueError(f"{op}: vocab_start_index is only meaningful with process_group")
     if which == "reference":
         return reference.token_entropy(logits, temperature)
+    if which == "native":  # C++ CPU backend
+        from .. import _native
+        return _native.token_entropy(logits, temperature)
     ent, _ = _te_fwd(logits, temperature)
     return ent

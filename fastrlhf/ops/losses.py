@@ -425,7 +425,7 @@ def ppo_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
             ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor``.  (verl's GSPO
             always aggregates with ``"seq-mean-token-mean"``: pass that to reproduce it.)
         ratio_level: ``"token"`` or ``"sequence"`` (GSPO).
-        backend: ``"auto" | "triton" | "reference"`` (see :mod:`fastrlhf._backend`).
+        backend: ``"auto" | "triton" | "native" | "reference"`` (see :mod:`fastrlhf._backend`).
 
     Formula, per token (``A`` the advantage, ``m`` the mask):
 
@@ -461,13 +461,18 @@ def ppo_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
     if not isinstance(ratio_level, str) or ratio_level not in RATIO_LEVELS:
         raise ValueError(f"{op}: ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
     kw = _check_agg(op, agg, logp.shape[1], agg_kwargs)
-    which = _backend.resolve(backend, logp.device, op=op)
+    which = _backend.resolve(backend, logp.device, op=op, native_ok=True)
     if which == "reference":
         return reference.ppo_policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high,
                                          dual_clip, agg, ratio_level, **kw)
     acc = _acc(logp, old_logp, advantages)
     denom, denom_t = _denominator(agg, kw, acc, logp.device)
     lsf = kw["loss_scale_factor"] if kw["loss_scale_factor"] is not None else float(logp.shape[1])
+    if which == "native":  # C++ CPU backend (fastrlhf/_native.py, csrc/losses.cpp)
+        from .. import _native
+        return _native.ppo_policy_loss(logp, old_logp, advantages, mask, 1.0 - clip_low,
+                                       1.0 + clip_high, dual_clip, ratio_level == "sequence",
+                                       agg, kw["dp_size"], denom, denom_t, lsf)
     loss, stats = _run_policy(
         _row_view(logp), _row_view(old_logp.detach()), _row_view(advantages.detach()),
         _row_view(mask), 1.0 - clip_low, 1.0 + clip_high, dual_clip, ratio_level == "sequence",
@@ -488,7 +493,7 @@ def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Te
         mask: ``[B, T]`` bool / integer / floating response mask.
         clip: > 0, verl's ``cliprange_value``; None disables clipping (plain MSE).
         agg, **agg_kwargs: as :func:`agg_loss`.
-        backend: ``"auto" | "triton" | "reference"``.
+        backend: ``"auto" | "triton" | "native" | "reference"``.
 
     Formula: ``vc = max(min(v, old + clip), old - clip)``, per token
     ``L = max((v - R)^2, (vc - R)^2)`` (``(v - R)^2`` without clip),
@@ -507,12 +512,16 @@ def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Te
     if clip is not None:
         clip = check_positive_float(op, "clip", clip)
     kw = _check_agg(op, agg, values.shape[1], agg_kwargs)
-    which = _backend.resolve(backend, values.device, op=op)
+    which = _backend.resolve(backend, values.device, op=op, native_ok=True)
     if which == "reference":
         return reference.ppo_value_loss(values, old_values, returns, mask, clip, agg, **kw)
     acc = _acc(values, old_values, returns)
     denom, denom_t = _denominator(agg, kw, acc, values.device)
     lsf = kw["loss_scale_factor"] if kw["loss_scale_factor"] is not None else float(values.shape[1])
+    if which == "native":  # C++ CPU backend (fastrlhf/_native.py, csrc/losses.cpp)
+        from .. import _native
+        return _native.ppo_value_loss(values, old_values, returns, mask, clip, agg,
+                                      kw["dp_size"], denom, denom_t, lsf)
     loss, stats = _run_value(
         _row_view(values), _row_view(old_values.detach()), _row_view(returns.detach()),
         _row_view(mask), clip, agg, kw["dp_size"], denom, denom_t, lsf)
