@@ -1,0 +1,160 @@
+"""Checkpoints that resume a run exactly.
+
+Layout: ``OUT/checkpoints/step_000040/`` with
+
+* ``trainer.pt``: config, step, policy / value / reference / reward-model weights, both
+  optimizers and LR schedulers, the KL controller (written by rank 0);
+* ``rng_rank{r}.pt``: every random state of rank ``r``: torch (CPU and CUDA), Python ``random``,
+  NumPy, and the trainer's own ``torch.Generator`` streams (rollout sampling, minibatch shuffles).
+
+A checkpoint is written into ``step_XXXXXX.tmp`` and renamed when complete, so a run killed
+while saving never leaves a half-written checkpoint behind; ``--resume`` picks the newest
+complete one.  Model and optimizer states are full (unsharded) CPU copies: ``state_dict()``
+for plain and DDP models, the full state dicts of ``torch.distributed.checkpoint.state_dict``
+for FSDP2.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import re
+import shutil
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from .distributed import Runtime, unwrap
+
+__all__ = ["model_state", "load_model_state", "optim_state", "load_optim_state", "rng_state",
+           "set_rng_state", "save_checkpoint", "find_checkpoint", "load_checkpoint"]
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    """True for FSDP2 models (DTensor parameters)."""
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def _cpu_copy(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def model_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """A full (unsharded) CPU copy of the model's state dict, on every rank.
+
+    Plain and DDP models: ``state_dict()`` copied.  FSDP2: ``get_model_state_dict`` with
+    ``full_state_dict=True`` (all-gathers; a collective, so call it on every rank)."""
+    m = unwrap(model)
+    if _is_sharded(m):
+        return _cpu_copy(get_model_state_dict(m, options=StateDictOptions(full_state_dict=True)))
+    return _cpu_copy(m.state_dict())
+
+
+def load_model_state(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    m = unwrap(model)
+    if _is_sharded(m):
+        set_model_state_dict(m, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        m.load_state_dict(state)
+
+
+def optim_state(model: nn.Module, optim: torch.optim.Optimizer) -> Dict:
+    m = unwrap(model)
+    if _is_sharded(m):
+        return _cpu_copy(get_optimizer_state_dict(m, optim,
+                                                  options=StateDictOptions(full_state_dict=True)))
+    return _cpu_copy(optim.state_dict())
+
+
+def load_optim_state(model: nn.Module, optim: torch.optim.Optimizer, state: Dict) -> None:
+    m = unwrap(model)
+    if _is_sharded(m):
+        set_optimizer_state_dict(m, optim, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optim.load_state_dict(state)
+
+
+def rng_state(generators: Dict[str, torch.Generator]) -> Dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": np.random.get_state(),
+             "generators": {k: g.get_state() for k, g in generators.items()}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict, generators: Dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    for k, g in generators.items():
+        g.set_state(state["generators"][k])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out_dir: str, step: int, payload: Dict, rng: Dict, rt: Runtime,
+                    keep: int) -> str:
+    """Write checkpoint ``step`` (payload from rank 0, ``rng`` from every rank); keep the
+    newest ``keep``.  Call on every rank."""
+    root = os.path.join(out_dir, "checkpoints")
+    final = os.path.join(root, f"step_{step:06d}")
+    tmp = final + ".tmp"
+    if rt.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    rt.barrier()
+    torch.save(rng, os.path.join(tmp, f"rng_rank{rt.rank}.pt"))
+    if rt.is_main:
+        torch.save(payload, os.path.join(tmp, "trainer.pt"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(payload.get("config", {}), f, indent=2)
+    rt.barrier()
+    if rt.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        steps = sorted(d for d in os.listdir(root) if _STEP_DIR.match(d))
+        for old in steps[:-keep]:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    rt.barrier()
+    return final
+
+
+def find_checkpoint(path: str) -> Optional[str]:
+    """``path`` itself if it is a checkpoint, else the newest complete one in
+    ``path/checkpoints`` (None if there is none)."""
+    if os.path.isfile(os.path.join(path, "trainer.pt")):
+        return path
+    root = os.path.join(path, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    steps = sorted(d for d in os.listdir(root)
+                   if _STEP_DIR.match(d) and os.path.isfile(os.path.join(root, d, "trainer.pt")))
+    return os.path.join(root, steps[-1]) if steps else None
+
+
+def load_checkpoint(ckpt: str, rt: Runtime):
+    """``(payload, rng)`` of a checkpoint for this rank."""
+    payload = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=False)
+    rng_file = os.path.join(ckpt, f"rng_rank{rt.rank}.pt")
+    if not os.path.isfile(rng_file):
+        raise ValueError(f"checkpoint {ckpt!r} has no RNG state for rank {rt.rank}: it was "
+                         "written with a different number of processes")
+    rng = torch.load(rng_file, map_location="cpu", weights_only=False)
+    return payload, rng

@@ -1,0 +1,118 @@
+"""``fastrlhf train``: command line of the PPO trainer.
+
+    fastrlhf train                                   # the built-in task, outputs in runs/ppo
+    fastrlhf train --out runs/a --total-steps 50 --backend reference
+    fastrlhf train --config my.json --model ./my_local_hf_model
+    fastrlhf train --resume runs/a                   # continue from the newest checkpoint
+    torchrun --nproc_per_node=2 -m fastrlhf.train --out runs/ddp
+
+Every :class:`~fastrlhf.trainer.config.TrainConfig` field is a flag (``--field-name VALUE``;
+booleans as ``--flag`` / ``--no-flag``; ``none`` for optional numbers).  Priority: defaults <
+the resumed checkpoint's config < ``--config FILE`` < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from typing import List, Optional
+
+from .config import TrainConfig, field_docs, load_config_file
+
+__all__ = ["main", "build_parser", "config_from_args"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastrlhf train",
+        description="RLHF with PPO end to end on fastrlhf's fused ops: SFT warm start, "
+                    "Bradley-Terry reward model, PPO.  The built-in task (a synthetic language "
+                    "and a hidden preference oracle) needs no downloads.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                   help="JSON (or TOML) file of config fields")
+    p.add_argument("--resume", metavar="DIR", default=argparse.SUPPRESS,
+                   help="continue the run in DIR from its newest checkpoint (or from DIR itself "
+                        "if it is a checkpoint directory); outputs go to that run directory "
+                        "unless --out is given")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as JSON and exit")
+    docs = field_docs()
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        doc = docs.get(f.name, "").replace("%", "%%")
+        hint = hints[f.name]
+        if hint is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=f"{doc} (default: {f.default})")
+        else:
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            tname = (args[0] if args else hint).__name__.upper()
+            p.add_argument(flag, dest=f.name, metavar=tname, default=argparse.SUPPRESS,
+                           help=f"{doc} (default: {f.default})")
+    return p
+
+
+def _run_dir_of(resume: str) -> str:
+    """The run directory that holds ``resume`` (a run dir, or one of its checkpoints)."""
+    resume = os.path.abspath(resume)
+    if os.path.isdir(os.path.join(resume, "checkpoints")):
+        return resume
+    parent = os.path.dirname(resume)
+    if os.path.basename(parent) == "checkpoints":
+        return os.path.dirname(parent)
+    return resume
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Merge defaults < checkpoint config < --config file < flags; raises ValueError."""
+    from .checkpoint import find_checkpoint
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    merged = {}
+    resume = getattr(args, "resume", None)
+    if resume is not None:
+        ckpt = find_checkpoint(resume)
+        if ckpt is None:
+            raise ValueError(f"--resume {resume!r}: no checkpoint found there")
+        with open(os.path.join(ckpt, "config.json")) as f:
+            merged.update(json.load(f))
+        merged["out"] = _run_dir_of(resume)
+    if getattr(args, "config", None) is not None:
+        merged.update(load_config_file(args.config))
+    merged.update({k: v for k, v in vars(args).items() if k in names})
+    return TrainConfig.from_dict(merged)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``fastrlhf train`` and ``python -m fastrlhf.train``; returns the exit
+    status (2 for a bad configuration, with the reason on stderr)."""
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        print(f"fastrlhf train: error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    if cfg.backend == "triton" and "TRITON_INTERPRET" not in os.environ:
+        import torch
+
+        if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+            # Triton kernels on CPU tensors run in Triton's interpreter (slow, for testing).
+            os.environ["TRITON_INTERPRET"] = "1"
+    from .ppo import train
+
+    try:
+        train(cfg, resume=getattr(args, "resume", None))
+    except ValueError as e:  # checked at start-up (world size, --model, resume directory)
+        print(f"fastrlhf train: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,357 @@
+"""The trainer's configuration: one dataclass, a docstring under every field.
+
+Values come, in increasing priority, from the defaults below, a config file (``--config FILE``:
+JSON, or TOML on Python >= 3.11), the checkpoint being resumed, and command-line flags
+(``--field-name VALUE``, generated from this class).  Every value is checked when the object is
+built (:meth:`TrainConfig.__post_init__`): a bad one raises ``ValueError`` naming the field, the
+value and what is allowed, before any model is built.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import math
+import os
+import textwrap
+import typing
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+__all__ = ["TrainConfig", "field_docs", "load_config_file"]
+
+BACKENDS = ("auto", "triton", "reference")
+ARCHS = ("llama", "gpt2")
+PARALLEL = ("ddp", "fsdp2")
+SCHEDULES = ("linear", "cosine", "constant")
+LOSS_AGGS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+             "seq-mean-token-sum-norm")
+KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+
+
+@dataclass
+class TrainConfig:
+    """Configuration of one ``fastrlhf train`` run (SFT warm start -> reward model -> PPO)."""
+
+    # ---------------------------------------------------------------- run
+    seed: int = 1
+    """Seed of every random stream: model init, data, rollout sampling, minibatch shuffles."""
+    out: str = "runs/ppo"
+    """Output directory: metrics.jsonl, curves.png, checkpoints/, final/ (the trained policy)."""
+    overwrite: bool = False
+    """Start a fresh run even if ``out`` already holds checkpoints of an earlier run (they are
+    deleted); without it such a start is refused (use --resume to continue that run)."""
+    model: Optional[str] = None
+    """Local Hugging Face causal-LM directory that initialises the policy (and the backbones of
+    the reward and value models); never downloads.  None: build the tiny built-in model below.
+    The built-in task speaks token ids [0, 33), so the model's vocabulary must be at least that."""
+    backend: str = "auto"
+    """fastrlhf op backend for all loss math: auto (triton on CUDA; on CPU the native C++ ops
+    where built, else the references) | triton (on CPU: Triton's interpreter, slow) | reference
+    (the eager PyTorch definitions)."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu) | cpu | cuda | cuda:N.  Under torchrun each rank uses
+    cuda:LOCAL_RANK."""
+    parallel: str = "ddp"
+    """Data-parallel strategy when launched with torchrun (WORLD_SIZE > 1): ddp | fsdp2 (sharded
+    parameters, gradients, optimizer state).  gloo on CPU, NCCL on GPU; fsdp2 is tested on CPU
+    only (see distributed.py)."""
+    num_threads: int = 1
+    """torch intra-op CPU threads per process (tiny models run fastest on one; 0 = torch's
+    default)."""
+    bf16: bool = False
+    """Run model forwards under bfloat16 autocast (CUDA only); log-probs and losses stay fp32."""
+    checkpoint_every: int = 50
+    """Save a checkpoint every this many PPO steps (and always after the last one); 0 = only
+    after the last."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep (older ones are deleted); >= 1."""
+    num_print_samples: int = 4
+    """Sample generations printed before and after PPO (same prompts both times)."""
+    progress: bool = True
+    """Show a tqdm progress bar (rank 0 only)."""
+    dump_first_update: bool = False
+    """Debug: write OUT/debug/ with each rank's first PPO batch and the weights before and after
+    the first update (the DDP-equivalence test uses it)."""
+
+    # ---------------------------------------------------------------- task
+    prompt_len: int = 4
+    """Words per prompt (after the BOS token)."""
+    response_length: int = 12
+    """Maximum sampled response tokens (EOS included); sampling stops there."""
+    sft_min_words: int = 2
+    """Shortest response (in words, before EOS) in the SFT data and preference pairs."""
+    sft_max_words: int = 8
+    """Longest response (in words, before EOS) in the SFT data; < response_length."""
+
+    # ---------------------------------------------------------------- built-in model
+    arch: str = "llama"
+    """Architecture of the built-in model (ignored with --model): llama | gpt2."""
+    hidden_size: int = 64
+    """Width of the built-in model."""
+    num_layers: int = 2
+    """Transformer blocks of the built-in model."""
+    num_heads: int = 4
+    """Attention heads of the built-in model (divides hidden_size)."""
+
+    # ---------------------------------------------------------------- SFT warm start
+    sft_steps: int = 150
+    """Supervised steps on the task's demonstration data before RLHF (0 = skip)."""
+    sft_batch_size: int = 64
+    """Global batch size (sequences) of SFT."""
+    sft_lr: float = 3e-3
+    """AdamW learning rate of SFT."""
+
+    # ---------------------------------------------------------------- reward model
+    rm_train_pairs: int = 2048
+    """Preference pairs (labelled by the hidden oracle) the reward model is trained on."""
+    rm_eval_pairs: int = 512
+    """Held-out pairs for the reported reward-model accuracy."""
+    rm_epochs: int = 2
+    """Passes over the training pairs."""
+    rm_batch_size: int = 64
+    """Global batch size (pairs) of reward-model training."""
+    rm_lr: float = 1e-3
+    """AdamW learning rate of reward-model training."""
+    rm_norm_samples: int = 256
+    """SFT-policy samples used to normalise the reward model's scores to mean 0, std 1."""
+
+    # ---------------------------------------------------------------- PPO
+    total_steps: int = 100
+    """PPO steps (each: one rollout batch, then ppo_epochs passes of minibatch updates)."""
+    rollout_batch_size: int = 64
+    """Global prompts per PPO step (split evenly over ranks)."""
+    temperature: float = 1.0
+    """Sampling temperature; the same value is used for log-probs in the update."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+    num_minibatches: int = 4
+    """Minibatches per pass (one optimizer step each); divides the per-rank batch."""
+    micro_batch_size: int = 0
+    """Per-rank sequences per forward/backward inside a minibatch (gradient accumulation);
+    0 = the whole minibatch at once."""
+    lr: float = 1e-3
+    """AdamW learning rate of the policy."""
+    critic_lr: float = 3e-3
+    """AdamW learning rate of the value model."""
+    lr_schedule: str = "linear"
+    """Decay of both learning rates over all optimizer steps: linear | cosine | constant."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up, in optimizer steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (policy and value model)."""
+    adam_eps: float = 1e-5
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (global L2 norm, per model); 0 = off."""
+    gamma: float = 1.0
+    """Discount factor of GAE."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip_low: float = 0.2
+    """PPO ratio clip below: ratio >= 1 - clip_low."""
+    clip_high: Optional[float] = None
+    """PPO ratio clip above: ratio <= 1 + clip_high (None = clip_low)."""
+    dual_clip: Optional[float] = None
+    """Dual-clip constant c > 1 for negative advantages (None = off)."""
+    value_clip: Optional[float] = 0.2
+    """Value-loss clip range around the rollout values (None = plain MSE)."""
+    entropy_coef: float = 0.01
+    """Entropy bonus coefficient (loss -= entropy_coef * mean entropy)."""
+    loss_agg: str = "token-mean"
+    """Loss aggregation (fastrlhf.agg_loss): token-mean | token-sum | seq-mean-token-sum |
+    seq-mean-token-mean | seq-mean-token-sum-norm."""
+    kl_coef: float = 0.05
+    """Initial KL coefficient (beta)."""
+    adaptive_kl: bool = True
+    """Adapt beta towards kl_target (Ziegler et al. 2019); False keeps it fixed."""
+    kl_target: float = 4.0
+    """Target sequence KL (nats) of the adaptive controller."""
+    kl_horizon: int = 1000
+    """Horizon (in samples) of the adaptive controller."""
+    kl_in_loss: bool = False
+    """Put the KL to the reference in the policy loss (GRPO style) instead of in the reward."""
+    kl_reward_kind: str = "k1"
+    """KL estimator for the per-token reward penalty (fastrlhf.kl_penalty kind)."""
+    kl_loss_kind: str = "k3"
+    """KL estimator for the loss term when kl_in_loss (fastrlhf.kl_penalty kind)."""
+    fused_loss: bool = False
+    """Compute the policy loss with fastrlhf.fused_ppo_loss (log-probs, entropy, KL, clipped
+    surrogate and their gradient in one pass over the logits) instead of the separate ops."""
+    whiten_rewards: bool = False
+    """Whiten the per-token rewards (without shifting the mean) before GAE."""
+    missing_eos_penalty: Optional[float] = -1.0
+    """Score given instead of the reward model's when a response has no EOS (None = off)."""
+
+    # ------------------------------------------------------------------------------------------
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` on the first bad value (types are coerced, ranges checked)."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} must be {what}, got {getattr(self, name)!r}")
+
+        def choice(name: str, allowed) -> None:
+            need(getattr(self, name) in allowed, name, "one of " + ", ".join(allowed))
+
+        for name in ("prompt_len", "response_length", "sft_min_words", "sft_max_words",
+                     "hidden_size", "num_layers", "num_heads", "sft_batch_size", "rm_train_pairs",
+                     "rm_eval_pairs", "rm_epochs", "rm_batch_size", "rm_norm_samples",
+                     "total_steps", "rollout_batch_size", "ppo_epochs", "num_minibatches",
+                     "kl_horizon", "keep_checkpoints"):
+            need(getattr(self, name) >= 1, name, "an integer >= 1")
+        for name in ("sft_steps", "checkpoint_every", "num_print_samples", "num_threads",
+                     "micro_batch_size", "warmup_steps"):
+            need(getattr(self, name) >= 0, name, "an integer >= 0")
+        for name in ("sft_lr", "rm_lr", "lr", "critic_lr", "temperature", "kl_target", "clip_low",
+                     "adam_eps"):
+            need(getattr(self, name) > 0, name, "a finite number > 0")
+        for name in ("weight_decay", "max_grad_norm", "entropy_coef", "kl_coef"):
+            need(getattr(self, name) >= 0, name, "a finite number >= 0")
+        need(0.0 < self.gamma <= 1.0, "gamma", "in (0, 1]")
+        need(0.0 <= self.lam <= 1.0, "lam", "in [0, 1]")
+        need(self.clip_low < 1.0, "clip_low", "in (0, 1)")
+        need(self.clip_high is None or self.clip_high > 0, "clip_high", "None or > 0")
+        need(self.dual_clip is None or self.dual_clip > 1.0, "dual_clip", "None or > 1")
+        need(self.value_clip is None or self.value_clip > 0, "value_clip", "None or > 0")
+        choice("backend", BACKENDS)
+        choice("arch", ARCHS)
+        choice("parallel", PARALLEL)
+        choice("lr_schedule", SCHEDULES)
+        choice("loss_agg", LOSS_AGGS)
+        choice("kl_reward_kind", KL_KINDS)
+        choice("kl_loss_kind", KL_KINDS)
+        need(self.device == "auto" or self.device == "cpu" or self.device == "cuda"
+             or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
+             "device", "auto, cpu, cuda or cuda:N")
+        need(self.hidden_size % self.num_heads == 0, "hidden_size",
+             f"divisible by num_heads={self.num_heads}")
+        need(self.sft_min_words <= self.sft_max_words, "sft_min_words",
+             f"<= sft_max_words={self.sft_max_words}")
+        need(self.sft_max_words < self.response_length, "sft_max_words",
+             f"< response_length={self.response_length} (the SFT data must fit with its EOS)")
+        need(self.rollout_batch_size % self.num_minibatches == 0, "rollout_batch_size",
+             f"divisible by num_minibatches={self.num_minibatches}")
+        if self.fused_loss:
+            import fastrlhf
+            need(hasattr(fastrlhf, "fused_ppo_loss"), "fused_loss",
+                 "False: this fastrlhf build has no fused_ppo_loss")
+        if self.model is not None:
+            need(os.path.isdir(self.model), "model", "an existing local directory")
+
+    def check_world(self, world: int) -> None:
+        """Batch sizes that must split evenly over ``world`` data-parallel ranks."""
+        for name, div in (("rollout_batch_size", world * self.num_minibatches),
+                          ("sft_batch_size", world), ("rm_batch_size", world)):
+            if getattr(self, name) % div:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be divisible by "
+                                 f"{div} (world size {world}"
+                                 + (f" x num_minibatches {self.num_minibatches})"
+                                    if name == "rollout_batch_size" else ")"))
+        if self.micro_batch_size:
+            local_mb = self.rollout_batch_size // (world * self.num_minibatches)
+            if local_mb % self.micro_batch_size:
+                raise ValueError(f"TrainConfig.micro_batch_size={self.micro_batch_size} must "
+                                 f"divide the per-rank minibatch ({local_mb} sequences)")
+
+    # ------------------------------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any], base: Optional["TrainConfig"] = None) -> "TrainConfig":
+        """``base`` (or the defaults) with the keys of ``d`` replaced; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
+        merged = base.to_dict() if base is not None else {}
+        merged.update(d)
+        return cls(**merged)
+
+
+def _coerce(name: str, value, hint):
+    """Check/convert one value against its annotation (int, float, bool, str, Optional[...])."""
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"TrainConfig.{name} must not be None")
+    if isinstance(value, str) and optional and value.strip().lower() in ("none", "null"):
+        return None
+    try:
+        if base is bool:
+            if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on",
+                                                                    "0", "false", "no", "off"):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise TypeError
+            v = float(value)
+            if not math.isfinite(v):
+                raise ValueError(f"TrainConfig.{name} must be finite, got {value!r}")
+            return v
+        if base is str:
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ValueError) and str(e).startswith("TrainConfig."):
+            raise
+        raise ValueError(f"TrainConfig.{name} must be {'None or ' if optional else ''}"
+                         f"{base.__name__}, got {value!r}") from None
+    return value
+
+
+def field_docs() -> Dict[str, str]:
+    """The docstring written under each field of :class:`TrainConfig` (for --help)."""
+    try:
+        src = textwrap.dedent(inspect.getsource(TrainConfig))
+    except (OSError, TypeError):  # no source shipped (e.g. a zipped install): no help texts
+        return {}
+    body = ast.parse(src).body[0].body
+    docs: Dict[str, str] = {}
+    for prev, node in zip(body, body[1:]):
+        if (isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name)
+                and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)):
+            docs[prev.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """Read a JSON (``.json``) or TOML (``.toml``, Python >= 3.11) file of TrainConfig fields."""
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path!r} does not exist")
+    if path.endswith(".toml"):
+        try:
+            import tomllib
+        except ImportError as e:  # Python < 3.11
+            raise ValueError("TOML config files need Python >= 3.11; use JSON") from e
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    else:
+        with open(path) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"config file {path!r} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path!r} must hold a table/object of fields")
+    return data

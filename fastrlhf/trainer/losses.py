@@ -1,0 +1,147 @@
+"""All of the trainer's loss and advantage math, in one place, on the public ``fastrlhf`` ops.
+
+Every function takes ``backend`` and passes it to the op, so ``--backend reference`` runs the whole
+loop on the eager references and ``--backend triton`` on the kernels.  Shapes: ``B`` sequences,
+``R`` response positions, ``V`` vocabulary; masks are float ``[B, R]`` with 1 on real response
+tokens (EOS included) and 0 on the padding after EOS.
+
+``agg_kwargs`` carries the data-parallel normalisation of :func:`fastrlhf.agg_loss`
+(``dp_size``, ``batch_num_tokens``, ``global_batch_size``): each rank divides its local sum by
+the global count of the minibatch and multiplies by ``dp_size``, so that the gradient averaged by
+DDP / FSDP equals the single-process gradient of the global minibatch, also when the minibatch is
+split into micro-batches.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import fastrlhf as fr
+
+__all__ = ["logprobs", "sft_loss", "reward_pair_loss", "token_rewards", "advantages",
+           "ppo_loss", "explained_variance_terms", "explained_variance"]
+
+
+def logprobs(logits: Tensor, tokens: Tensor, *, temperature: float, backend: str
+             ) -> Tuple[Tensor, Tensor]:
+    """``(logp [B, R], entropy [B, R])`` float32 of ``tokens`` under ``softmax(logits / T)``;
+    logits ``[B, R, V]`` may be a strided view.  The rollout and the update both call this with
+    the sampling temperature."""
+    return fr.token_logprobs(logits, tokens, temperature=temperature, return_entropy=True,
+                             backend=backend)
+
+
+def sft_loss(logits: Tensor, tokens: Tensor, mask: Tensor, *, backend: str,
+             agg_kwargs: Dict) -> Tensor:
+    """Negative log-likelihood of the demonstration tokens, token-mean over the (global)
+    batch."""
+    logp = fr.token_logprobs(logits, tokens, backend=backend)                       # [B, R]
+    return fr.agg_loss(-logp, mask, "token-mean", **agg_kwargs)
+
+
+def reward_pair_loss(r_chosen: Tensor, r_rejected: Tensor) -> Tuple[Tensor, Tensor]:
+    """Bradley-Terry loss ``-log sigmoid(r_w - r_l)`` (mean over pairs) and the accuracy
+    ``mean(r_w > r_l)``; both ``[B] -> []``."""
+    diff = r_chosen - r_rejected
+    return -F.logsigmoid(diff).mean(), (diff > 0).float().mean()
+
+
+def token_rewards(scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, *,
+                  kl_coef: float, kind: str, in_reward: bool, backend: str
+                  ) -> Tuple[Tensor, Tensor]:
+    """Per-token rewards ``[B, R]`` and the per-token KL estimate ``[B, R]`` (masked).
+
+    ``r_t = -kl_coef * kl_t`` on every real token (when the KL is in the reward) and the
+    sequence score is added at the last real token (the EOS, or the last token).
+    """
+    kl = fr.kl_penalty(logp, ref_logp, kind=kind, backend=backend) * mask           # [B, R]
+    rewards = -kl_coef * kl if in_reward else torch.zeros_like(kl)
+    last = (mask.sum(dim=1).long() - 1).clamp(min=0)                                # [B]
+    rewards = rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
+    return rewards * mask, kl
+
+
+def advantages(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: float,
+               whiten_rewards: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    """GAE over the response tokens, then whitened advantages: ``(adv [B, R], returns [B, R])``.
+
+    Returns are the un-whitened ``adv + V`` (the value targets).  Whitening uses this rank's
+    batch (as verl does): with data parallelism each rank whitens its own rollouts.  With
+    ``whiten_rewards`` the rewards are first scaled to unit variance (mean kept), as in
+    lm-human-preferences.
+    """
+    if whiten_rewards:
+        rewards = fr.masked_whiten(rewards, mask, shift_mean=False) * mask
+    adv, returns = fr.gae(rewards, values, mask, gamma=gamma, lam=lam, backend=backend)
+    adv = fr.masked_whiten(adv, mask) * mask
+    return adv, returns
+
+
+def ppo_loss(logits: Tensor, values: Tensor, *, tokens: Tensor, old_logp: Tensor,
+             ref_logp: Tensor, old_values: Tensor, adv: Tensor, returns: Tensor, mask: Tensor,
+             cfg, kl_coef: float, agg_kwargs: Dict) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
+    """The PPO objective of one (micro-)batch, from the policy's logits ``[B, R, V]`` and the
+    value model's outputs ``[B, R]``.
+
+    Policy: clipped surrogate ``ppo_policy_loss`` - ``entropy_coef`` * entropy
+    (+ ``kl_coef`` * KL to the reference when ``cfg.kl_in_loss``), log-probs at the sampling
+    temperature.  With ``cfg.fused_loss`` the same loss comes from ``fastrlhf.fused_ppo_loss``
+    in one pass over the logits.  Value: clipped ``ppo_value_loss``.  Every term is aggregated
+    with ``cfg.loss_agg`` and ``agg_kwargs``.
+
+    Returns ``(policy_loss, value_loss, stats)``; stats are detached scalars (local means) plus
+    ``pg_loss``, the clipped surrogate alone.
+    """
+    be = cfg.backend
+    kl_coef = kl_coef if cfg.kl_in_loss else 0.0
+    if cfg.fused_loss:
+        policy_loss, st = fr.fused_ppo_loss(
+            logits, tokens, old_logp, adv, mask, ref_logp=ref_logp if cfg.kl_in_loss else None,
+            kl_coef=kl_coef, kl_kind=cfg.kl_loss_kind, entropy_coef=cfg.entropy_coef,
+            clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+            temperature=cfg.temperature, agg=cfg.loss_agg, backend=be, **agg_kwargs)
+        ent_loss = fr.agg_loss(st["entropy"], mask, cfg.loss_agg, **agg_kwargs)
+        kl_loss = fr.agg_loss(st["kl"], mask, cfg.loss_agg, **agg_kwargs)
+        # the loss is linear in its per-token terms: recover the surrogate alone for the metrics
+        pg_loss = policy_loss.detach() + cfg.entropy_coef * ent_loss - kl_coef * kl_loss
+    else:
+        logp, entropy = logprobs(logits, tokens, temperature=cfg.temperature, backend=be)
+        pg_loss, st = fr.ppo_policy_loss(
+            logp, old_logp, adv, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+            dual_clip=cfg.dual_clip, agg=cfg.loss_agg, backend=be, **agg_kwargs)
+        ent_loss = fr.agg_loss(entropy, mask, cfg.loss_agg, **agg_kwargs)
+        policy_loss = pg_loss - cfg.entropy_coef * ent_loss
+        if cfg.kl_in_loss:
+            kl = fr.kl_penalty(logp, ref_logp, kind=cfg.kl_loss_kind, backend=be)
+            kl_loss = fr.agg_loss(kl, mask, cfg.loss_agg, **agg_kwargs)
+            policy_loss = policy_loss + kl_coef * kl_loss
+    stats = {"pg_loss": pg_loss.detach(), "clipfrac": st["clipfrac"], "approx_kl": st["approx_kl"]}
+    if cfg.kl_in_loss:
+        stats["kl_loss"] = kl_loss.detach()
+    value_loss, v_stats = fr.ppo_value_loss(values, old_values, returns, mask,
+                                            clip=cfg.value_clip, agg=cfg.loss_agg, backend=be,
+                                            **agg_kwargs)
+    stats["value_clipfrac"] = v_stats["clipfrac"]
+    return policy_loss, value_loss, stats
+
+
+def explained_variance_terms(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """Masked sums ``[n, sum y, sum y^2, sum e, sum e^2]`` (y = returns, e = y - values), to be
+    summed over ranks; :func:`explained_variance` turns them into ``1 - Var(e) / Var(y)``."""
+    e = (returns - values) * mask
+    y = returns * mask
+    return torch.stack([mask.sum(), y.sum(), (y * y).sum(), e.sum(), (e * e).sum()]).double()
+
+
+def explained_variance(terms: Tensor) -> float:
+    n, sy, syy, se, see = terms.tolist()
+    if n < 2:
+        return float("nan")
+    var_y = syy / n - (sy / n) ** 2
+    var_e = see / n - (se / n) ** 2
+    return float("nan") if var_y <= 0 else 1.0 - var_e / var_y
+

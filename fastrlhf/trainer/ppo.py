@@ -1,0 +1,603 @@
+"""RLHF with PPO, top to bottom: SFT warm start -> reward model -> PPO.
+
+Read :func:`train` from the top; everything it calls is in this file except the models
+(``models.py``), the loss math (``losses.py``, all on the public ``fastrlhf`` ops), the data
+(``task.py``), data parallelism (``distributed.py``) and checkpoints (``checkpoint.py``).
+
+The "N implementation details of RLHF with PPO" (Huang et al. 2023) this follows:
+
+1. Sampling is pure: ``softmax(logits / temperature)``, no top-k / top-p; the update computes
+   log-probs at the **same temperature** (``losses.logprobs``).
+2. Responses are **truncated after the first EOS**: later tokens become padding, masked out of
+   log-probs, values, KL, advantages and losses (``models.response_mask``).
+3. A response **without EOS** gets ``missing_eos_penalty`` instead of the reward model's score.
+4. The reward model scores the **last real token** (the EOS); its head starts at
+   N(0, 1/sqrt(H+1)) and its scores are **normalised** to mean 0 / std 1 on SFT samples.
+5. The per-token reward is ``-beta * KL_t`` plus the score at the last token; beta is **adaptive**
+   (or fixed); KL can go in the loss instead (``kl_in_loss``).
+6. **GAE** over the response tokens only; advantages **whitened** over the batch; optional reward
+   whitening.
+7. Old log-probs and values are **recomputed** by a forward pass after generation, not taken from
+   the sampling loop.
+8. **Dropout off** in every model; the value model is a separate critic **initialised from the
+   reward model** (see ``models.py`` for why).
+9. Several **epochs of shuffled minibatch** updates, clipped policy and value losses, entropy
+   bonus, **gradient clipping**, linear / cosine **LR decay**, Adam eps 1e-5.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, fields
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import losses as L
+from .checkpoint import (find_checkpoint, load_checkpoint, load_model_state, load_optim_state,
+                         model_state, optim_state, rng_state, save_checkpoint, set_rng_state)
+from .config import TrainConfig
+from .distributed import Runtime, clip_grad_norm, grad_sync, setup_runtime, unwrap, wrap_model
+from .models import (autocast, build_policy, freeze, generate, last_token_scores, policy_logits,
+                     position_values, response_mask, reward_model_from)
+from .report import MetricsLog, plot_curves
+from .task import SyntheticTask
+
+__all__ = ["train", "Rollout", "Learner", "KLController"]
+
+
+# ================================================================================================
+# pieces of state
+# ================================================================================================
+
+@dataclass
+class Rollout:
+    """One batch of experience on this rank; every tensor is ``[B, ...]`` on the device."""
+
+    query: Tensor       # [B, P]  int64  prompt ids (BOS + words)
+    response: Tensor    # [B, R]  int64  sampled ids, PAD after the first EOS
+    mask: Tensor        # [B, R]  fp32   1 on real response tokens (EOS included)
+    logp: Tensor        # [B, R]  fp32   log pi_old(a_t | s_t) at the sampling temperature
+    ref_logp: Tensor    # [B, R]  fp32   log pi_ref(a_t | s_t)
+    values: Tensor      # [B, R]  fp32   V_old(s_t), 0 on padding
+    adv: Tensor         # [B, R]  fp32   whitened GAE advantages, 0 on padding
+    returns: Tensor     # [B, R]  fp32   value targets (GAE + V_old), 0 on padding
+
+    def __len__(self) -> int:
+        return self.query.shape[0]
+
+    def select(self, idx: Tensor) -> "Rollout":
+        return Rollout(*(getattr(self, f.name)[idx] for f in fields(self)))
+
+    def to_dict(self) -> Dict[str, Tensor]:
+        return {f.name: getattr(self, f.name).detach().cpu() for f in fields(self)}
+
+
+class KLController:
+    """beta of the KL penalty: fixed, or adaptive (Ziegler et al. 2019):
+    ``beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon`` after each batch of n samples."""
+
+    def __init__(self, init: float, target: float, horizon: int, adaptive: bool):
+        self.value, self.target, self.horizon, self.adaptive = init, target, horizon, adaptive
+
+    def update(self, kl: float, n: int) -> None:
+        if self.adaptive:
+            err = min(max(kl / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + err * n / self.horizon
+
+    def state_dict(self) -> Dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, s: Dict) -> None:
+        self.value = s["value"]
+
+
+def lr_lambda(cfg: TrainConfig, total: int):
+    """Multiplier of the learning rate after ``i`` optimizer steps: linear warm-up, then
+    linear / cosine decay to 0 at ``total`` (or constant)."""
+    def f(i: int) -> float:
+        if i < cfg.warmup_steps:
+            return (i + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        frac = min(1.0, (i - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+        return 1.0 - frac if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+    return f
+
+
+def stream_seed(seed: int, stream: int, rank: int = 0) -> int:
+    """Independent seeds for the random streams (stream id) of each rank."""
+    return (seed * 1_000_003 + stream * 10_007 + rank) % (2 ** 63)
+
+
+# ================================================================================================
+# the PPO learner: policy + value model, their optimizers, the minibatch update
+# ================================================================================================
+
+class Learner:
+    """Policy and value model (already DDP/FSDP-wrapped when distributed), two AdamW optimizers,
+    two LR schedulers and :meth:`update`."""
+
+    def __init__(self, cfg: TrainConfig, policy: nn.Module, critic: nn.Module, rt: Runtime):
+        self.cfg, self.rt = cfg, rt
+        self.policy, self.critic = policy, critic
+        total = cfg.total_steps * cfg.ppo_epochs * cfg.num_minibatches   # optimizer steps
+        self.policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, eps=cfg.adam_eps,
+                                            weight_decay=cfg.weight_decay)
+        self.critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr,
+                                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        LambdaLR = torch.optim.lr_scheduler.LambdaLR
+        self.policy_sched = LambdaLR(self.policy_opt, lr_lambda(cfg, total))
+        self.critic_sched = LambdaLR(self.critic_opt, lr_lambda(cfg, total))
+        # Minibatch shuffles: the same stream on every rank (each permutes its own local batch).
+        self.shuffle_gen = torch.Generator().manual_seed(stream_seed(cfg.seed, 4))
+
+    def update(self, batch: Rollout, kl_coef: float, *, shards: int = 1) -> Dict[str, float]:
+        """``ppo_epochs`` passes of shuffled minibatch updates over ``batch``; returns the
+        metrics of the update (means over all minibatches and ranks).
+
+        Each rank permutes its local batch with the shared shuffle stream and takes minibatch
+        ``k`` from the same positions, so global minibatch ``k`` is the union of the ranks'
+        ``k``-th local minibatches.  ``shards > 1`` replays that on one process: ``batch`` is the
+        concatenation of ``shards`` rank-local batches (used to test data-parallel equivalence).
+        """
+        cfg, rt = self.cfg, self.rt
+        B = len(batch) // shards                         # local batch of one rank
+        mb = B // cfg.num_minibatches                    # local minibatch
+        # local sums: [policy loss, value loss, tokens, clipfrac, approx_kl, value clipfrac,
+        # kl loss] (the last four weighted by tokens), and the two gradient norms
+        sums = torch.zeros(7, dtype=torch.float64)
+        norms = torch.zeros(2, dtype=torch.float64)
+        self.policy_opt.zero_grad(set_to_none=True)
+        self.critic_opt.zero_grad(set_to_none=True)
+        for _epoch in range(cfg.ppo_epochs):
+            perm = torch.randperm(B, generator=self.shuffle_gen)
+            for k in range(cfg.num_minibatches):
+                local = perm[k * mb:(k + 1) * mb]
+                idx = torch.cat([s * B + local for s in range(shards)])
+                sums += self._minibatch_step(batch.select(idx.to(batch.query.device)), kl_coef)
+                norms += torch.stack([
+                    clip_grad_norm(self.policy.parameters(), cfg.max_grad_norm, rt),
+                    clip_grad_norm(self.critic.parameters(), cfg.max_grad_norm, rt)]).double()
+                for opt, sched in ((self.policy_opt, self.policy_sched),
+                                   (self.critic_opt, self.critic_sched)):
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+        n = cfg.ppo_epochs * cfg.num_minibatches
+        tot = rt.all_reduce_sum(sums.to(rt.device)).cpu()
+        # each rank's loss is (local sum / global count) * dp_size: the global loss of a
+        # minibatch is the sum over ranks / dp_size
+        out = {"policy_loss": float(tot[0]) / rt.world / n,
+               "value_loss": float(tot[1]) / rt.world / n,
+               "grad_norm": float(norms[0]) / n, "critic_grad_norm": float(norms[1]) / n,
+               "lr": self.policy_sched.get_last_lr()[0]}
+        ntok = max(float(tot[2]), 1.0)
+        for i, name in enumerate(("clipfrac", "approx_kl", "value_clipfrac", "kl_loss")):
+            out[name] = float(tot[3 + i]) / ntok
+        if not cfg.kl_in_loss:
+            del out["kl_loss"]
+        return out
+
+    def _minibatch_step(self, mini: Rollout, kl_coef: float) -> Tensor:
+        """Gradients of one minibatch (accumulated over micro-batches; synchronised across
+        ranks on the last one); returns this rank's metric sums (see :meth:`update`)."""
+        cfg, rt = self.cfg, self.rt
+        # global normalisation of agg_loss: token and sequence counts of the minibatch, all ranks
+        counts = rt.all_reduce_sum(torch.stack([mini.mask.sum(),
+                                                (mini.mask.sum(dim=1) > 0).sum().float()]))
+        agg = {"dp_size": rt.world, "batch_num_tokens": counts[0], "global_batch_size": counts[1]}
+        micro = cfg.micro_batch_size or len(mini)
+        starts = range(0, len(mini), micro)
+        sums = torch.zeros(7, dtype=torch.float64)
+        for c, start in enumerate(starts):
+            mi = mini.select(torch.arange(start, min(start + micro, len(mini)),
+                                          device=mini.query.device))
+            with grad_sync([self.policy, self.critic], enabled=c == len(starts) - 1):
+                with autocast(rt, cfg.bf16):
+                    logits = policy_logits(self.policy, mi.query, mi.response, mi.mask)  # [b,R,V]
+                    values = position_values(self.critic, mi.query, mi.response, mi.mask)  # [b,R]
+                policy_loss, value_loss, st = L.ppo_loss(
+                    logits, values, tokens=mi.response, old_logp=mi.logp, ref_logp=mi.ref_logp,
+                    old_values=mi.values, adv=mi.adv, returns=mi.returns, mask=mi.mask, cfg=cfg,
+                    kl_coef=kl_coef, agg_kwargs=agg)
+                (policy_loss + value_loss).backward()
+            w = float(mi.mask.sum())
+            sums += torch.tensor([float(st["pg_loss"]), float(value_loss.detach()), w,
+                                  w * float(st["clipfrac"]), w * float(st["approx_kl"]),
+                                  w * float(st["value_clipfrac"]),
+                                  w * float(st.get("kl_loss", 0.0))], dtype=torch.float64)
+        return sums
+
+    def state_dict(self) -> Dict:
+        return {"policy_opt": optim_state(self.policy, self.policy_opt),
+                "critic_opt": optim_state(self.critic, self.critic_opt),
+                "policy_sched": self.policy_sched.state_dict(),
+                "critic_sched": self.critic_sched.state_dict(),
+                "shuffle_gen": self.shuffle_gen.get_state()}
+
+    def load_state_dict(self, s: Dict) -> None:
+        load_optim_state(self.policy, self.policy_opt, s["policy_opt"])
+        load_optim_state(self.critic, self.critic_opt, s["critic_opt"])
+        self.policy_sched.load_state_dict(s["policy_sched"])
+        self.critic_sched.load_state_dict(s["critic_sched"])
+        self.shuffle_gen.set_state(s["shuffle_gen"])
+
+
+# ================================================================================================
+# rollout: sample, score, advantages
+# ================================================================================================
+
+@torch.no_grad()
+def collect_rollout(cfg: TrainConfig, task: SyntheticTask, policy: nn.Module, ref: nn.Module,
+                    critic: nn.Module, reward_model: nn.Module, rt: Runtime, kl_coef: float,
+                    prompt_gen: torch.Generator, sample_gen: torch.Generator
+                    ) -> Tuple[Rollout, Tensor]:
+    """One batch of experience from the current policy, plus the sums for its metrics."""
+    B = cfg.rollout_batch_size // rt.world
+    dev = rt.device
+    # 1. sample responses, truncate after EOS ------------------------------------------------
+    query = task.sample_prompts(B, prompt_gen).to(dev)                              # [B, P]
+    with autocast(rt, cfg.bf16):
+        response = generate(unwrap(policy), query, cfg.response_length, cfg.temperature,
+                            sample_gen, rt)                                         # [B, R]
+    mask, has_eos = response_mask(response)                                         # [B, R], [B]
+    # 2. old log-probs, reference log-probs, values: fresh forward passes -----------------------
+    with autocast(rt, cfg.bf16):
+        logits = policy_logits(unwrap(policy), query, response, mask)               # [B, R, V]
+        logp, entropy = L.logprobs(logits, response, temperature=cfg.temperature,
+                                   backend=cfg.backend)                             # [B, R] x2
+        del logits
+        ref_logits = policy_logits(unwrap(ref), query, response, mask)
+        ref_logp, _ = L.logprobs(ref_logits, response, temperature=cfg.temperature,
+                                 backend=cfg.backend)
+        del ref_logits
+        values = position_values(unwrap(critic), query, response, mask) * mask      # [B, R]
+        # 3. score: reward model at the last real token; penalty without EOS -----------------
+        rm_score = last_token_scores(unwrap(reward_model), query, response, mask)   # [B]
+    score = rm_score
+    if cfg.missing_eos_penalty is not None:
+        score = torch.where(has_eos, rm_score, torch.full_like(rm_score, cfg.missing_eos_penalty))
+    # 4. per-token rewards (KL penalty + score at the last token), GAE, whitening --------------
+    rewards, _ = L.token_rewards(score, logp, ref_logp, mask, kl_coef=kl_coef,
+                                  kind=cfg.kl_reward_kind, in_reward=not cfg.kl_in_loss,
+                                  backend=cfg.backend)                              # [B, R] x2
+    adv, returns = L.advantages(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam,
+                                whiten_rewards=cfg.whiten_rewards, backend=cfg.backend)
+    batch = Rollout(query, response, mask, logp * mask, ref_logp * mask, values, adv, returns)
+    # 5. metric sums (reduced over ranks by the caller) -----------------------------------------
+    seq_kl = ((logp - ref_logp) * mask).sum(dim=1)                                  # [B] k1
+    oracle = task.oracle(response).to(dev)
+    sums = torch.cat([torch.stack([
+        torch.tensor(float(B), device=dev), oracle.sum(), rm_score.sum(), seq_kl.sum(),
+        mask.sum(), has_eos.float().sum(), (rewards * mask).sum(), (entropy * mask).sum()]
+    ).double(), L.explained_variance_terms(values, returns, mask).to(dev)])
+    return batch, sums
+
+
+def rollout_metrics(sums: Tensor) -> Dict[str, float]:
+    n, oracle, rm, kl, ntok, eos, rew, ent = sums[:8].tolist()
+    return {"score": oracle / n, "rm_reward": rm / n, "kl": kl / n, "response_len": ntok / n,
+            "eos_frac": eos / n, "reward": rew / n, "entropy": ent / max(ntok, 1.0),
+            "explained_variance": L.explained_variance(sums[8:].cpu()), "tokens": ntok}
+
+
+# ================================================================================================
+# phase 1 and 2: SFT warm start, reward model
+# ================================================================================================
+
+def supervised_warm_start(cfg: TrainConfig, task: SyntheticTask, policy: nn.Module,
+                          rt: Runtime, data_gen: torch.Generator, say) -> float:
+    """Next-token training on demonstrations (loss on the response tokens only); returns the
+    last loss.  Every rank draws the same global batch and trains on its slice."""
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, eps=1e-8)
+    b = cfg.sft_batch_size // rt.world
+    loss_val = float("nan")
+    for _ in range(cfg.sft_steps):
+        query = task.sample_prompts(cfg.sft_batch_size, data_gen)                   # [N, P]
+        resp = task.sample_demonstrations(query, data_gen)                          # [N, R]
+        query, resp = (t[rt.rank * b:(rt.rank + 1) * b].to(rt.device) for t in (query, resp))
+        mask, _ = response_mask(resp)
+        n_tok = rt.all_reduce_sum(mask.sum())
+        with autocast(rt, cfg.bf16):
+            logits = policy_logits(policy, query, resp, mask)                       # [b, R, V]
+        loss = L.sft_loss(logits, resp, mask, backend=cfg.backend,
+                          agg_kwargs={"dp_size": rt.world, "batch_num_tokens": n_tok})
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_grad_norm(policy.parameters(), 1.0, rt)
+        opt.step()
+        loss_val = float(rt.all_reduce_sum(loss.detach()) / rt.world)
+    opt.zero_grad(set_to_none=True)      # leave no gradient behind for the PPO update
+    say(f"SFT: {cfg.sft_steps} steps, final loss {loss_val:.3f} nats/token")
+    return loss_val
+
+
+def _pair_scores(rm: nn.Module, q: Tensor, chosen: Tensor, rejected: Tensor
+                 ) -> Tuple[Tensor, Tensor]:
+    """Reward-model scores ``([n], [n])`` of the chosen and rejected responses."""
+    both = torch.cat([chosen, rejected])                                            # [2n, R]
+    mask, _ = response_mask(both)
+    s = last_token_scores(rm, torch.cat([q, q]), both, mask)                        # [2n]
+    return s[:len(q)], s[len(q):]
+
+
+def train_reward_model(cfg: TrainConfig, task: SyntheticTask, rm: nn.Module, rt: Runtime,
+                       data_gen: torch.Generator, say) -> float:
+    """Bradley-Terry training on oracle-labelled pairs; returns the held-out accuracy."""
+    q, ch, rj = task.sample_pairs(cfg.rm_train_pairs, data_gen)
+    eq, ech, erj = (t.to(rt.device) for t in task.sample_pairs(cfg.rm_eval_pairs, data_gen))
+    opt = torch.optim.AdamW(rm.parameters(), lr=cfg.rm_lr, eps=1e-8)
+    b = cfg.rm_batch_size // rt.world
+    for _epoch in range(cfg.rm_epochs):
+        perm = torch.randperm(cfg.rm_train_pairs, generator=data_gen)
+        for s in range(0, cfg.rm_train_pairs - cfg.rm_batch_size + 1, cfg.rm_batch_size):
+            idx = perm[s:s + cfg.rm_batch_size][rt.rank * b:(rt.rank + 1) * b]
+            with autocast(rt, cfg.bf16):
+                r_w, r_l = _pair_scores(rm, *(t[idx].to(rt.device) for t in (q, ch, rj)))
+            loss, _ = L.reward_pair_loss(r_w, r_l)        # mean over the local pairs; DDP averages
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            clip_grad_norm(rm.parameters(), 1.0, rt)
+            opt.step()
+    opt.zero_grad(set_to_none=True)
+    with torch.no_grad(), autocast(rt, cfg.bf16):
+        r_w, r_l = _pair_scores(unwrap(rm), eq, ech, erj)
+        eval_loss, acc = L.reward_pair_loss(r_w, r_l)
+    say(f"reward model: Bradley-Terry loss {float(eval_loss):.3f}, held-out accuracy "
+        f"{float(acc):.3f} on {cfg.rm_eval_pairs} pairs")
+    return float(acc)
+
+
+@torch.no_grad()
+def normalize_reward_model(cfg: TrainConfig, task: SyntheticTask, policy: nn.Module,
+                           rm: nn.Module, rt: Runtime, data_gen: torch.Generator,
+                           sample_gen: torch.Generator, say) -> None:
+    """Shift and scale the reward head so that scores of SFT-policy samples have mean 0 and
+    std 1 (over all ranks)."""
+    n = max(1, cfg.rm_norm_samples // rt.world)
+    query = task.sample_prompts(n * rt.world, data_gen)[rt.rank * n:(rt.rank + 1) * n].to(rt.device)
+    resp = generate(unwrap(policy), query, cfg.response_length, cfg.temperature, sample_gen, rt)
+    mask, _ = response_mask(resp)
+    with autocast(rt, cfg.bf16):
+        s = last_token_scores(unwrap(rm), query, resp, mask).double()
+    count = torch.tensor(float(n), device=s.device, dtype=torch.float64)
+    tot = rt.all_reduce_sum(torch.stack([count, s.sum(), (s * s).sum()]))
+    cnt, s1, s2 = tot.tolist()
+    mean = s1 / cnt
+    std = math.sqrt(max(s2 / cnt - mean * mean, 1e-12))
+    unwrap(rm).normalize(mean, std)
+    say(f"reward normalisation on {int(cnt)} SFT samples: mean {mean:.3f}, std {std:.3f} -> 0, 1")
+
+
+# ================================================================================================
+# display
+# ================================================================================================
+
+@torch.no_grad()
+def show_samples(cfg: TrainConfig, task: SyntheticTask, policy: nn.Module, rt: Runtime,
+                 title: str, say) -> None:
+    """Print a few generations for fixed prompts (own RNG streams: training is unaffected)."""
+    if cfg.num_print_samples == 0:
+        return
+    g = torch.Generator().manual_seed(stream_seed(cfg.seed, 7))
+    sg = torch.Generator(device=rt.device).manual_seed(stream_seed(cfg.seed, 8))
+    query = task.sample_prompts(cfg.num_print_samples, g).to(rt.device)
+    resp = generate(unwrap(policy), query, cfg.response_length, cfg.temperature, sg, rt)
+    scores = task.oracle(resp)
+    lines = [f"--- samples {title} (oracle score in brackets) ---"]
+    for i in range(len(query)):
+        lines.append(f"  {task.decode(query[i]):<28} -> {task.decode(resp[i])}  "
+                     f"[{float(scores[i]):+.2f}]")
+    say("\n".join(lines))
+
+
+# ================================================================================================
+# the whole run
+# ================================================================================================
+
+def train(cfg: TrainConfig, *, resume: Optional[str] = None) -> Dict:
+    """Run SFT, reward modelling and PPO as configured (or continue the run in ``resume``).
+
+    Returns a summary dict (on every rank): ``out``, ``steps``, ``rm_accuracy``,
+    ``score_first``, ``score_last``, ``kl_last``, ``time_s``.
+    """
+    rt = setup_runtime(cfg.device, cfg.parallel)
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg, rt, resume)
+    finally:
+        torch.set_num_threads(threads)
+        rt.close()
+
+
+def _train(cfg: TrainConfig, rt: Runtime, resume: Optional[str]) -> Dict:
+    t_start = time.perf_counter()
+    cfg.check_world(rt.world)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    ckpt = None
+    if resume is not None:
+        ckpt = find_checkpoint(resume)
+        if ckpt is None:
+            raise ValueError(f"--resume {resume!r}: no checkpoint found there")
+    elif find_checkpoint(cfg.out) is not None:
+        if not cfg.overwrite:
+            raise ValueError(f"{cfg.out!r} already holds checkpoints of an earlier run: continue "
+                             f"it with --resume {cfg.out}, or pass --overwrite to start afresh "
+                             "there")
+        rt.barrier()
+        if rt.is_main:
+            for sub in ("checkpoints", "final", "debug"):
+                shutil.rmtree(os.path.join(cfg.out, sub), ignore_errors=True)
+    if rt.is_main:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+    rt.barrier()
+    say = _printer(rt)
+
+    # ---- 0. seeds (identical on every rank, so that the models start identical) ---------------
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed % (2 ** 32))
+    torch.manual_seed(cfg.seed)
+    data_gen = torch.Generator().manual_seed(stream_seed(cfg.seed, 1))          # shared data
+    prompt_gen = torch.Generator().manual_seed(stream_seed(cfg.seed, 2, rt.rank))
+    sample_gen = torch.Generator(device=rt.device).manual_seed(stream_seed(cfg.seed, 3, rt.rank))
+
+    # ---- 1. the four models --------------------------------------------------------------------
+    task = SyntheticTask(cfg.prompt_len, cfg.response_length, cfg.sft_min_words, cfg.sft_max_words)
+    max_pos = task.query_len + cfg.response_length
+    policy = build_policy(cfg, task.vocab_size, max_pos)                       # causal LM
+    reward_model = reward_model_from(policy)                                    # body + head
+    critic = reward_model_from(policy)                                          # body + head
+    ref = copy.deepcopy(policy)
+    policy, reward_model, critic, ref = (m.to(rt.device)
+                                         for m in (policy, reward_model, critic, ref))
+    policy = wrap_model(policy, rt, trainable=True)
+    reward_model = wrap_model(reward_model, rt, trainable=True)
+    critic = wrap_model(critic, rt, trainable=True)
+    ref = wrap_model(freeze(ref), rt, trainable=False)
+    say(f"fastrlhf train: world {rt.world} ({rt.parallel if rt.distributed else 'single'}), "
+        f"device {rt.device}, backend {cfg.backend}, policy "
+        f"{sum(p.numel() for p in policy.parameters()) / 1e3:.0f}k params"
+        + (f" (x{rt.world} shards)" if rt.parallel == "fsdp2" and rt.distributed else ""))
+
+    rm_accuracy = float("nan")
+    start_step = 0
+    kl_ctl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.adaptive_kl)
+    if ckpt is None:
+        # ---- 2. SFT warm start ---------------------------------------------------------------
+        if cfg.sft_steps:
+            supervised_warm_start(cfg, task, policy, rt, data_gen, say)
+        sft_state = model_state(policy)
+        load_model_state(ref, sft_state)                       # reference = frozen SFT policy
+        # ---- 3. reward model: SFT body + new head, Bradley-Terry on oracle preferences -------
+        rm_state = model_state(reward_model)
+        prefix = unwrap(policy).base_model_prefix + "."
+        rm_state.update({"backbone." + k[len(prefix):]: v for k, v in sft_state.items()
+                         if k.startswith(prefix)})
+        load_model_state(reward_model, rm_state)
+        rm_accuracy = train_reward_model(cfg, task, reward_model, rt, data_gen, say)
+        normalize_reward_model(cfg, task, policy, reward_model, rt, data_gen, sample_gen, say)
+        # ---- 4. value model initialised from the reward model --------------------------------
+        load_model_state(critic, model_state(reward_model))
+        show_samples(cfg, task, policy, rt, "before PPO (SFT policy)", say)
+    freeze(unwrap(reward_model))
+    learner = Learner(cfg, policy, critic, rt)
+    if ckpt is not None:
+        payload, rng = load_checkpoint(ckpt, rt)
+        for m, k in ((policy, "policy"), (critic, "critic"), (ref, "ref"),
+                     (reward_model, "reward_model")):
+            load_model_state(m, payload[k])
+        learner.load_state_dict(payload["learner"])
+        kl_ctl.load_state_dict(payload["kl_ctl"])
+        start_step, rm_accuracy = payload["step"], payload["rm_accuracy"]
+        set_rng_state(rng, {"data": data_gen, "prompt": prompt_gen, "sample": sample_gen})
+        say(f"resumed from {ckpt} at step {start_step}")
+        show_samples(cfg, task, policy, rt, f"at step {start_step} (resumed)", say)
+
+    # ---- 5. PPO --------------------------------------------------------------------------------
+    log = MetricsLog(cfg.out, rt.is_main, resume_step=start_step)
+    bar = _progress(cfg, rt, start_step)
+    last: Dict[str, float] = {}
+    first_score: Optional[float] = None
+    for step in range(start_step + 1, cfg.total_steps + 1):
+        t0 = time.perf_counter()
+        kl_coef = kl_ctl.value
+        # 5a. experience: sample, score, KL-penalised rewards, GAE, whitened advantages
+        batch, sums = collect_rollout(cfg, task, policy, ref, critic, reward_model, rt, kl_coef,
+                                      prompt_gen, sample_gen)
+        ro = rollout_metrics(rt.all_reduce_sum(sums).cpu())
+        if cfg.dump_first_update and step == 1:
+            pre = {"policy": model_state(policy), "critic": model_state(critic)}
+        # 5b. ppo_epochs x num_minibatches clipped updates of policy and value model
+        up = learner.update(batch, kl_coef)
+        if cfg.dump_first_update and step == 1:
+            _dump_first_update(cfg, rt, batch, kl_coef, pre, policy, critic)
+        # 5c. adapt beta to the KL of this batch
+        kl_ctl.update(ro["kl"], cfg.rollout_batch_size)
+        dt = time.perf_counter() - t0
+        row = {"step": step, **{k: v for k, v in ro.items() if k != "tokens"}, **up,
+               "kl_coef": kl_coef, "tokens_per_s": ro["tokens"] / dt,
+               "time_s": time.perf_counter() - t_start}
+        log.write(row)
+        last = row
+        first_score = row["score"] if first_score is None else first_score
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(score=f"{row['score']:+.3f}", kl=f"{row['kl']:.2f}",
+                            beta=f"{kl_coef:.3f}")
+        # 5d. checkpoint
+        if step == cfg.total_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            payload = {"step": step, "config": cfg.to_dict(), "rm_accuracy": rm_accuracy,
+                       "policy": model_state(policy), "critic": model_state(critic),
+                       "ref": model_state(ref), "reward_model": model_state(reward_model),
+                       "learner": learner.state_dict(), "kl_ctl": kl_ctl.state_dict()}
+            rng = rng_state({"data": data_gen, "prompt": prompt_gen, "sample": sample_gen})
+            save_checkpoint(cfg.out, step, payload if rt.is_main else {}, rng, rt,
+                            cfg.keep_checkpoints)
+    if bar is not None:
+        bar.close()
+
+    # ---- 6. results ----------------------------------------------------------------------------
+    show_samples(cfg, task, policy, rt, f"after PPO (step {cfg.total_steps})", say)
+    final_state = model_state(policy)
+    if rt.is_main:
+        unwrap(policy).save_pretrained(os.path.join(cfg.out, "final", "policy"),
+                                       state_dict=final_state)
+        plot_curves(os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "curves.png"))
+    rt.barrier()
+    rows = MetricsLog.read(os.path.join(cfg.out, "metrics.jsonl")) if rt.is_main else []
+    summary = {"out": cfg.out, "steps": cfg.total_steps, "rm_accuracy": rm_accuracy,
+               "score_first": rows[0]["score"] if rows else first_score,
+               "score_last": last.get("score"), "kl_last": last.get("kl"),
+               "time_s": time.perf_counter() - t_start}
+    if last:
+        say(f"done: score {summary['score_first']:+.3f} -> {summary['score_last']:+.3f}, "
+            f"KL {summary['kl_last']:.2f} nats, reward-model accuracy {rm_accuracy:.3f}, "
+            f"{summary['time_s']:.0f}s; outputs in {cfg.out}")
+    return summary
+
+
+def _dump_first_update(cfg, rt, batch, kl_coef, pre, policy, critic) -> None:
+    d = os.path.join(cfg.out, "debug")
+    if rt.is_main:
+        os.makedirs(d, exist_ok=True)
+    rt.barrier()
+    torch.save({"batch": batch.to_dict(), "kl_coef": kl_coef},
+               os.path.join(d, f"rollout_rank{rt.rank}.pt"))
+    post = {"policy": model_state(policy), "critic": model_state(critic)}
+    if rt.is_main:
+        torch.save({"pre": pre, "post": post, "world": rt.world},
+                   os.path.join(d, "first_update.pt"))
+    rt.barrier()
+
+
+def _printer(rt: Runtime):
+    def say(msg: str) -> None:
+        if rt.is_main:
+            try:
+                from tqdm import tqdm
+                tqdm.write(msg)
+            except ImportError:
+                print(msg, flush=True)
+    return say
+
+
+def _progress(cfg: TrainConfig, rt: Runtime, start: int):
+    if not (cfg.progress and rt.is_main):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=cfg.total_steps, initial=start, desc="PPO", unit="step", dynamic_ncols=True)

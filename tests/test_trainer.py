@@ -1,0 +1,328 @@
+"""The compact PPO trainer (fastrlhf.trainer): learning, backend equivalence, exact resume,
+data-parallel equivalence, configuration errors.
+
+Runs on CPU in a few minutes: tiny models, short runs, one torch thread per process.  The
+subprocess tests launch ``python -m fastrlhf.train`` / ``torchrun -m fastrlhf.train`` exactly as
+a user would.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from helpers import DEVICE, TRITON_OK, assert_close  # noqa: E402
+
+import fastrlhf as fr  # noqa: E402
+
+from fastrlhf.trainer import TrainConfig  # noqa: E402
+from fastrlhf.trainer.cli import main as cli_main  # noqa: E402
+from fastrlhf.trainer.distributed import Runtime  # noqa: E402
+from fastrlhf.trainer.models import build_policy, reward_model_from  # noqa: E402
+from fastrlhf.trainer.ppo import Learner, Rollout, collect_rollout, train  # noqa: E402
+from fastrlhf.trainer.report import MetricsLog  # noqa: E402
+from fastrlhf.trainer.task import SyntheticTask  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A small but complete pipeline: SFT, reward model, PPO (a few seconds per phase).
+SMALL = dict(sft_steps=60, rm_train_pairs=1024, rm_eval_pairs=256, rm_epochs=2,
+             rm_norm_samples=64, rollout_batch_size=32, ppo_epochs=2, num_minibatches=2,
+             num_print_samples=2, progress=False)
+# Smaller still, for the runs that only need to be identical to each other; on the CPU (gloo for
+# data parallelism, bitwise-reproducible kernels for the resume test) also on a CUDA machine.
+TINY = dict(SMALL, sft_steps=10, rm_train_pairs=128, rm_eval_pairs=64, rm_epochs=1,
+            rm_norm_samples=32, rollout_batch_size=16, hidden_size=32, num_layers=1, num_heads=2,
+            device="cpu")
+
+TIME_KEYS = {"tokens_per_s", "time_s"}
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("TRITON_INTERPRET", None)   # reference backend in subprocesses
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _flags(d):
+    out = []
+    for k, v in d.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            out.append(flag if v else "--no-" + k.replace("_", "-"))
+        else:
+            out += [flag, str(v)]
+    return out
+
+
+def _train_cmd(out, **kw):
+    return [sys.executable, "-m", "fastrlhf.train", "--out", str(out)] + _flags(kw)
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, "final", "policy", "model.safetensors"))
+
+
+def _rows(out):
+    return [{k: v for k, v in r.items() if k not in TIME_KEYS}
+            for r in MetricsLog.read(os.path.join(out, "metrics.jsonl"))]
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. it learns: the oracle score rises clearly while the KL to the reference stays bounded
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ppo_short")
+    cfg = TrainConfig(out=str(out), total_steps=20, checkpoint_every=10, **SMALL)
+    summary = train(cfg)
+    return out, cfg, summary
+
+
+def test_short_run_score_rises_kl_bounded(short_run):
+    out, cfg, summary = short_run
+    rows = MetricsLog.read(os.path.join(out, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == list(range(1, cfg.total_steps + 1))
+    required = {"step", "score", "rm_reward", "kl", "entropy", "approx_kl", "clipfrac",
+                "policy_loss", "value_loss", "explained_variance", "response_len",
+                "tokens_per_s"}
+    assert required <= set(rows[0]), required - set(rows[0])
+    for r in rows:
+        for k in required:
+            assert r[k] is not None and r[k] == r[k], f"step {r['step']}: {k} = {r[k]}"
+    # The reward model learned the hidden preference.
+    assert summary["rm_accuracy"] > 0.8, summary
+    # The oracle score of the SFT policy is about 0; PPO must raise it clearly ...
+    first = sum(r["score"] for r in rows[:3]) / 3
+    last = sum(r["score"] for r in rows[-3:]) / 3
+    assert first < 0.25, f"SFT policy already scores {first:.3f}"
+    assert last > first + 0.3, f"score did not rise: {first:.3f} -> {last:.3f}"
+    # ... through the reward model's view as well ...
+    assert rows[-1]["rm_reward"] > rows[0]["rm_reward"] + 0.5
+    # ... while the KL to the reference stays bounded (nats per sequence) and positive.
+    assert max(r["kl"] for r in rows) < 15.0, [round(r["kl"], 2) for r in rows]
+    assert rows[-1]["kl"] > 0.0
+    assert 0.0 <= rows[-1]["clipfrac"] <= 1.0 and rows[-1]["entropy"] > 0.0
+    # Outputs: curves, final policy (a Hugging Face directory), checkpoints.
+    assert os.path.getsize(os.path.join(out, "curves.png")) > 10_000
+    assert os.path.isfile(os.path.join(out, "checkpoints", "step_000020", "trainer.pt"))
+    assert os.path.isfile(os.path.join(out, "final", "policy", "config.json"))
+
+
+def test_model_flag_loads_local_checkpoint(short_run, tmp_path):
+    """--model PATH: a local Hugging Face directory (here the trained policy, and a GPT-2 made
+    from a config) initialises the policy; nothing is downloaded."""
+    import transformers
+
+    trained, _, _ = short_run
+    gpt2 = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=40, n_positions=32, n_embd=32, n_layer=1, n_head=2)).save_pretrained(gpt2)
+    for src in (os.path.join(trained, "final", "policy"), str(gpt2)):
+        out = tmp_path / ("run_" + os.path.basename(src))
+        summary = train(TrainConfig(out=str(out), model=src, total_steps=2, **TINY))
+        assert summary["steps"] == 2 and len(MetricsLog.read(out / "metrics.jsonl")) == 2
+        assert (out / "final" / "policy" / "config.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. the same first update on every backend
+# ------------------------------------------------------------------------------------------------
+
+def _first_update(backend: str, kl_in_loss: bool, fused_loss: bool = False):
+    """Rollout + one PPO update of tiny random models, all loss math on ``backend``."""
+    cfg = TrainConfig(backend=backend, kl_in_loss=kl_in_loss, fused_loss=fused_loss,
+                      rollout_batch_size=8,
+                      response_length=6, prompt_len=3, sft_max_words=4, ppo_epochs=2,
+                      num_minibatches=2, micro_batch_size=2, hidden_size=32, num_layers=1,
+                      num_heads=2, entropy_coef=0.01, value_clip=0.2, dual_clip=3.0)
+    task = SyntheticTask(cfg.prompt_len, cfg.response_length, cfg.sft_min_words,
+                         cfg.sft_max_words)
+    torch.manual_seed(0)
+    policy = build_policy(cfg, task.vocab_size, task.query_len + cfg.response_length)
+    critic, rm = reward_model_from(policy), reward_model_from(policy)
+    ref = copy.deepcopy(policy)
+    with torch.no_grad():   # a reference that differs from the policy, so the KL is not 0
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    policy, critic, rm, ref = (m.to(DEVICE) for m in (policy, critic, rm, ref))
+    rt = Runtime(device=torch.device(DEVICE))
+    learner = Learner(cfg, policy, critic, rt)
+    batch, _ = collect_rollout(cfg, task, policy, ref, critic, rm, rt, 0.1,
+                               torch.Generator().manual_seed(1),
+                               torch.Generator(device=DEVICE).manual_seed(2))
+    stats = learner.update(batch, 0.1)
+    return batch, stats, policy.state_dict(), critic.state_dict()
+
+
+@pytest.mark.parametrize("kl_in_loss, fused", [(False, False), (True, False), (True, True)],
+                         ids=["kl_in_reward", "kl_in_loss", "fused_kl_in_loss"])
+def test_first_update_same_on_every_backend(kl_in_loss, fused):
+    """The reference run is the separate ops on the eager references; every other backend (and
+    the fused loss on every backend) must give the same rollout, losses and weights."""
+    if fused and not hasattr(fr, "fused_ppo_loss"):
+        pytest.skip("fastrlhf.fused_ppo_loss is not exported by this build")
+    ref_batch, ref_stats, ref_pol, ref_crit = _first_update("reference", kl_in_loss)
+    assert ref_batch.mask.sum() > 8 and ref_stats["clipfrac"] >= 0
+    others = (["reference"] if fused else []) + ["auto"] + (["triton"] if TRITON_OK else [])
+    for be in others:
+        batch, stats, pol, crit = _first_update(be, kl_in_loss, fused)
+        # auto is native (C++) or the reference on CPU, triton on CUDA; triton on CPU runs the
+        # kernels in the interpreter.  All float32: agreement to rounding, far below an update.
+        tol = 1e-5
+        assert torch.equal(batch.response, ref_batch.response)
+        for name in ("logp", "ref_logp", "values", "adv", "returns"):
+            assert_close(f"{be}: rollout {name}", getattr(batch, name), getattr(ref_batch, name),
+                         atol=tol, rtol=tol)
+        for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "grad_norm"):
+            assert abs(stats[k] - ref_stats[k]) <= tol * (1 + abs(ref_stats[k])), (be, k)
+        # Weights after two epochs of Adam steps (|update| ~ lr = 1e-3 per step).
+        for k in ref_pol:
+            assert_close(f"{be}: policy {k}", pol[k], ref_pol[k], atol=1e-5)
+        for k in ref_crit:
+            assert_close(f"{be}: critic {k}", crit[k], ref_crit[k], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. resume: a run killed mid-way and resumed equals an uninterrupted one, exactly
+# ------------------------------------------------------------------------------------------------
+
+def test_resume_after_kill_is_exact(tmp_path):
+    kw = dict(TINY, total_steps=14, checkpoint_every=3, keep_checkpoints=2)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    env = _env()
+    a = subprocess.Popen(_train_cmd(full, **kw), env=env, cwd=tmp_path,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    b = subprocess.Popen(_train_cmd(cut, **kw), env=env, cwd=tmp_path,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first_ckpt = cut / "checkpoints" / "step_000003" / "trainer.pt"
+    deadline = time.time() + 240
+    while not first_ckpt.exists() and b.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    b.send_signal(signal.SIGKILL)
+    b.wait(timeout=60)
+    assert b.returncode == -signal.SIGKILL, b.stderr.read().decode()[-3000:]
+    killed_at = len(MetricsLog.read(cut / "metrics.jsonl"))
+    assert 3 <= killed_at < kw["total_steps"], killed_at   # really killed mid-way
+    assert not (cut / "final").exists()
+    c = subprocess.run([sys.executable, "-m", "fastrlhf.train", "--resume", str(cut)], env=env,
+                       cwd=tmp_path, capture_output=True, timeout=240)
+    assert c.returncode == 0, c.stderr.decode()[-3000:]
+    assert "resumed from" in c.stdout.decode() + c.stderr.decode()
+    a.wait(timeout=240)
+    assert a.returncode == 0, a.stderr.read().decode()[-3000:]
+    # metrics: every row equal (timings aside), final weights and value model bit for bit
+    assert _rows(cut) == _rows(full)
+    wa, wb = _weights(full), _weights(cut)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    last = os.path.join("checkpoints", "step_000014", "trainer.pt")
+    ca = torch.load(full / last, weights_only=False)
+    cb = torch.load(cut / last, weights_only=False)
+    for k in ca["critic"]:
+        assert torch.equal(ca["critic"][k], cb["critic"][k]), k
+    assert ca["kl_ctl"] == cb["kl_ctl"] and ca["step"] == cb["step"] == 14
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. data parallel: 2 CPU processes (DDP or FSDP2, gloo) == 1 process on the same global batch
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_data_parallel_update_equals_single_process(tmp_path, parallel):
+    """torchrun, 2 CPU ranks (gloo), the whole pipeline; the first PPO update (2 epochs x 2
+    minibatches, gradient accumulation over micro-batches, clipping, Adam) of the 2 ranks must
+    equal one process updating on their concatenated batches."""
+    out = tmp_path / parallel
+    kw = dict(TINY, total_steps=1, ppo_epochs=2, num_minibatches=2, micro_batch_size=2,
+              dump_first_update=True, parallel=parallel)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "fastrlhf.train", "--out", str(out)] + _flags(kw)
+    r = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()[-4000:]
+    assert f"world 2 ({parallel})" in r.stdout.decode() + r.stderr.decode()
+    dump = torch.load(out / "debug" / "first_update.pt", weights_only=False)
+    assert dump["world"] == 2
+    parts = [torch.load(out / "debug" / f"rollout_rank{i}.pt", weights_only=False)
+             for i in range(2)]
+    # the two ranks sampled different rollouts with different token counts: a per-rank mean
+    # would weight tokens wrongly, the global normalisation must not
+    m0, m1 = (p["batch"]["mask"].sum() for p in parts)
+    assert not torch.equal(parts[0]["batch"]["response"], parts[1]["batch"]["response"])
+    batch = Rollout(**{k: torch.cat([p["batch"][k] for p in parts]) for k in parts[0]["batch"]})
+    cfg = TrainConfig(out=str(out), **kw)
+    task = SyntheticTask(cfg.prompt_len, cfg.response_length, cfg.sft_min_words,
+                         cfg.sft_max_words)
+    policy = build_policy(cfg, task.vocab_size, task.query_len + cfg.response_length)
+    critic = reward_model_from(policy)
+    policy.load_state_dict(dump["pre"]["policy"])
+    critic.load_state_dict(dump["pre"]["critic"])
+    Learner(cfg, policy, critic, Runtime()).update(batch, parts[0]["kl_coef"], shards=2)
+    for name, model in (("policy", policy), ("critic", critic)):
+        for k, v in model.state_dict().items():
+            pre, post = dump["pre"][name][k], dump["post"][name][k]
+            assert (post - pre).abs().max() > 1e-4, f"{name} {k} did not move"
+            assert_close(f"{name} {k} (1 process vs 2 {parallel} ranks; tokens {m0:.0f}/{m1:.0f})",
+                         v, post, atol=2e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. bad configuration fails fast with a clear message
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(lam=1.5), r"TrainConfig\.lam must be in \[0, 1\], got 1\.5"),
+    (dict(gamma=0.0), r"TrainConfig\.gamma must be in \(0, 1\]"),
+    (dict(ppo_epochs=0), r"TrainConfig\.ppo_epochs must be an integer >= 1, got 0"),
+    (dict(clip_low=-0.1), r"TrainConfig\.clip_low must be a finite number > 0"),
+    (dict(dual_clip=0.5), r"TrainConfig\.dual_clip must be None or > 1"),
+    (dict(backend="cuda"), r"TrainConfig\.backend must be one of auto, triton, reference"),
+    (dict(loss_agg="mean"), r"TrainConfig\.loss_agg must be one of token-mean"),
+    (dict(kl_reward_kind="k9"), r"TrainConfig\.kl_reward_kind must be one of"),
+    (dict(rollout_batch_size=30, num_minibatches=4),
+     r"rollout_batch_size must be divisible by num_minibatches=4"),
+    (dict(hidden_size=30, num_heads=4), r"hidden_size must be divisible by num_heads=4"),
+    (dict(sft_max_words=12, response_length=12), r"sft_max_words must be < response_length=12"),
+    (dict(temperature=float("nan")), r"TrainConfig\.temperature must be finite"),
+    (dict(seed="one"), r"TrainConfig\.seed must be int, got 'one'"),
+    (dict(adaptive_kl="sometimes"), r"TrainConfig\.adaptive_kl must be bool"),
+    (dict(model="/nonexistent/dir"), r"TrainConfig\.model must be an existing local directory"),
+    (dict(device="tpu"), r"TrainConfig\.device must be auto, cpu, cuda or cuda:N"),
+])
+def test_bad_config_value_error(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**bad)
+
+
+def test_bad_config_cli_and_world(tmp_path, capsys):
+    assert cli_main(["--lam", "2", "--out", str(tmp_path)]) == 2
+    assert "TrainConfig.lam must be in [0, 1], got 2.0" in capsys.readouterr().err
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"total_steps": 3, "learning_rate": 1e-3}))
+    assert cli_main(["--config", str(cfg_file)]) == 2
+    assert "unknown TrainConfig field(s): learning_rate" in capsys.readouterr().err
+    assert cli_main(["--resume", str(tmp_path / "nothing")]) == 2
+    assert "no checkpoint found" in capsys.readouterr().err
+    # flags > config file > defaults, and the result validates
+    cfg_file.write_text(json.dumps({"total_steps": 3, "lr": 5e-4}))
+    assert cli_main(["--config", str(cfg_file), "--lr", "1e-4", "--no-adaptive-kl",
+                     "--clip-high", "none", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["total_steps"] == 3 and printed["lr"] == 1e-4
+    assert printed["adaptive_kl"] is False and printed["clip_high"] is None
+    # batch sizes must split over the data-parallel ranks
+    with pytest.raises(ValueError, match=r"rollout_batch_size=64 must be divisible by 12"):
+        TrainConfig().check_world(3)
