@@ -142,6 +142,8 @@ def finish_row(row: dict, copy_gbps: float) -> dict:
         row["gbps"] = _sig(gbps)
         row["pct_copy_bw"] = _sig(100.0 * gbps / copy_gbps)
         row["x_floor"] = _sig(copy_gbps / gbps)  # time / (bytes / copy bandwidth)
+    if row.get("ms") and row.get("flops"):  # compute-bound ops declare their useful flops
+        row["tflops"] = _sig(row["flops"] / (row["ms"] * 1e-3) / 1e12)
     if row.get("ms") is not None:
         row["ms"] = _sig(row["ms"], 5)
     return row

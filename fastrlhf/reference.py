@@ -548,7 +548,8 @@ def fused_ppo_loss(logits: torch.Tensor, tokens: torch.Tensor, old_logp: torch.T
     from the mask only, :func:`agg_row_weights`), so this is computed as
     ``ppo_policy_loss(...)[0] + kl_coef * agg_loss(kl) - entropy_coef * agg_loss(H)``.
     The per-token inputs are cast to the logits' accumulation dtype (float32, float64 for
-    float64 logits).  Returns ``(loss, stats)``: stats (detached) per-token ``logp``,
+    float64 logits).  Masked tokens get exactly zero gradient, even where their logits are NaN.
+    Returns ``(loss, stats)``: stats (detached) per-token ``logp``,
     ``entropy``, ``kl`` (zeros without ``ref_logp``) and the scalars ``clipfrac``,
     ``clipfrac_lower``, ``approx_kl`` (of :func:`ppo_policy_loss`), ``entropy_mean`` and
     ``kl_mean`` (``masked_mean`` of the per-token values).
@@ -556,6 +557,10 @@ def fused_ppo_loss(logits: torch.Tensor, tokens: torch.Tensor, old_logp: torch.T
     acc = acc_dtype(logits.dtype)
     kw = dict(dp_size=dp_size, batch_num_tokens=batch_num_tokens,
               global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor)
+    # Masked tokens get exactly zero gradient, also where their logits hold NaN (the separate
+    # ops would give 0 * NaN there): same values, gradient routed to the unmasked tokens only.
+    keep = (mask != 0).unsqueeze(-1)
+    logits = torch.where(keep, logits, logits.detach())
     logp, ent = token_logprobs(logits, tokens, temperature, True, ignore_index)
     old, adv = old_logp.detach().to(acc), advantages.detach().to(acc)
     loss, pg_stats = ppo_policy_loss(logp, old, adv, mask, clip_low, clip_high, dual_clip, agg,
@@ -573,3 +578,39 @@ def fused_ppo_loss(logits: torch.Tensor, tokens: torch.Tensor, old_logp: torch.T
 
 
 __all__ += ["fused_ppo_loss"]
+
+
+# --------------------------------------------------------------------------------------------
+# lm_head fused in: log-probs / entropy / PPO loss straight from hidden states
+# --------------------------------------------------------------------------------------------
+
+def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """``hidden @ weight.T + bias`` formed in the accumulation dtype (float32; float64 for
+    float64 inputs) from the input values, never rounded to the input dtype.
+    ``[..., H]``, ``[V, H]``, ``[V]`` -> ``[..., V]``."""
+    acc = acc_dtype(hidden.dtype)
+    logits = hidden.to(acc) @ weight.to(acc).T
+    if bias is not None:
+        logits = logits + bias.to(acc)
+    return logits
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
+                          bias=None, temperature: float = 1.0, return_entropy: bool = False,
+                          ignore_index: int = -100):
+    """``token_logprobs(linear_logits(hidden, weight, bias), tokens, ...)``: the lm_head and the
+    log-softmax + gather (+ entropy) in one; gradients flow to hidden, weight and bias."""
+    return token_logprobs(linear_logits(hidden, weight, bias), tokens, temperature,
+                          return_entropy, ignore_index)
+
+
+def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
+                          old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                          bias=None, **kwargs):
+    """``fused_ppo_loss(linear_logits(hidden, weight, bias), tokens, old_logp, advantages, mask,
+    **kwargs)`` (same keyword arguments and stats as :func:`fused_ppo_loss`)."""
+    return fused_ppo_loss(linear_logits(hidden, weight, bias), tokens, old_logp, advantages,
+                          mask, **kwargs)
+
+
+__all__ += ["linear_logits", "linear_token_logprobs", "fused_linear_ppo_loss"]

@@ -5,4 +5,4 @@ package imports nothing from ``fastrlhf`` besides its own helpers; ``fastrlhf.op
 lazily, the first time a Triton-backed op runs, so that ``TRITON_INTERPRET`` may be set late.
 """
 
-KERNEL_MODULES = ("logprobs", "kl", "gae", "losses", "fused_loss")
+KERNEL_MODULES = ("logprobs", "kl", "gae", "losses", "fused_loss", "fused_linear")

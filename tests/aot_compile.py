@@ -64,7 +64,7 @@ def compile_one(spec, arch, cuobjdump, workdir):
     sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True,
                           check=True).stdout
     usage = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", res)}
-    ops = re.findall(r"\b((?:LDG|STG)\.E[\w.]*)", sass)
+    ops = re.findall(r"\b((?:LDGSTS|LDG|STG)\.E[\w.]*|H?GMMA[\w.]*|HMMA[\w.]*)", sass)
     return {"regs": usage.get("REG"), "stack": usage.get("STACK"), "local": usage.get("LOCAL"),
             "shared": usage.get("SHARED"), "mem_ops": sorted(set(ops)),
             "ptx_has_local": ".local" in c.asm.get("ptx", "")}
@@ -74,7 +74,7 @@ def _job(args):
     index, arch = args
     module, spec = all_specs()[index]
     row = {"module": module, "name": spec["name"], "arch": arch,
-           "stream_dtype": spec.get("stream_dtype")}
+           "stream_dtype": spec.get("stream_dtype"), "dot_operands": spec.get("dot_operands")}
     try:
         with tempfile.TemporaryDirectory() as d:
             row.update(compile_one(spec, arch, _cuobjdump(), d))

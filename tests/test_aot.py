@@ -48,3 +48,20 @@ def test_streams_use_128bit_loads(aot_results):
     bad = [f"{r['name']} sm_{r['arch']}: {r['mem_ops']}" for r in streaming
            if "LDG.E.128" not in r["mem_ops"]]
     assert not bad, "logits stream not vectorized to 128-bit loads:\n" + "\n".join(bad)
+
+
+def test_dot_kernels_use_tensor_cores_and_128bit_async_copies(aot_results):
+    """Kernels built on tl.dot (fused-linear) must run on tensor cores (HGMMA on sm_90, HMMA on
+    sm_80) with bf16 operands staged by 128-bit cp.async (LDGSTS)."""
+    dots = [r for r in aot_results if r.get("dot_operands") == "bf16" and "error" not in r]
+    if not any(r["module"] == "fused_linear" for r in aot_results):
+        pytest.skip("no tl.dot kernels in this tree")
+    assert dots, "fused_linear declares no bf16 dot_operands specs"
+    bad = []
+    for r in dots:
+        ops = " ".join(r["mem_ops"])
+        mma = "HGMMA" if r["arch"] == 90 else "HMMA"
+        if mma not in ops or "BF16" not in ops or not any(
+                o.startswith("LDGSTS") and o.endswith(".128") for o in r["mem_ops"]):
+            bad.append(f"{r['name']} sm_{r['arch']}: {ops}")
+    assert not bad, "dot kernels without bf16 MMA / 128-bit cp.async:\n" + "\n".join(bad)

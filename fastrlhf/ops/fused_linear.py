@@ -1,0 +1,336 @@
+"""linear_token_logprobs: token log-probs and entropy straight from hidden states.
+
+``logits = hidden @ weight.T + bias`` (the lm_head) is folded into the Triton kernels tile by tile,
+so neither the logits nor anything else of size [N, V] is ever allocated: the forward keeps only
+per-row partials, the backward recomputes the logits tiles from the saved logsumexp, one vocab
+chunk at a time (see :mod:`fastrlhf.kernels.fused_linear`).
+
+The public entry checks its arguments, picks a backend and calls either the eager reference or the
+registered ``torch.library`` op ``fastrlhf::linear_token_logprobs`` (autograd formula: the
+Triton backward), so ``torch.compile(fullgraph=True)`` traces it without graph breaks.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _backend, config, reference
+from ._common import (FLOAT_DTYPES, INT_DTYPES, check_int, check_positive_float, check_same_device,
+                      check_shape, check_tensor, rows_layout)
+from .kl import _canonical_kind, kl_penalty
+from .losses import (RATIO_LEVELS, _check_advantages, _check_agg, _check_bt, _check_clips,
+                     agg_loss, ppo_policy_loss)
+from .masked import check_mask
+
+__all__ = ["linear_token_logprobs", "fused_linear_ppo_loss"]
+
+
+def _kernels():
+    from ..kernels import fused_linear as k  # lazy: TRITON_INTERPRET may be set after import
+    return k
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_token_range(op: str, tokens: Tensor, V: int, ignore_index: int) -> None:
+    if not config.check_tokens_enabled() or tokens.numel() == 0:
+        return
+    bad = ((tokens < 0) | (tokens >= V)) & (tokens != ignore_index)
+    if bool(bad.any()):
+        pos = int(bad.reshape(-1).nonzero()[0, 0])
+        val = int(tokens.reshape(-1)[pos])
+        raise ValueError(
+            f"{op}: tokens contains id {val} (flat position {pos}) outside [0, {V}) that is not "
+            f"ignore_index={ignore_index}; disable this check with "
+            "fastrlhf.config.set_check_tokens(False) or FASTRLHF_CHECK_TOKENS=0 (e.g. for CUDA "
+            "graph capture), in which case such positions give NaN")
+
+
+def _weight_view(weight: Tensor) -> Tensor:
+    return weight if (weight.shape[1] <= 1 or weight.stride(1) == 1) else weight.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library ops (Triton backend)
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastrlhf::linear_token_logprobs", mutates_args=())
+def _lin_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor,
+             temperature: float, ignore_index: int) -> Tuple[Tensor, Tensor, Tensor]:
+    _check_token_range("linear_token_logprobs", tokens, weight.shape[0], ignore_index)
+    h, dims, strides = rows_layout(hidden)
+    tok = tokens.reshape(-1).contiguous()
+    b = None if bias is None else bias.contiguous()
+    logp, ent, lse = _kernels().linear_logprobs_fwd(h, dims, strides, _weight_view(weight), b,
+                                                    tok, 1.0 / temperature, ignore_index)
+    lead = hidden.shape[:-1]
+    return logp.view(lead), ent.view(lead), lse.view(*lead, 2)
+
+
+@_lin_fwd.register_fake
+def _(hidden, weight, bias, tokens, temperature, ignore_index):
+    acc = _acc(hidden.dtype)
+    lead = hidden.shape[:-1]
+    return (hidden.new_empty(lead, dtype=acc), hidden.new_empty(lead, dtype=acc),
+            hidden.new_empty((*lead, 2), dtype=acc))
+
+
+@torch.library.custom_op("fastrlhf::linear_token_logprobs_bwd", mutates_args=())
+def _lin_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor,
+             dlogp: Optional[Tensor], dent: Optional[Tensor], lse: Tensor, ent: Tensor,
+             temperature: float, ignore_index: int, need_dh: bool, need_dw: bool,
+             need_db: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dhidden, dweight, dbias); a gradient that is not needed comes back with 0 elements."""
+    h, dims, strides = rows_layout(hidden)
+    flat = lambda t: None if t is None else t.reshape(-1).contiguous()  # noqa: E731
+    need_db = need_db and bias is not None
+    dh, dw, db = _kernels().linear_logprobs_bwd(
+        h, dims, strides, _weight_view(weight), None if bias is None else bias.contiguous(),
+        flat(tokens), flat(dlogp), flat(dent), lse.reshape(-1, 2).contiguous(), flat(ent),
+        1.0 / temperature, ignore_index, need_dh, need_dw, need_db)
+    return (dh.view(hidden.shape) if dh is not None else hidden.new_zeros(0),
+            dw if dw is not None else weight.new_zeros(0),
+            db if db is not None else (weight if bias is None else bias).new_zeros(0))
+
+
+@_lin_bwd.register_fake
+def _(hidden, weight, bias, tokens, dlogp, dent, lse, ent, temperature, ignore_index, need_dh,
+      need_dw, need_db):
+    need_db = need_db and bias is not None
+    return (hidden.new_empty(hidden.shape if need_dh else (0,)),
+            weight.new_empty(weight.shape if need_dw else (0,)),
+            (bias if need_db else weight).new_empty(bias.shape if need_db else (0,)))
+
+
+def _lin_setup(ctx, inputs, output):
+    hidden, weight, bias, tokens, temperature, ignore_index = inputs
+    _, ent, lse = output
+    ctx.save_for_backward(hidden, weight, bias, tokens, lse, ent)
+    ctx.temperature = temperature
+    ctx.ignore_index = ignore_index
+    ctx.mark_non_differentiable(lse)
+    # An output nobody differentiates (often the entropy, logged only) then arrives as None and
+    # its term is left out of the backward kernel instead of being multiplied by zeros.
+    ctx.set_materialize_grads(False)
+
+
+def _lin_backward(ctx, dlogp, dent, dlse):
+    hidden, weight, bias, tokens, lse, ent = ctx.saved_tensors
+    need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+    need_db = need_db and bias is not None
+    if (dlogp is None and dent is None) or not (need_dh or need_dw or need_db):
+        return None, None, None, None, None, None
+    dh, dw, db = _lin_bwd(hidden, weight, bias, tokens, dlogp, dent, lse, ent, ctx.temperature,
+                          ctx.ignore_index, need_dh, need_dw, need_db)
+    return (dh if need_dh else None, dw if need_dw else None, db if need_db else None,
+            None, None, None)
+
+
+_lin_fwd.register_autograd(_lin_backward, setup_context=_lin_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------------
+
+def check_linear_args(op: str, hidden, weight, tokens, bias, temperature, ignore_index):
+    """Validate the (hidden, weight, tokens, bias, temperature, ignore_index) group; returns
+    ``(temperature, ignore_index)`` normalized.  Shared with :func:`fused_linear_ppo_loss`."""
+    check_tensor(op, "hidden", hidden, dtypes=FLOAT_DTYPES, min_dim=1)
+    check_tensor(op, "weight", weight, dtypes=FLOAT_DTYPES)
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be 2-D [V, H], got shape {tuple(weight.shape)}")
+    V, H = weight.shape
+    if V == 0:
+        raise ValueError(f"{op}: weight must have a non-empty vocab (first) dim, got shape "
+                         f"{tuple(weight.shape)}")
+    if hidden.shape[-1] != H:
+        raise ValueError(f"{op}: hidden's last dim ({hidden.shape[-1]}) must equal weight's "
+                         f"second dim H = {H} (weight is [V, H] = {tuple(weight.shape)})")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{op}: weight dtype {str(weight.dtype).replace('torch.', '')} must match "
+                        f"hidden dtype {str(hidden.dtype).replace('torch.', '')}")
+    if bias is not None:
+        check_tensor(op, "bias", bias, dtypes=FLOAT_DTYPES)
+        check_shape(op, "bias", bias, (V,), "[V], one per weight row")
+    check_tensor(op, "tokens", tokens, dtypes=INT_DTYPES)
+    check_shape(op, "tokens", tokens, hidden.shape[:-1], "the leading shape of hidden")
+    check_same_device(op, "hidden", hidden, weight=weight, bias=bias, tokens=tokens)
+    temperature = check_positive_float(op, "temperature", temperature)
+    ignore_index = check_int(op, "ignore_index", ignore_index)
+    return temperature, ignore_index
+
+
+def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
+                          bias: Optional[Tensor] = None, temperature: float = 1.0,
+                          return_entropy: bool = False, ignore_index: int = -100,
+                          backend: str = "auto"):
+    """Log-probability of ``tokens`` under ``softmax((hidden @ weight.T + bias) / temperature)``
+    (and its entropy), without ever forming the logits.
+
+    Args:
+        hidden: ``[..., H]`` float16 / bfloat16 / float32 / float64 hidden states (the lm_head
+            input); any strides on the leading dims (``hidden[:, :-1]`` is read in place), unit
+            stride on H (else copied).
+        weight: ``[V, H]`` lm_head weight (tied or not), the dtype of ``hidden``; unit stride
+            on H (else copied).
+        tokens: ``[...]`` int32 / int64, the leading shape of ``hidden``; ids in ``[0, V)`` or
+            ``ignore_index`` (checked on the host unless disabled, see :mod:`fastrlhf.config`).
+        bias: optional ``[V]`` lm_head bias (any float dtype).
+        temperature: > 0.
+        return_entropy: also return ``H = -sum_j p_j log p_j`` per position.
+        ignore_index: positions with this token id give logp = 0 and no gradient through logp
+            (their entropy is still computed).
+        backend: ``"auto" | "triton" | "reference"`` (see :mod:`fastrlhf._backend`).
+
+    Returns:
+        ``logp`` ``[...]`` float32 (float64 for float64 inputs), or ``(logp, entropy)``.
+        Differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
+
+    Semantics: exactly ``token_logprobs(logits, tokens, ...)`` with
+    ``logits = hidden @ weight.T + bias`` formed in float32 (float64) from the input values: the
+    products accumulate in fp32 and the logits are not rounded to the input dtype (so bf16 inputs
+    are *more* accurate than eager ``lm_head(hidden).float()``).  On the Triton backend fp32
+    inputs multiply in tf32 unless ``torch.get_float32_matmul_precision() == "highest"`` (as torch
+    matmuls); bf16 / fp16 use tensor cores with fp32 accumulation.
+
+    Memory: O(N*H + V*H).  The forward stores ``(logp, entropy, logsumexp)`` per row; the
+    backward recomputes the logits in vocab chunks of ``Vc`` columns with an ``[N, Vc]`` scratch
+    buffer (``N * Vc <= max(2 N H, 2^25)`` elements, input dtype) plus an fp32 ``[N, H]`` dH
+    accumulator when there is more than one chunk.  Cost: 2NHV flops forward, 6NHV backward
+    (logits recompute, dH, dW).  Deterministic (no atomics): the same inputs give bitwise the same
+    outputs and gradients on every run.  No filtering of small softmax entries is done (no
+    Cut-Cross-Entropy-style gradient sparsification): the gradient is exact up to rounding.
+    """
+    op = "linear_token_logprobs"
+    temperature, ignore_index = check_linear_args(op, hidden, weight, tokens, bias, temperature,
+                                                  ignore_index)
+    which = _backend.resolve(backend, hidden.device, op=op)
+    if which == "reference":
+        _check_token_range(op, tokens, weight.shape[0], ignore_index)
+        return reference.linear_token_logprobs(hidden, weight, tokens, bias, temperature,
+                                               return_entropy, ignore_index)
+    logp, ent, _ = _lin_fwd(hidden, weight, bias, tokens, temperature, ignore_index)
+    return (logp, ent) if return_entropy else logp
+
+
+# ---------------------------------------------------------------------------------------------
+# the PPO / GRPO / GSPO policy loss straight from hidden states
+# ---------------------------------------------------------------------------------------------
+
+def _check_coef(op: str, name: str, v) -> float:
+    if isinstance(v, Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"{op}: {name} must be a scalar, got a tensor of shape "
+                             f"{tuple(v.shape)}")
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a float, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{op}: {name} must be finite, got {v}")
+    return v
+
+
+def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_logp: Tensor,
+                          advantages: Tensor, mask: Tensor, *, bias: Optional[Tensor] = None,
+                          ref_logp: Optional[Tensor] = None, kl_coef: float = 0.0,
+                          kl_kind: str = "k3", entropy_coef: float = 0.0, clip_low: float = 0.2,
+                          clip_high: Optional[float] = None, dual_clip: Optional[float] = None,
+                          temperature: float = 1.0, agg: str = "token-mean",
+                          ratio_level: str = "token", inplace_backward: bool = False,
+                          ignore_index: int = -100, backend: str = "auto", **agg_kwargs):
+    """``fused_ppo_loss`` of the logits ``hidden @ weight.T + bias``, without forming them.
+
+    Definition (the same as :func:`fastrlhf.fused_ppo_loss` with
+    ``logits = hidden @ weight.T + bias`` formed in float32 / float64)::
+
+        logp, H = linear_token_logprobs(hidden, weight, tokens, bias=bias,
+                                        temperature=temperature, return_entropy=True)
+        loss    = ppo_policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high,
+                                  dual_clip, agg, ratio_level, **agg_kwargs)[0]
+                  + kl_coef * agg_loss(kl_penalty(logp, ref_logp, kl_kind), mask, agg)
+                  - entropy_coef * agg_loss(H, mask, agg)
+
+    Args:
+        hidden: ``[B, T, H]`` hidden states (float16 / bfloat16 / float32 / float64; any strides
+            on B, T, unit stride on H); weight ``[V, H]`` lm_head weight of the same dtype;
+            bias ``[V]`` or None.  Differentiable w.r.t. all three.
+        tokens, old_logp, advantages, mask, ref_logp, kl_coef, kl_kind, entropy_coef, clip_low,
+            clip_high, dual_clip, temperature, agg, ratio_level, ignore_index, **agg_kwargs: as
+            :func:`fastrlhf.fused_ppo_loss`.
+        inplace_backward: accepted for signature parity with ``fused_ppo_loss``; there is no
+            logits buffer to write into, so it changes nothing.
+        backend: ``"auto" | "triton" | "reference"``.
+
+    Returns ``(loss, stats)`` with the keys of ``fused_ppo_loss``: per-token ``[B, T]``
+    ``"logp"``, ``"entropy"``, ``"kl"`` (zeros without ``ref_logp``) and the 0-dim
+    ``"clipfrac"``, ``"clipfrac_lower"``, ``"approx_kl"``, ``"entropy_mean"``, ``"kl_mean"``
+    (detached).  ``loss`` is float32 (float64 for float64 inputs).
+
+    How: the Triton forward of :func:`linear_token_logprobs` gives logp and H per token; the
+    per-token loss terms are the O(B T) ops above, whose autograd yields ``dloss/dlogp`` and
+    ``dloss/dH`` per token; the lm_head backward kernels take those as upstream gradients
+    (recomputing the logits tiles, dH / dW / db in fp32).  Memory O(B T H + V H); no [B, T, V]
+    tensor.  The reference backend materializes the logits and calls
+    :func:`fastrlhf.reference.fused_ppo_loss`.
+    """
+    op = "fused_linear_ppo_loss"
+    temperature, ignore_index = check_linear_args(op, hidden, weight, tokens, bias, temperature,
+                                                  ignore_index)
+    if hidden.dim() != 3:
+        raise ValueError(f"{op}: hidden must be 3-D [B, T, H], got shape {tuple(hidden.shape)}")
+    B, T, _ = hidden.shape
+    _check_bt(op, "old_logp", old_logp, (B, T))
+    _check_advantages(op, advantages, (B, T))
+    check_mask(op, mask, (B, T), "the leading shape of hidden")
+    if ref_logp is not None:
+        _check_bt(op, "ref_logp", ref_logp, (B, T))
+    check_same_device(op, "hidden", hidden, old_logp=old_logp, advantages=advantages, mask=mask,
+                      ref_logp=ref_logp)
+    kl_coef = _check_coef(op, "kl_coef", kl_coef)
+    entropy_coef = _check_coef(op, "entropy_coef", entropy_coef)
+    kl_kind = _canonical_kind(op, kl_kind)
+    if ref_logp is None and kl_coef != 0.0:
+        raise ValueError(f"{op}: kl_coef={kl_coef} needs ref_logp (the reference policy's "
+                         "log-probs of the tokens)")
+    clip_low, clip_high, dual_clip = _check_clips(op, clip_low, clip_high, dual_clip)
+    if not isinstance(ratio_level, str) or ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"{op}: ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"{op}: inplace_backward must be a bool, got "
+                        f"{type(inplace_backward).__name__}")
+    kw = _check_agg(op, agg, T, agg_kwargs)
+    which = _backend.resolve(backend, hidden.device, op=op)
+    acc = _acc(hidden.dtype)
+    old_logp, advantages = old_logp.detach().to(acc), advantages.detach().to(acc)
+    ref_logp = None if ref_logp is None else ref_logp.detach().to(acc)
+    if which == "reference":
+        _check_token_range(op, tokens, weight.shape[0], ignore_index)
+        return reference.fused_linear_ppo_loss(
+            hidden, weight, tokens, old_logp, advantages, mask, bias, ref_logp=ref_logp,
+            kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low,
+            clip_high=clip_high, dual_clip=dual_clip, temperature=temperature, agg=agg,
+            ratio_level=ratio_level, ignore_index=ignore_index, **kw)
+    logp, ent, _ = _lin_fwd(hidden, weight, bias, tokens, temperature, ignore_index)
+    loss, pg = ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=clip_low,
+                               clip_high=clip_high, dual_clip=dual_clip, agg=agg,
+                               ratio_level=ratio_level, backend=which, **kw)
+    if ref_logp is not None:
+        kl = kl_penalty(logp, ref_logp, kl_kind, backend=which)
+        loss = loss + kl_coef * agg_loss(kl, mask, agg, **kw)
+    else:
+        kl = torch.zeros_like(logp)
+    loss = loss - entropy_coef * agg_loss(ent, mask, agg, **kw)
+    ent_d, kl_d = ent.detach(), kl.detach()
+    stats = {"logp": logp.detach(), "entropy": ent_d, "kl": kl_d, **pg,
+             "entropy_mean": reference.masked_mean(ent_d, mask),
+             "kl_mean": reference.masked_mean(kl_d, mask)}
+    return loss, stats
