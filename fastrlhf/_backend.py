@@ -49,7 +49,8 @@ def resolve(backend: str | None, device: torch.device, *, op: str, native_ok: bo
     if backend == "auto":
         if device.type == "cuda":
             return "triton"
-        if native_ok and native_available():
+        # The C++ extension is opaque to torch.compile: traced code keeps the reference path.
+        if native_ok and not torch.compiler.is_compiling() and native_available():
             return "native"
         return "reference"
     if backend == "triton":
