@@ -244,9 +244,42 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     return torch.where((m != 0).any(), w, torch.zeros_like(w))
 
 
+def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Packed layout: the segment of every column, int64 ``[total]`` (``s`` for columns
+    ``cu_seqlens[s]:cu_seqlens[s+1]``)."""
+    cu = cu_seqlens.to(torch.int64)
+    S = cu.numel() - 1
+    return torch.repeat_interleave(torch.arange(S, device=cu.device), cu[1:] - cu[:-1],
+                                   output_size=total)
+
+
+def _row_sums(x: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+    """Sum over the last dim of ``[B, T]`` (``[B]``), or over each segment of the packed
+    ``[1, total]`` layout (``[S]``)."""
+    if cu_seqlens is None:
+        return x.sum(-1)
+    S = cu_seqlens.numel() - 1
+    return x.new_zeros(S).index_add(0, segment_ids(cu_seqlens, x.shape[-1]), x.reshape(-1))
+
+
+def _per_token(x: torch.Tensor, like: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+    """A per-row ``[B]`` (per-segment ``[S]``) value broadcast to the tokens of ``like``."""
+    if cu_seqlens is None:
+        return x.unsqueeze(-1).expand_as(like)
+    return x[segment_ids(cu_seqlens, like.shape[-1])].reshape(like.shape)
+
+
+def _default_norm_len(per_token: torch.Tensor, cu_seqlens=None) -> int:
+    """``loss_scale_factor``'s default: T, or the longest segment of the packed layout."""
+    if cu_seqlens is None:
+        return per_token.shape[-1]
+    cu = cu_seqlens.to(torch.int64)
+    return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+
+
 def agg_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
              dp_size: int = 1, batch_num_tokens=None, global_batch_size=None,
-             loss_scale_factor=None) -> torch.Tensor:
+             loss_scale_factor=None, cu_seqlens=None) -> torch.Tensor:
     """Aggregate a ``[B, T]`` per-token loss into a scalar, as verl 0.9 ``agg_loss``.
 
     With ``m`` the mask, ``S_b = sum_t where(m != 0, L, 0) * m`` and ``n_b = sum_t m``:
@@ -258,6 +291,9 @@ def agg_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mea
     * ``seq-mean-token-mean``: ``dp_size * sum_{b: n_b > 0} S_b / (n_b + 1e-8) / G``.
     * ``seq-mean-token-sum-norm``: ``seq-mean-token-sum / loss_scale_factor`` (default ``T``).
 
+    Packed layout: ``per_token`` / ``mask`` ``[1, total]`` with ``cu_seqlens`` ``[S+1]``; the
+    segments ``cu_seqlens[s]:cu_seqlens[s+1]`` are the rows ``b`` above (and the default ``T``
+    is the longest segment), so the result equals the padded ``[S, Tmax]`` layout.
     A zero denominator (fully masked batch) gives 0, never NaN.
     """
     if mode not in AGG_MODES:
@@ -270,33 +306,35 @@ def agg_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mea
         return _div_or_zero(terms.sum(), n) * dp_size
     if mode == "token-sum":
         return terms.sum() * dp_size
-    n_b = m.sum(-1)
+    n_b = _row_sums(m, cu_seqlens)
     seq_valid = (n_b > 0).to(acc)
-    seq = terms.sum(-1)
+    seq = _row_sums(terms, cu_seqlens)
     if mode == "seq-mean-token-mean":
         seq = seq / (n_b + MASKED_EPS)
     g = seq_valid.sum() if global_batch_size is None else global_batch_size
     loss = _div_or_zero(_masked_terms(seq, seq_valid).sum(), g) * dp_size
     if mode == "seq-mean-token-sum-norm":
-        loss = loss / (per_token.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+        loss = loss / (_default_norm_len(per_token, cu_seqlens) if loss_scale_factor is None
+                       else loss_scale_factor)
     return loss
 
 
 def agg_row_weights(mask: torch.Tensor, mode: str = "token-mean", dp_size: int = 1,
                     batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                    dtype: torch.dtype = torch.float32, cu_seqlens=None) -> torch.Tensor:
     """Per-row coefficients ``c`` ``[B]`` with ``agg_loss(L, mask, mode, ...) ==
     sum_b c_b * sum_t where(m != 0, L, 0) * m`` for every ``L``: the aggregation is linear in the
     per-token loss and its weights depend on the mask only (so ``d loss / d L = c_b * m``).
 
     token-mean: ``dp / N``; token-sum: ``dp``; seq-mean-token-sum: ``dp * [n_b > 0] / G``
     (``/ loss_scale_factor`` for -norm); seq-mean-token-mean: ``dp * [n_b > 0] / ((n_b + 1e-8) G)``;
-    0 wherever the denominator ``N`` or ``G`` is 0.
+    0 wherever the denominator ``N`` or ``G`` is 0.  Packed ``[1, total]`` mask with
+    ``cu_seqlens``: one coefficient per segment, ``[S]`` (as :func:`agg_loss`).
     """
     if mode not in AGG_MODES:
         raise ValueError(f"agg_row_weights: unknown mode {mode!r}; expected one of {AGG_MODES}")
     m = mask.to(dtype)
-    n_b = m.sum(-1)
+    n_b = _row_sums(m, cu_seqlens)
     if mode == "token-mean":
         n = n_b.sum() if batch_num_tokens is None else batch_num_tokens
         return _div_or_zero(torch.full_like(n_b, float(dp_size)), n)
@@ -308,7 +346,8 @@ def agg_row_weights(mask: torch.Tensor, mode: str = "token-mean", dp_size: int =
     if mode == "seq-mean-token-mean":
         c = c / (n_b + MASKED_EPS)
     elif mode == "seq-mean-token-sum-norm":
-        c = c / (mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+        c = c / (_default_norm_len(mask, cu_seqlens) if loss_scale_factor is None
+                 else loss_scale_factor)
     return c
 
 
@@ -321,21 +360,22 @@ class PolicyTokenTerms(NamedTuple):
     approx_kl: torch.Tensor     # old_logp - logp (clamped to [-20, 20] for ratio_level="token")
 
 
-def _policy_log_ratio(lp, old, m, ratio_level):
+def _policy_log_ratio(lp, old, m, ratio_level, cu_seqlens=None):
     """(log-ratio value, 1 where d(log-ratio)/d(logp) = 1 else 0, per-token approx-KL)."""
     if ratio_level == "token":
         d = lp - old
         lr = torch.clamp(d, min=-20.0, max=20.0)
         return lr, ((d >= -20.0) & (d <= 20.0)), -lr
     # GSPO: mean log-ratio of the sequence (verl: sum / clamp(count, min=1)), clamped at 10.
-    seq = masked_sum(lp - old, m, -1) / m.sum(-1).clamp(min=1)
-    lr = torch.clamp(seq, max=10.0).unsqueeze(-1).expand_as(lp)
-    return lr, (seq <= 10.0).unsqueeze(-1).expand_as(lp), -(lp - old)
+    seq = _row_sums(_masked_terms(lp - old, m), cu_seqlens) / _row_sums(m, cu_seqlens).clamp(min=1)
+    lr = _per_token(torch.clamp(seq, max=10.0), lp, cu_seqlens)
+    return lr, _per_token(seq <= 10.0, lp, cu_seqlens), -(lp - old)
 
 
 def policy_loss_per_token(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                           mask: torch.Tensor = None, clip_low: float = 0.2, clip_high=None,
-                          dual_clip=None, ratio_level: str = "token") -> PolicyTokenTerms:
+                          dual_clip=None, ratio_level: str = "token",
+                          cu_seqlens=None) -> PolicyTokenTerms:
     """Per-token clipped PPO / GSPO loss and its derivative w.r.t. ``logp``, in closed form.
 
     ``logp``, ``old_logp``: ``[B, T]``; ``advantages``: ``[B, T]`` or ``[B]`` (broadcast over T);
@@ -351,15 +391,17 @@ def policy_loss_per_token(logp: torch.Tensor, old_logp: torch.Tensor, advantages
 
     Ties follow torch's subgradients (``maximum`` / ``minimum`` split the gradient 50/50 on
     equality), so ``dloss_dlogp`` equals autograd of the eager formula.
+    Packed ``[1, total]`` inputs with ``cu_seqlens`` ``[S+1]``: segments are the rows
+    (``advantages`` ``[1, total]`` or ``[S]``, the GSPO ratio per segment).
     """
     acc = _loss_acc(logp, old_logp, advantages)
     lp, old, adv = logp.to(acc), old_logp.to(acc), advantages.to(acc)
     if adv.dim() == 1:
-        adv = adv.unsqueeze(-1).expand_as(lp)
+        adv = _per_token(adv, lp, cu_seqlens)
     m = None if mask is None else mask.to(acc)
     if ratio_level == "sequence" and m is None:
         raise ValueError("policy_loss_per_token: ratio_level='sequence' needs the mask")
-    lr, ind, kl = _policy_log_ratio(lp, old, m, ratio_level)
+    lr, ind, kl = _policy_log_ratio(lp, old, m, ratio_level, cu_seqlens)
     clip_high = clip_low if clip_high is None else clip_high
     lo, hi = 1.0 - clip_low, 1.0 + clip_high
     r = torch.exp(lr)
@@ -388,7 +430,8 @@ def policy_loss_per_token(logp: torch.Tensor, old_logp: torch.Tensor, advantages
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                     mask: torch.Tensor, clip_low: float = 0.2, clip_high=None, dual_clip=None,
                     agg: str = "token-mean", ratio_level: str = "token", dp_size: int = 1,
-                    batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None):
+                    batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None,
+                    cu_seqlens=None):
     """Clipped PPO policy loss (verl ``compute_policy_loss_vanilla``) or, with
     ``ratio_level="sequence"``, GSPO (verl ``compute_policy_loss_gspo``), written as verl does.
 
@@ -397,13 +440,15 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     ``clipfrac`` = [l2 > l1] (verl pg_clipfrac), ``clipfrac_lower`` = [A < 0 and max(l1, l2) >
     -A c] (verl pg_clipfrac_lower; 0 without dual clip), ``approx_kl`` = old_logp - logp (verl
     ppo_kl: clamped log-ratio for token level, raw for sequence level).
-    Gradient flows to ``logp`` only.
+    Gradient flows to ``logp`` only.  Packed ``[1, total]`` inputs with ``cu_seqlens``: the
+    segments are the sequences (GSPO ratio and seq-mode aggregation per segment; ``advantages``
+    ``[1, total]`` or ``[S]``), equal to the padded ``[S, Tmax]`` layout.
     """
     acc = _loss_acc(logp, old_logp, advantages)
     lp = logp.to(acc)
     old, adv = old_logp.detach().to(acc), advantages.detach().to(acc)
     if adv.dim() == 1:
-        adv = adv.unsqueeze(-1).expand_as(lp)
+        adv = _per_token(adv, lp, cu_seqlens)
     m = mask.to(acc)
     clip_high = clip_low if clip_high is None else clip_high
     if ratio_level == "token":
@@ -412,8 +457,9 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
         approx_kl = masked_mean(-neg_kl, m)
     else:
         neg_kl = lp - old
-        seq = masked_sum(neg_kl, m, -1) / m.sum(-1).clamp(min=1)
-        log_ratio = lp - lp.detach() + seq.detach().unsqueeze(-1)
+        seq = (_row_sums(_masked_terms(neg_kl, m), cu_seqlens)
+               / _row_sums(m, cu_seqlens).clamp(min=1))
+        log_ratio = lp - lp.detach() + _per_token(seq.detach(), lp, cu_seqlens)
         ratio = torch.exp(torch.clamp(log_ratio, max=10.0))
         approx_kl = masked_mean(-neg_kl, m)
     l1 = -adv * ratio
@@ -428,7 +474,7 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
         per_token = c1
         clipfrac_lower = torch.zeros((), dtype=acc, device=lp.device)
     loss = agg_loss(per_token, m, agg, dp_size, batch_num_tokens, global_batch_size,
-                    loss_scale_factor)
+                    loss_scale_factor, cu_seqlens)
     stats = {"clipfrac": clipfrac.detach(), "clipfrac_lower": clipfrac_lower.detach(),
              "approx_kl": approx_kl.detach()}
     return loss, stats
@@ -436,12 +482,13 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
 
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                    mask: torch.Tensor, clip=0.5, agg: str = "token-mean", dp_size: int = 1,
-                   batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None):
+                   batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None,
+                   cu_seqlens=None):
     """Clipped value loss (verl ``compute_value_loss``):
     ``0.5 * agg_loss(max((v - R)^2, (vc - R)^2))`` with
     ``vc = max(min(v, old + clip), old - clip)``; ``clip=None``: ``0.5 * agg_loss((v - R)^2)``.
     Returns ``(loss, {"clipfrac": masked_mean([(vc - R)^2 > (v - R)^2], mask)})``.
-    Gradient flows to ``values`` only.
+    Gradient flows to ``values`` only.  Packed layout (``cu_seqlens``) as :func:`agg_loss`.
     """
     acc = _loss_acc(values, old_values, returns)
     v = values.to(acc)
@@ -457,7 +504,7 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
         per_token = torch.max(l1, l2)
         clipfrac = masked_mean((l2 > l1).to(acc), m)
     loss = 0.5 * agg_loss(per_token, m, agg, dp_size, batch_num_tokens, global_batch_size,
-                          loss_scale_factor)
+                          loss_scale_factor, cu_seqlens)
     return loss, {"clipfrac": clipfrac.detach()}
 
 
@@ -539,7 +586,7 @@ def fused_ppo_loss(logits: torch.Tensor, tokens: torch.Tensor, old_logp: torch.T
                    clip_low: float = 0.2, clip_high=None, dual_clip=None,
                    temperature: float = 1.0, agg: str = "token-mean", ratio_level: str = "token",
                    ignore_index: int = -100, dp_size: int = 1, batch_num_tokens=None,
-                   global_batch_size=None, loss_scale_factor=None):
+                   global_batch_size=None, loss_scale_factor=None, cu_seqlens=None):
     """``agg_loss(pg + kl_coef * kl - entropy_coef * H, mask, agg)``, composed of the references.
 
     ``logp, H = token_logprobs(logits, tokens, temperature, True, ignore_index)``; ``pg`` the
@@ -552,11 +599,14 @@ def fused_ppo_loss(logits: torch.Tensor, tokens: torch.Tensor, old_logp: torch.T
     Returns ``(loss, stats)``: stats (detached) per-token ``logp``,
     ``entropy``, ``kl`` (zeros without ``ref_logp``) and the scalars ``clipfrac``,
     ``clipfrac_lower``, ``approx_kl`` (of :func:`ppo_policy_loss`), ``entropy_mean`` and
-    ``kl_mean`` (``masked_mean`` of the per-token values).
+    ``kl_mean`` (``masked_mean`` of the per-token values).  Packed layout: logits
+    ``[1, total, V]``, the per-token inputs ``[1, total]`` and ``cu_seqlens`` ``[S+1]`` (as
+    :func:`ppo_policy_loss`).
     """
     acc = acc_dtype(logits.dtype)
     kw = dict(dp_size=dp_size, batch_num_tokens=batch_num_tokens,
-              global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor)
+              global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
+              cu_seqlens=cu_seqlens)
     # Masked tokens get exactly zero gradient, also where their logits hold NaN (the separate
     # ops would give 0 * NaN there): same values, gradient routed to the unmasked tokens only.
     keep = (mask != 0).unsqueeze(-1)

@@ -18,6 +18,12 @@ coefficient ``c_b`` (the loss is ``sum_b c_b S_b``, see ``fastrlhf.reference.agg
 ``T`` is a runtime argument (never constexpr); Triton specializes it only on divisibility by 16,
 which is what lets aligned rows stream with 128-bit loads, so at most a few variants compile.
 
+Packed sequences (``PACKED``): the inputs are one ``[1, total]`` row and ``cu_seqlens`` ``[S+1]``;
+program ``s`` handles the segment ``cu[s]:cu[s+1]`` exactly as it would handle a row (the launcher
+passes row strides 0 and the kernel offsets its pointers by ``cu[s]`` and loops over the
+segment's length), so the partials, the coefficients and the GSPO ratios are per segment and
+nothing is copied into a padded layout.  Per-sequence advantages are ``[S]``.
+
 Backward recomputes the per-token derivative and writes ``dL/dx = g * c_b * m * dL_t/dx`` into
 the only input-sized buffer allocated.  Nothing else of size ``[B, T]`` is ever allocated.
 
@@ -64,6 +70,14 @@ def _to_acc(x, ACC: tl.constexpr):
     # Scalar kernel arguments are fp64 (exact for float64 compute); one rounding to ACC here.
     # (Adding to a typed zero keeps this valid in the interpreter, where x is a Python float.)
     return (tl.zeros([], ACC) + x).to(ACC)
+
+
+@triton.jit
+def _segment(cu_ptr, r64):
+    """Packed layout: (first column as int64, length as int32) of segment ``r64``."""
+    c0 = tl.load(cu_ptr + r64).to(tl.int64)
+    n = (tl.load(cu_ptr + r64 + 1).to(tl.int64) - c0).to(tl.int32)
+    return c0, n
 
 
 @triton.jit
@@ -152,10 +166,10 @@ def _gspo_row_log_ratio(lp_base, old_base, m_base, T, ACC: tl.constexpr, BLOCK_T
 
 @triton.jit(do_not_specialize=["n_rows"])
 def _policy_fwd_kernel(
-    lp_ptr, old_ptr, adv_ptr, m_ptr, part_ptr, seqlr_ptr,
+    lp_ptr, old_ptr, adv_ptr, m_ptr, part_ptr, seqlr_ptr, cu_ptr,
     n_rows, T, s_lp, s_old, s_adv, s_m,
     lo_arg: tl.float64, hi_arg: tl.float64, dual_arg: tl.float64,
-    ADV_ROW: tl.constexpr, SEQ: tl.constexpr, HAS_DUAL: tl.constexpr,
+    ADV_ROW: tl.constexpr, SEQ: tl.constexpr, HAS_DUAL: tl.constexpr, PACKED: tl.constexpr,
     ACC: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -166,6 +180,13 @@ def _policy_fwd_kernel(
     old_base = old_ptr + r64 * s_old
     m_base = m_ptr + r64 * s_m
     adv_base = adv_ptr + r64 * s_adv
+    if PACKED:  # segment `row` of the packed row (row strides are 0)
+        c0, T = _segment(cu_ptr, r64)
+        lp_base += c0
+        old_base += c0
+        m_base += c0
+        if not ADV_ROW:
+            adv_base += c0
     lo = _to_acc(lo_arg, ACC)
     hi = _to_acc(hi_arg, ACC)
     dual_c = _to_acc(dual_arg, ACC)
@@ -226,10 +247,10 @@ def _policy_fwd_kernel(
 
 @triton.jit(do_not_specialize=["n_rows"])
 def _policy_bwd_kernel(
-    lp_ptr, old_ptr, adv_ptr, m_ptr, coef_ptr, seqlr_ptr, gout_ptr, dlp_ptr,
+    lp_ptr, old_ptr, adv_ptr, m_ptr, coef_ptr, seqlr_ptr, gout_ptr, dlp_ptr, cu_ptr,
     n_rows, T, s_lp, s_old, s_adv, s_m, s_dlp,
     lo_arg: tl.float64, hi_arg: tl.float64, dual_arg: tl.float64,
-    ADV_ROW: tl.constexpr, SEQ: tl.constexpr, HAS_DUAL: tl.constexpr,
+    ADV_ROW: tl.constexpr, SEQ: tl.constexpr, HAS_DUAL: tl.constexpr, PACKED: tl.constexpr,
     ACC: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -241,6 +262,14 @@ def _policy_bwd_kernel(
     m_base = m_ptr + r64 * s_m
     adv_base = adv_ptr + r64 * s_adv
     out_base = dlp_ptr + r64 * s_dlp
+    if PACKED:  # segment `row` of the packed row (row strides are 0)
+        c0, T = _segment(cu_ptr, r64)
+        lp_base += c0
+        old_base += c0
+        m_base += c0
+        out_base += c0
+        if not ADV_ROW:
+            adv_base += c0
     lo = _to_acc(lo_arg, ACC)
     hi = _to_acc(hi_arg, ACC)
     dual_c = _to_acc(dual_arg, ACC)
@@ -279,10 +308,10 @@ def _policy_bwd_kernel(
 
 @triton.jit(do_not_specialize=["n_rows"])
 def _value_fwd_kernel(
-    v_ptr, ov_ptr, ret_ptr, m_ptr, part_ptr,
+    v_ptr, ov_ptr, ret_ptr, m_ptr, part_ptr, cu_ptr,
     n_rows, T, s_v, s_ov, s_ret, s_m,
     clip_arg: tl.float64,
-    HAS_CLIP: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_CLIP: tl.constexpr, PACKED: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0)
     if row >= n_rows:
@@ -292,6 +321,12 @@ def _value_fwd_kernel(
     ov_base = ov_ptr + r64 * s_ov
     ret_base = ret_ptr + r64 * s_ret
     m_base = m_ptr + r64 * s_m
+    if PACKED:  # segment `row` of the packed row (row strides are 0)
+        c0, T = _segment(cu_ptr, r64)
+        v_base += c0
+        ov_base += c0
+        ret_base += c0
+        m_base += c0
     clip = _to_acc(clip_arg, ACC)
     offs = tl.arange(0, BLOCK_T)
     acc_l = tl.zeros([BLOCK_T], ACC)
@@ -320,10 +355,10 @@ def _value_fwd_kernel(
 
 @triton.jit(do_not_specialize=["n_rows"])
 def _value_bwd_kernel(
-    v_ptr, ov_ptr, ret_ptr, m_ptr, coef_ptr, gout_ptr, dv_ptr,
+    v_ptr, ov_ptr, ret_ptr, m_ptr, coef_ptr, gout_ptr, dv_ptr, cu_ptr,
     n_rows, T, s_v, s_ov, s_ret, s_m, s_dv,
     clip_arg: tl.float64,
-    HAS_CLIP: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_CLIP: tl.constexpr, PACKED: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0)
     if row >= n_rows:
@@ -334,6 +369,13 @@ def _value_bwd_kernel(
     ret_base = ret_ptr + r64 * s_ret
     m_base = m_ptr + r64 * s_m
     out_base = dv_ptr + r64 * s_dv
+    if PACKED:  # segment `row` of the packed row (row strides are 0)
+        c0, T = _segment(cu_ptr, r64)
+        v_base += c0
+        ov_base += c0
+        ret_base += c0
+        m_base += c0
+        out_base += c0
     clip = _to_acc(clip_arg, ACC)
     gc = tl.load(gout_ptr).to(ACC) * tl.load(coef_ptr + row).to(ACC)
     offs = tl.arange(0, BLOCK_T)
@@ -432,6 +474,22 @@ def _block_t(T: int) -> int:
     return min(BLOCK_T, max(triton.next_power_of_2(max(T, 1)), 128))
 
 
+def _rows(x, cu):
+    """(rows, row length used to size the block, cu pointer argument, packed) of a launch:
+    the ``[B, T]`` rows of ``x``, or the ``S`` segments of a packed ``[1, total]`` ``x`` (block
+    sized for the mean segment length; no host sync)."""
+    B, T = x.shape
+    if cu is None:
+        return B, T, x, False
+    S = cu.numel() - 1
+    return S, triton.cdiv(T, max(S, 1)), cu, True
+
+
+def _rs(t, packed):
+    """Row stride as the kernels take it: 0 for the single row of a packed layout."""
+    return 0 if packed else t.stride(0)
+
+
 def _num_warps(block: int) -> int:
     return min(NUM_WARPS, max(1, block // 256))
 
@@ -465,83 +523,96 @@ def _mask_arg(mask: torch.Tensor) -> torch.Tensor:
 
 
 def policy_fwd(logp, old_logp, adv, mask, lo, hi, dual, seq, mode, dp, denom_val, denom_t, lsf,
-               acc):
+               acc, cu=None):
     """Launch the fused policy forward + finalize.
 
     All tensors ``[B, T]`` with unit stride on T (``adv`` may be ``[B]``); ``lo``/``hi`` the ratio
-    clip bounds, ``dual`` the dual-clip constant or None, ``seq`` GSPO.  Returns
+    clip bounds, ``dual`` the dual-clip constant or None, ``seq`` GSPO.  With ``cu`` (a validated
+    ``cu_seqlens`` ``[S+1]``) the inputs are the packed ``[1, total]`` layout, ``adv`` may be
+    ``[S]``, and the rows below are its ``S`` segments.  Returns
     ``(loss [], stats [3] = clipfrac, clipfrac_lower, approx_kl; coef [B]; seq_log_ratio [B])``.
     """
-    B, T = logp.shape
+    B, t_blk, cu_arg, packed = _rows(logp, cu)
+    T = logp.shape[1]
     dev = logp.device
     part = torch.empty((N_POLICY_PARTS, B), dtype=acc, device=dev)
     seqlr = torch.empty(B, dtype=acc, device=dev)
-    blk = _block_t(T)
+    blk = _block_t(t_blk)
     m = _mask_arg(mask)
     adv_row = adv.dim() == 1
     if B > 0:
         _policy_fwd_kernel[(B,)](
-            logp, old_logp, adv, m, part, seqlr,
-            B, T, logp.stride(0), old_logp.stride(0), adv.stride(0), m.stride(0),
+            logp, old_logp, adv, m, part, seqlr, cu_arg,
+            B, T, _rs(logp, packed), _rs(old_logp, packed),
+            adv.stride(0) if adv_row else _rs(adv, packed), _rs(m, packed),
             float(lo), float(hi), float(dual) if dual is not None else 0.0,
-            ADV_ROW=adv_row, SEQ=seq, HAS_DUAL=dual is not None,
+            ADV_ROW=adv_row, SEQ=seq, HAS_DUAL=dual is not None, PACKED=packed,
             ACC=tl_dtype(acc), BLOCK_T=blk, num_warps=_num_warps(blk),
         )
     loss, stats, coef = _finalize(part, B, mode, dp, denom_val, denom_t, lsf, 1.0, 3, acc, dev)
     return loss, stats, coef, seqlr
 
 
-def policy_bwd(grad_out, logp, old_logp, adv, mask, coef, seqlr, lo, hi, dual, seq):
-    """d loss / d logp into a fresh contiguous ``[B, T]`` buffer of logp's dtype."""
-    B, T = logp.shape
-    dlogp = torch.empty((B, T), dtype=logp.dtype, device=logp.device)
+def policy_bwd(grad_out, logp, old_logp, adv, mask, coef, seqlr, lo, hi, dual, seq, cu=None):
+    """d loss / d logp into a fresh contiguous ``[B, T]`` buffer of logp's dtype (``cu``: the
+    packed layout, as :func:`policy_fwd`; the segments cover every column)."""
+    dlogp = torch.empty(tuple(logp.shape), dtype=logp.dtype, device=logp.device)
+    B, t_blk, cu_arg, packed = _rows(logp, cu)
+    T = logp.shape[1]
     if B == 0 or T == 0:
         return dlogp
     acc = coef.dtype
-    blk = _block_t(T)
+    blk = _block_t(t_blk)
     m = _mask_arg(mask)
+    adv_row = adv.dim() == 1
     _policy_bwd_kernel[(B,)](
-        logp, old_logp, adv, m, coef, seqlr, grad_out, dlogp,
-        B, T, logp.stride(0), old_logp.stride(0), adv.stride(0), m.stride(0), dlogp.stride(0),
+        logp, old_logp, adv, m, coef, seqlr, grad_out, dlogp, cu_arg,
+        B, T, _rs(logp, packed), _rs(old_logp, packed),
+        adv.stride(0) if adv_row else _rs(adv, packed), _rs(m, packed), _rs(dlogp, packed),
         float(lo), float(hi), float(dual) if dual is not None else 0.0,
-        ADV_ROW=adv.dim() == 1, SEQ=seq, HAS_DUAL=dual is not None,
+        ADV_ROW=adv_row, SEQ=seq, HAS_DUAL=dual is not None, PACKED=packed,
         ACC=tl_dtype(acc), BLOCK_T=blk, num_warps=_num_warps(blk),
     )
     return dlogp
 
 
-def value_fwd(values, old_values, returns, mask, clip, mode, dp, denom_val, denom_t, lsf, acc):
+def value_fwd(values, old_values, returns, mask, clip, mode, dp, denom_val, denom_t, lsf, acc,
+              cu=None):
     """Launch the fused value-loss forward + finalize.  Returns ``(loss [], stats [1] =
-    clipfrac, coef [B])``; the loss includes verl's factor 0.5 (and so does ``coef``)."""
-    B, T = values.shape
+    clipfrac, coef [B])``; the loss includes verl's factor 0.5 (and so does ``coef``).
+    ``cu``: the packed layout, as :func:`policy_fwd` (``coef`` is then ``[S]``)."""
+    B, t_blk, cu_arg, packed = _rows(values, cu)
+    T = values.shape[1]
     dev = values.device
     part = torch.empty((N_VALUE_PARTS, B), dtype=acc, device=dev)
-    blk = _block_t(T)
+    blk = _block_t(t_blk)
     m = _mask_arg(mask)
     if B > 0:
         _value_fwd_kernel[(B,)](
-            values, old_values, returns, m, part,
-            B, T, values.stride(0), old_values.stride(0), returns.stride(0), m.stride(0),
-            float(clip) if clip is not None else 0.0,
-            HAS_CLIP=clip is not None, ACC=tl_dtype(acc), BLOCK_T=blk,
+            values, old_values, returns, m, part, cu_arg,
+            B, T, _rs(values, packed), _rs(old_values, packed), _rs(returns, packed),
+            _rs(m, packed), float(clip) if clip is not None else 0.0,
+            HAS_CLIP=clip is not None, PACKED=packed, ACC=tl_dtype(acc), BLOCK_T=blk,
             num_warps=_num_warps(blk),
         )
     return _finalize(part, B, mode, dp, denom_val, denom_t, lsf, 0.5, 1, acc, dev)
 
 
-def value_bwd(grad_out, values, old_values, returns, mask, coef, clip):
-    """d loss / d values into a fresh contiguous ``[B, T]`` buffer of values' dtype."""
-    B, T = values.shape
-    dv = torch.empty((B, T), dtype=values.dtype, device=values.device)
+def value_bwd(grad_out, values, old_values, returns, mask, coef, clip, cu=None):
+    """d loss / d values into a fresh contiguous ``[B, T]`` buffer of values' dtype (``cu``: the
+    packed layout, as :func:`policy_fwd`)."""
+    dv = torch.empty(tuple(values.shape), dtype=values.dtype, device=values.device)
+    B, t_blk, cu_arg, packed = _rows(values, cu)
+    T = values.shape[1]
     if B == 0 or T == 0:
         return dv
-    blk = _block_t(T)
+    blk = _block_t(t_blk)
     m = _mask_arg(mask)
     _value_bwd_kernel[(B,)](
-        values, old_values, returns, m, coef, grad_out, dv,
-        B, T, values.stride(0), old_values.stride(0), returns.stride(0), m.stride(0),
-        dv.stride(0), float(clip) if clip is not None else 0.0,
-        HAS_CLIP=clip is not None, ACC=tl_dtype(coef.dtype), BLOCK_T=blk,
+        values, old_values, returns, m, coef, grad_out, dv, cu_arg,
+        B, T, _rs(values, packed), _rs(old_values, packed), _rs(returns, packed),
+        _rs(m, packed), _rs(dv, packed), float(clip) if clip is not None else 0.0,
+        HAS_CLIP=clip is not None, PACKED=packed, ACC=tl_dtype(coef.dtype), BLOCK_T=blk,
         num_warps=_num_warps(blk),
     )
     return dv
@@ -561,13 +632,13 @@ def _aot_specs():
                                    (True, False, True)):
             tag = f"{dt},seq={seq},dual={dual},adv_row={adv_row}"
             sig = {"lp_ptr": f"*{dt}", "old_ptr": "*fp32", "adv_ptr": "*fp32", "m_ptr": "*u8",
-                   "part_ptr": "*fp32", "seqlr_ptr": "*fp32", **common,
+                   "part_ptr": "*fp32", "seqlr_ptr": "*fp32", "cu_ptr": "*i64", **common,
                    "s_lp": "i64", "s_old": "i64", "s_adv": "i64", "s_m": "i64",
                    "lo_arg": "fp64", "hi_arg": "fp64", "dual_arg": "fp64",
                    "ADV_ROW": "constexpr", "SEQ": "constexpr", "HAS_DUAL": "constexpr",
-                   "ACC": "constexpr", "BLOCK_T": "constexpr"}
-            cx = {"ADV_ROW": adv_row, "SEQ": seq, "HAS_DUAL": dual, "ACC": tl.float32,
-                  "BLOCK_T": BLOCK_T}
+                   "PACKED": "constexpr", "ACC": "constexpr", "BLOCK_T": "constexpr"}
+            cx = {"ADV_ROW": adv_row, "SEQ": seq, "HAS_DUAL": dual, "PACKED": False,
+                  "ACC": tl.float32, "BLOCK_T": BLOCK_T}
             aligned = ["lp_ptr", "old_ptr", "adv_ptr", "m_ptr", "s_lp", "s_old", "s_adv", "s_m",
                        "T"]
             specs.append(dict(name=f"policy_fwd[{tag}]", fn=_policy_fwd_kernel, signature=sig,
@@ -575,11 +646,11 @@ def _aot_specs():
                               num_warps=NUM_WARPS, stream_dtype=dt))
             bsig = {"lp_ptr": f"*{dt}", "old_ptr": "*fp32", "adv_ptr": "*fp32", "m_ptr": "*u8",
                     "coef_ptr": "*fp32", "seqlr_ptr": "*fp32", "gout_ptr": "*fp32",
-                    "dlp_ptr": f"*{dt}", **common,
+                    "dlp_ptr": f"*{dt}", "cu_ptr": "*i64", **common,
                     "s_lp": "i64", "s_old": "i64", "s_adv": "i64", "s_m": "i64", "s_dlp": "i64",
                     "lo_arg": "fp64", "hi_arg": "fp64", "dual_arg": "fp64",
                     "ADV_ROW": "constexpr", "SEQ": "constexpr", "HAS_DUAL": "constexpr",
-                    "ACC": "constexpr", "BLOCK_T": "constexpr"}
+                    "PACKED": "constexpr", "ACC": "constexpr", "BLOCK_T": "constexpr"}
             specs.append(dict(name=f"policy_bwd[{tag}]", fn=_policy_bwd_kernel, signature=bsig,
                               constexprs=cx, aligned=aligned + ["dlp_ptr", "s_dlp", "coef_ptr",
                                                                 "seqlr_ptr", "gout_ptr"],
@@ -587,23 +658,36 @@ def _aot_specs():
         for clip in (True, False):
             tag = f"{dt},clip={clip}"
             sig = {"v_ptr": f"*{dt}", "ov_ptr": "*fp32", "ret_ptr": "*fp32", "m_ptr": "*u8",
-                   "part_ptr": "*fp32", **common,
+                   "part_ptr": "*fp32", "cu_ptr": "*i64", **common,
                    "s_v": "i64", "s_ov": "i64", "s_ret": "i64", "s_m": "i64", "clip_arg": "fp64",
-                   "HAS_CLIP": "constexpr", "ACC": "constexpr", "BLOCK_T": "constexpr"}
-            cx = {"HAS_CLIP": clip, "ACC": tl.float32, "BLOCK_T": BLOCK_T}
+                   "HAS_CLIP": "constexpr", "PACKED": "constexpr", "ACC": "constexpr",
+                   "BLOCK_T": "constexpr"}
+            cx = {"HAS_CLIP": clip, "PACKED": False, "ACC": tl.float32, "BLOCK_T": BLOCK_T}
             aligned = ["v_ptr", "ov_ptr", "ret_ptr", "m_ptr", "s_v", "s_ov", "s_ret", "s_m", "T"]
             specs.append(dict(name=f"value_fwd[{tag}]", fn=_value_fwd_kernel, signature=sig,
                               constexprs=cx, aligned=aligned + ["part_ptr"],
                               num_warps=NUM_WARPS, stream_dtype=dt))
             bsig = {"v_ptr": f"*{dt}", "ov_ptr": "*fp32", "ret_ptr": "*fp32", "m_ptr": "*u8",
-                    "coef_ptr": "*fp32", "gout_ptr": "*fp32", "dv_ptr": f"*{dt}", **common,
+                    "coef_ptr": "*fp32", "gout_ptr": "*fp32", "dv_ptr": f"*{dt}",
+                    "cu_ptr": "*i64", **common,
                     "s_v": "i64", "s_ov": "i64", "s_ret": "i64", "s_m": "i64", "s_dv": "i64",
                     "clip_arg": "fp64",
-                    "HAS_CLIP": "constexpr", "ACC": "constexpr", "BLOCK_T": "constexpr"}
+                    "HAS_CLIP": "constexpr", "PACKED": "constexpr", "ACC": "constexpr",
+                    "BLOCK_T": "constexpr"}
             specs.append(dict(name=f"value_bwd[{tag}]", fn=_value_bwd_kernel, signature=bsig,
                               constexprs=cx, aligned=aligned + ["dv_ptr", "s_dv", "coef_ptr",
                                                                 "gout_ptr"],
                               num_warps=NUM_WARPS, stream_dtype=dt))
+    # Packed sequences (cu_seqlens): segments start anywhere, so no alignment is assumed and
+    # no 128-bit loads are required of these variants (no stream_dtype).
+    fp32_rows = ("policy_fwd[fp32", "policy_bwd[fp32", "value_fwd[fp32", "value_bwd[fp32")
+    for spec in [sp for sp in specs if sp["name"].startswith(fp32_rows)]:
+        specs.append(dict(name=spec["name"].replace("[", "[packed,", 1), fn=spec["fn"],
+                          signature=spec["signature"],
+                          constexprs={**spec["constexprs"], "PACKED": True},
+                          aligned=[a for a in spec["aligned"]
+                                   if a in ("part_ptr", "seqlr_ptr", "coef_ptr", "gout_ptr")],
+                          num_warps=NUM_WARPS))
     for mode, mid in AGG_MODE_IDS.items():
         for n_stats, denom in ((3, 0), (1, 2)):
             specs.append(dict(

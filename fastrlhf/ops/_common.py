@@ -91,3 +91,34 @@ def contiguous_row_strides(dims, V: int):
     """Strides of a fresh contiguous [D0, D1, D2, V] buffer in the rows_layout convention."""
     D0, D1, D2 = dims
     return (D1 * D2 * V, D2 * V, V)
+
+
+def check_cu_seqlens(op: str, cu, ref_name: str, ref: torch.Tensor) -> int:
+    """Validate ``cu_seqlens`` for the packed layout of ``ref`` (``[1, total, ...]``); returns the
+    longest segment.
+
+    ``cu`` must be an int32 / int64 ``[S+1]`` tensor on ``ref``'s device with ``cu[0] = 0``,
+    ``cu[s] <= cu[s+1]`` and ``cu[S] = total = ref.shape[1]``; ``ref`` must have ``B = 1``.
+    Checked on the host (one device sync).  Raises TypeError / ValueError naming the problem.
+    """
+    check_tensor(op, "cu_seqlens", cu, dtypes=INT_DTYPES)
+    if cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{op}: cu_seqlens must be 1-D [S+1] with at least one entry, got shape "
+                         f"{tuple(cu.shape)}")
+    check_same_device(op, ref_name, ref, cu_seqlens=cu)
+    if ref.dim() < 2 or ref.shape[0] != 1:
+        b = ref.shape[0] if ref.dim() else None
+        raise ValueError(f"{op}: with cu_seqlens the inputs must be packed as [1, total], got "
+                         f"{ref_name} of shape {tuple(ref.shape)} (B={b} != 1)")
+    total = ref.shape[1]
+    b = [int(x) for x in cu.tolist()]
+    if b[0] != 0:
+        raise ValueError(f"{op}: cu_seqlens must start at 0, got cu_seqlens[0]={b[0]}")
+    for s in range(len(b) - 1):
+        if b[s + 1] < b[s]:
+            raise ValueError(f"{op}: cu_seqlens must be nondecreasing, got cu_seqlens[{s}]={b[s]} "
+                             f"> cu_seqlens[{s + 1}]={b[s + 1]}")
+    if b[-1] != total:
+        raise ValueError(f"{op}: cu_seqlens must end at total={total} ({ref_name}.shape[1]), got "
+                         f"cu_seqlens[-1]={b[-1]}")
+    return max((b[s + 1] - b[s] for s in range(len(b) - 1)), default=0)

@@ -30,11 +30,12 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _backend, config, reference
+from .. import config, reference
 from ._common import (FLOAT_DTYPES, INT_DTYPES, check_int, check_positive_float, check_same_device,
                       check_shape, check_tensor, contiguous_row_strides, rows_layout)
 from .kl import _canonical_kind
-from .losses import RATIO_LEVELS, _check_advantages, _check_agg, _check_bt, _check_clips
+from .losses import (RATIO_LEVELS, _check_advantages, _check_agg, _check_bt, _check_clips,
+                     _check_packed, _resolve)
 from .masked import check_mask
 
 __all__ = ["fused_ppo_loss", "FUSED_STATS"]
@@ -72,8 +73,13 @@ def _check_token_range(tokens: Tensor, V: int, ignore_index: int) -> None:
 def _forward(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
              ref_logp: Optional[Tensor], coef: Tensor, kl_coef: float, kl_kind: str,
              entropy_coef: float, lo: float, hi: float, dual_clip: Optional[float],
-             temperature: float, seq: bool, ignore_index: int, write_grad: bool, inplace: bool):
-    """Returns (loss [], stats [5], per_token [3, B, T], dlogits or None)."""
+             temperature: float, seq: bool, ignore_index: int, write_grad: bool, inplace: bool,
+             cu_seqlens: Optional[Tensor] = None):
+    """Returns (loss [], stats [5], per_token [3, B, T], dlogits or None).
+
+    Packed layout (``cu_seqlens``, ``B = 1``): ``coef`` is per segment ``[S]``; the per-token
+    weights, per-sequence advantages and GSPO ratios are gathered to ``[total]`` vectors through
+    the tokens' segment ids (O(total); the logits are read in place as always)."""
     k = _kernels()
     B, T, V = logits.shape
     acc = coef.dtype
@@ -83,12 +89,25 @@ def _forward(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tenso
         raise RuntimeError(f"{OP}: in-place gradient needs logits with unit stride on the vocab")
     m = mask.to(acc)
     flat = lambda t: t.to(acc).reshape(-1).contiguous()  # noqa: E731  (O(B T) copies at most)
-    w = (coef.unsqueeze(-1) * m).reshape(-1).contiguous()
+    seg = None if cu_seqlens is None else reference.segment_ids(cu_seqlens, T)
+
+    def row_sums(x):  # [B, T] -> per row [B], or per segment [S] (packed)
+        if seg is None:
+            return x.sum(-1)
+        return x.new_zeros(coef.shape[0]).index_add_(0, seg, x.reshape(-1))
+
+    def per_token(x):  # [B] / [S] -> [B * T]
+        return (x.unsqueeze(-1).expand(B, T) if seg is None else x[seg]).reshape(-1).contiguous()
+
+    w = per_token(coef) * m.reshape(-1)
     tok = tokens.reshape(-1).contiguous()
     old = flat(old_logp)
-    adv = flat(advantages)
+    adv_row = advantages.dim() == 1 and seg is None
+    adv = flat(advantages) if advantages.dim() == 2 or adv_row else per_token(advantages.to(acc))
     ref = None if ref_logp is None else flat(ref_logp)
     inv_temp = 1.0 / temperature
+    # the kernel finds the row of token n as n // k_rows; packed: every [N] vector is per token
+    k_rows = T if seg is None else 1
     seq_lr = lse = lp_in = ent_in = None
     if seq:
         # GSPO pass 1: logp / entropy / logsumexp of every token, then the rows' mean log-ratio
@@ -97,8 +116,10 @@ def _forward(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tenso
         lp_in, ent_in, lse = klp.logprobs_fwd(lg, dims, strides, V, tok, inv_temp, ignore_index,
                                               True)
         d = lp_in.view(B, T) - old.view(B, T)
-        seq_lr = ((torch.where(m != 0, d, torch.zeros_like(d)) * m).sum(-1)
-                  / m.sum(-1).clamp(min=1)).contiguous()
+        seq_lr = (row_sums(torch.where(m != 0, d, torch.zeros_like(d)) * m)
+                  / row_sums(m).clamp(min=1)).contiguous()
+        if seg is not None:
+            seq_lr = per_token(seq_lr)
     dl, ostrides = None, strides
     if write_grad:
         if inplace:
@@ -111,10 +132,10 @@ def _forward(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tenso
     kl_val = codes[base_kind]
     kl_grad = codes["k2"] if kl_kind.endswith("+") else kl_val
     aux = k.fused_loss_fwd(
-        lg, dl, dims, strides, ostrides, V, T, tok, old, adv, ref, w, seq_lr, lse, lp_in, ent_in,
-        inv_temp=inv_temp, ignore_index=ignore_index, lo=lo, hi=hi, dual=dual_clip,
+        lg, dl, dims, strides, ostrides, V, k_rows, tok, old, adv, ref, w, seq_lr, lse, lp_in,
+        ent_in, inv_temp=inv_temp, ignore_index=ignore_index, lo=lo, hi=hi, dual=dual_clip,
         kl_coef=kl_coef, kl_val=kl_val, kl_grad=kl_grad, ent_coef=entropy_coef,
-        write_grad=write_grad, adv_row=advantages.dim() == 1)
+        write_grad=write_grad, adv_row=adv_row)
     if inplace and write_grad:
         torch.autograd.graph.increment_version(logits)
     aux = aux.view(k.N_AUX, B, T)
@@ -124,8 +145,8 @@ def _forward(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tenso
         return torch.where(valid, x, torch.zeros_like(x)) * m
 
     L, lp, ent, kl, clipped, lower, akl = aux.unbind(0)
-    row_sums = terms(L).sum(-1)
-    loss = torch.where(coef != 0, coef * row_sums, torch.zeros_like(row_sums)).sum()
+    sums = row_sums(terms(L))
+    loss = torch.where(coef != 0, coef * sums, torch.zeros_like(sums)).sum()
     den = m.sum() + _EPS
     stats = torch.stack([terms(x).sum() for x in (clipped, lower, akl, ent, kl)]) / den
     per_token = aux[1:4].clone()
@@ -147,11 +168,12 @@ def _fake_outputs(logits, tokens, coef):
 def _fused(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
            ref_logp: Optional[Tensor], coef: Tensor, kl_coef: float, kl_kind: str,
            entropy_coef: float, lo: float, hi: float, dual_clip: Optional[float],
-           temperature: float, seq: bool, ignore_index: int, write_grad: bool
-           ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+           temperature: float, seq: bool, ignore_index: int, write_grad: bool,
+           cu_seqlens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     loss, stats, per_token, dl = _forward(
         logits, tokens, old_logp, advantages, mask, ref_logp, coef, kl_coef, kl_kind,
-        entropy_coef, lo, hi, dual_clip, temperature, seq, ignore_index, write_grad, False)
+        entropy_coef, lo, hi, dual_clip, temperature, seq, ignore_index, write_grad, False,
+        cu_seqlens)
     if dl is None:
         dl = logits.new_empty((0,))
     return loss, stats, per_token, dl
@@ -159,7 +181,7 @@ def _fused(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tensor,
 
 @_fused.register_fake
 def _(logits, tokens, old_logp, advantages, mask, ref_logp, coef, kl_coef, kl_kind, entropy_coef,
-      lo, hi, dual_clip, temperature, seq, ignore_index, write_grad):
+      lo, hi, dual_clip, temperature, seq, ignore_index, write_grad, cu_seqlens=None):
     dl = logits.new_empty(logits.shape if write_grad else (0,))
     return (*_fake_outputs(logits, tokens, coef), dl)
 
@@ -168,18 +190,19 @@ def _(logits, tokens, old_logp, advantages, mask, ref_logp, coef, kl_coef, kl_ki
 def _fused_ib(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
               ref_logp: Optional[Tensor], coef: Tensor, kl_coef: float, kl_kind: str,
               entropy_coef: float, lo: float, hi: float, dual_clip: Optional[float],
-              temperature: float, seq: bool, ignore_index: int, write_grad: bool
-              ) -> Tuple[Tensor, Tensor, Tensor]:
+              temperature: float, seq: bool, ignore_index: int, write_grad: bool,
+              cu_seqlens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     # Writes d loss / d logits over ``logits`` when write_grad (see the module docstring).
     loss, stats, per_token, _ = _forward(
         logits, tokens, old_logp, advantages, mask, ref_logp, coef, kl_coef, kl_kind,
-        entropy_coef, lo, hi, dual_clip, temperature, seq, ignore_index, write_grad, True)
+        entropy_coef, lo, hi, dual_clip, temperature, seq, ignore_index, write_grad, True,
+        cu_seqlens)
     return loss, stats, per_token
 
 
 @_fused_ib.register_fake
 def _(logits, tokens, old_logp, advantages, mask, ref_logp, coef, kl_coef, kl_kind, entropy_coef,
-      lo, hi, dual_clip, temperature, seq, ignore_index, write_grad):
+      lo, hi, dual_clip, temperature, seq, ignore_index, write_grad, cu_seqlens=None):
     return _fake_outputs(logits, tokens, coef)
 
 
@@ -208,7 +231,8 @@ def _(grad, applied, g):
     return None
 
 
-_N_INPUTS = 17
+_N_INPUTS = 18
+_WRITE_GRAD = 16  # index of write_grad among the op's inputs
 
 
 def _save(ctx, write_grad, buf, coef):
@@ -219,12 +243,12 @@ def _save(ctx, write_grad, buf, coef):
 
 
 def _setup(ctx, inputs, output):
-    _save(ctx, inputs[-1], output[3], inputs[6])
+    _save(ctx, inputs[_WRITE_GRAD], output[3], inputs[6])
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _setup_ib(ctx, inputs, output):
-    _save(ctx, inputs[-1], inputs[0], inputs[6])
+    _save(ctx, inputs[_WRITE_GRAD], inputs[0], inputs[6])
     ctx.mark_non_differentiable(*output[1:])
 
 
@@ -278,7 +302,9 @@ def fused_ppo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages:
                    clip_high: Optional[float] = None, dual_clip: Optional[float] = None,
                    temperature: float = 1.0, agg: str = "token-mean", ratio_level: str = "token",
                    inplace_backward: bool = False, ignore_index: int = -100,
-                   backend: str = "auto", **agg_kwargs):
+                   backend: str = "auto", process_group=None,
+                   vocab_start_index: Optional[int] = None, cu_seqlens: Optional[Tensor] = None,
+                   **agg_kwargs):
     """The whole PPO / GRPO / GSPO policy loss of a step from the logits, in one fused pass.
 
     Defined as the composition of the separate ops::
@@ -316,6 +342,23 @@ def fused_ppo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages:
             falls back to a fresh buffer when ``logits`` has a non-unit vocab stride.
         ignore_index: see ``tokens``.
         backend: ``"auto" | "triton" | "native" | "reference"`` (see :mod:`fastrlhf._backend`).
+        process_group, vocab_start_index: vocab parallelism, as :func:`token_logprobs`:
+            ``logits`` hold this rank's vocab slice, ``tokens`` are full-vocab ids; every rank
+            returns the same loss and stats, and its slice's gradient.  This path is the
+            composition (vocab-parallel ``token_logprobs`` with entropy, then the O(B T) loss
+            terms): the slice is read in the forward, read again and the gradient written in
+            the backward (``inplace_backward``: over ``logits``, Triton backend) -- not the
+            single fused sweep, because the per-token loss derivatives need the global
+            log-prob and entropy, known only after the all-reduce.  Communication: ``N`` + ``3N``
+            floats.  See :mod:`fastrlhf.ops._vocab_parallel`.
+        cu_seqlens: optional int32 / int64 ``[S+1]`` for packed sequences: ``logits``
+            ``[1, total, V]``, the per-token inputs ``[1, total]``, ``advantages`` ``[1, total]``
+            or ``[S]``; the segments ``cu[s]:cu[s+1]`` are the sequences (GSPO ratio, seq-mode
+            aggregation; ``loss_scale_factor`` defaults to the longest segment), and loss,
+            stats and gradient equal the padded ``[S, Tmax, V]`` layout.  The logits are never
+            copied or padded: only ``[total]``-sized vectors are gathered by segment.  Not
+            supported by the native backend (``"auto"`` then uses the Triton / reference path;
+            ``backend="native"`` raises ValueError).  Validated on the host (one sync).
 
     Returns:
         ``(loss, stats)``: ``loss`` a 0-dim tensor, float32 (float64 for float64 logits; the
@@ -358,7 +401,8 @@ def fused_ppo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages:
     check_tensor(OP, "tokens", tokens, dtypes=INT_DTYPES)
     check_shape(OP, "tokens", tokens, (B, T), "the leading shape of logits")
     _check_bt(OP, "old_logp", old_logp, (B, T))
-    _check_advantages(OP, advantages, (B, T))
+    n_seqs, _ = _check_packed(OP, cu_seqlens, "logits", logits)
+    _check_advantages(OP, advantages, (B, T), n_seqs)
     check_mask(OP, mask, (B, T), "the leading shape of logits")
     if ref_logp is not None:
         _check_bt(OP, "ref_logp", ref_logp, (B, T))
@@ -379,25 +423,39 @@ def fused_ppo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages:
                         f"{type(inplace_backward).__name__}")
     ignore_index = check_int(OP, "ignore_index", ignore_index)
     kw = _check_agg(OP, agg, T, agg_kwargs)
-    which = _backend.resolve(backend, logits.device, op=OP, native_ok=_native_op() is not None)
+    packed = cu_seqlens is not None
+    # (Under torch.compile the native C++ path is never chosen: it is not traceable.)
+    native_ok = not torch.compiler.is_compiling() and _native_op() is not None
+    which = _resolve(OP, backend, logits.device, packed, native_ok=native_ok)
     acc = reference.acc_dtype(logits.dtype)
     old_logp, advantages = old_logp.detach(), advantages.detach()
     ref_logp = None if ref_logp is None else ref_logp.detach()
+    if process_group is not None:
+        from ._vocab_parallel import vocab_parallel_fused_ppo_loss
+        return vocab_parallel_fused_ppo_loss(
+            logits, tokens, old_logp, advantages, mask, ref_logp, kl_coef, kl_kind, entropy_coef,
+            clip_low, clip_high, dual_clip, temperature, agg, ratio_level, ignore_index, which,
+            inplace_backward, config.check_tokens_enabled(), process_group, vocab_start_index,
+            {**kw, "cu_seqlens": cu_seqlens} if packed else kw)
+    if vocab_start_index is not None:
+        raise ValueError(f"{OP}: vocab_start_index is only meaningful with process_group")
     if which == "reference":
         _check_token_range(tokens, V, ignore_index)
         return reference.fused_ppo_loss(
             logits, tokens, old_logp, advantages, mask, ref_logp, kl_coef, kl_kind, entropy_coef,
-            clip_low, clip_high, dual_clip, temperature, agg, ratio_level, ignore_index, **kw)
-    coef = reference.agg_row_weights(mask, agg, dtype=acc, **kw)
+            clip_low, clip_high, dual_clip, temperature, agg, ratio_level, ignore_index, **kw,
+            cu_seqlens=cu_seqlens)
+    coef = reference.agg_row_weights(mask, agg, dtype=acc, cu_seqlens=cu_seqlens, **kw)
     write_grad = torch.is_grad_enabled() and logits.requires_grad
     inplace = inplace_backward and (logits.stride(-1) == 1 or V == 1)
     if which == "native":  # the C++ CPU counterpart: same op signature (fastrlhf/_native.py)
         fn = _native_op()(inplace)
     else:
         fn = _fused_ib if inplace else _fused
-    out = fn(logits, tokens, old_logp, advantages, mask, ref_logp, coef, kl_coef, kl_kind,
-             entropy_coef, 1.0 - clip_low, 1.0 + clip_high, dual_clip, temperature,
-             ratio_level == "sequence", ignore_index, write_grad)
+    args = (logits, tokens, old_logp, advantages, mask, ref_logp, coef, kl_coef, kl_kind,
+            entropy_coef, 1.0 - clip_low, 1.0 + clip_high, dual_clip, temperature,
+            ratio_level == "sequence", ignore_index, write_grad)
+    out = fn(*args, cu_seqlens.detach().contiguous()) if packed else fn(*args)
     loss, scal, per_token = out[0], out[1], out[2]
     stats = {"logp": per_token[0], "entropy": per_token[1], "kl": per_token[2],
              "clipfrac": scal[0], "clipfrac_lower": scal[1], "approx_kl": scal[2],

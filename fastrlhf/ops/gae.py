@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from .. import _backend, reference
-from ._common import FLOAT_DTYPES, INT_DTYPES, check_same_device, check_shape, check_tensor
+from ._common import (FLOAT_DTYPES, check_cu_seqlens, check_same_device, check_shape,
+                      check_tensor)
 
 __all__ = ["gae"]
 
@@ -62,30 +63,6 @@ def _check_unit(op: str, name: str, v) -> float:
     if not (0.0 <= v <= 1.0):  # also rejects NaN
         raise ValueError(f"{op}: {name} must lie in [0, 1], got {v}")
     return v
-
-
-def _check_cu_seqlens(op: str, cu: Tensor, rewards: Tensor) -> int:
-    """Validate the packed layout on the host; returns the longest segment."""
-    check_tensor(op, "cu_seqlens", cu, dtypes=INT_DTYPES)
-    if cu.dim() != 1 or cu.numel() < 1:
-        raise ValueError(f"{op}: cu_seqlens must be 1-D [S+1] with at least one entry, got shape "
-                         f"{tuple(cu.shape)}")
-    check_same_device(op, "rewards", rewards, cu_seqlens=cu)
-    if rewards.shape[0] != 1:
-        raise ValueError(f"{op}: with cu_seqlens the inputs must be packed as [1, total], got "
-                         f"rewards of shape {tuple(rewards.shape)} (B={rewards.shape[0]} != 1)")
-    total = rewards.shape[1]
-    b = [int(x) for x in cu.tolist()]
-    if b[0] != 0:
-        raise ValueError(f"{op}: cu_seqlens must start at 0, got cu_seqlens[0]={b[0]}")
-    for s in range(len(b) - 1):
-        if b[s + 1] < b[s]:
-            raise ValueError(f"{op}: cu_seqlens must be nondecreasing, got cu_seqlens[{s}]={b[s]} "
-                             f"> cu_seqlens[{s + 1}]={b[s + 1]}")
-    if b[-1] != total:
-        raise ValueError(f"{op}: cu_seqlens must end at total={total} (rewards.shape[1]), got "
-                         f"cu_seqlens[-1]={b[-1]}")
-    return max((b[s + 1] - b[s] for s in range(len(b) - 1)), default=0)
 
 
 def _check_compute_dtype(op: str, compute_dtype, rewards: Tensor, values: Tensor) -> torch.dtype:
@@ -163,7 +140,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, la
     lam = _check_unit(op, "lam", lam)
     acc = _check_compute_dtype(op, compute_dtype, rewards, values)
     if cu_seqlens is not None:
-        max_len = _check_cu_seqlens(op, cu_seqlens, rewards)
+        max_len = check_cu_seqlens(op, cu_seqlens, "rewards", rewards)
     else:
         max_len = rewards.shape[1]
     which = _backend.resolve(backend, rewards.device, op=op, native_ok=True)
