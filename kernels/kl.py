@@ -34,6 +34,11 @@ gives NaN.  The kernel saves ``(M_x, log S_x, M_y, log S_y)`` per row; the backw
     dKL/dref_logits_j = g * (q_j - p_j) / T
 
 into fresh contiguous buffers.  Nothing of size [N, V] besides the gradients is allocated.
+
+Vocab parallelism (``PARTIAL``): on a slice of the vocab the forward instead stores the slice's
+``T / S_x`` and the two flags (q = 0 under p > 0; NaN / +inf seen) next to the four maxima /
+log-sums; ``fastrlhf.ops._vocab_parallel`` combines the slices and runs this backward unchanged
+with the global statistics.
 """
 
 from __future__ import annotations
@@ -196,7 +201,7 @@ def _full_kl_fwd_kernel(
     x_ptr, y_ptr, kl_ptr, stats_ptr,
     n_rows, V, Dx1, Dx2, sx0, sx1, sx2, Dy1, Dy2, sy0, sy1, sy2,
     inv_temp,
-    ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_V: tl.constexpr, PARTIAL: tl.constexpr,
 ):
     row = tl.program_id(0)
     if row >= n_rows:
@@ -256,12 +261,20 @@ def _full_kl_fwd_kernel(
     Tsum = tl.sum(tl.where(sx > 0, lx * (t + sx * ((mx - Mx) - (my - My))), 0.0), axis=0)
     lsx = tl.log(Sx)
     lsy = tl.log(Sy)
-    kl = Tsum / Sx - lsx + lsy
-    kl = tl.where(tl.max(qzero.to(tl.int32), axis=0) > 0, pinf, kl)
-    nan_row = (tl.max(bad.to(tl.int32), axis=0) > 0) | (Mx == ninf) | (My == ninf)
-    kl = tl.where(nan_row, float("nan"), kl)
-    tl.store(kl_ptr + row, kl)
+    any_qzero = tl.max(qzero.to(tl.int32), axis=0) > 0
+    any_bad = tl.max(bad.to(tl.int32), axis=0) > 0
     srow = stats_ptr + row.to(tl.int64)
+    if PARTIAL:
+        # Vocab-parallel slice partials: E = T / S_x (0 for a slice without p mass) and the two
+        # flags; an all -inf slice is not an error here (other slices may hold the mass).
+        tl.store(kl_ptr + row, tl.where(Sx > 0, Tsum / Sx, 0.0))
+        tl.store(srow + 4 * n_rows, any_qzero.to(ACC))
+        tl.store(srow + 5 * n_rows, any_bad.to(ACC))
+    else:
+        kl = Tsum / Sx - lsx + lsy
+        kl = tl.where(any_qzero, pinf, kl)
+        kl = tl.where(any_bad | (Mx == ninf) | (My == ninf), float("nan"), kl)
+        tl.store(kl_ptr + row, kl)
     tl.store(srow, Mx)
     tl.store(srow + n_rows, lsx)
     tl.store(srow + 2 * n_rows, My)
@@ -312,21 +325,27 @@ def _block_v(V: int) -> int:
     return min(BLOCK_V, max(triton.next_power_of_2(V), 128))
 
 
-def full_kl_fwd(x, x_dims, x_strides, y, y_dims, y_strides, V, inv_temp):
+def full_kl_fwd(x, x_dims, x_strides, y, y_dims, y_strides, V, inv_temp, partial=False):
     """Launch the forward.  ``x`` / ``y`` rows described by (dims, strides) as produced by
     ``rows_layout`` (the two layouts may differ; both enumerate the same N rows in row-major
-    order).  Returns (kl [N], stats [4, N]) in the accumulation dtype."""
+    order).  Returns (kl [N], stats [4, N]) in the accumulation dtype.
+
+    ``partial=True`` (vocab parallelism, the rows are one slice of the vocab): the first output
+    is ``E = sum_j p_j ((x_j - M_x) - (y_j - M_y))`` of the slice (0 where it has no p mass)
+    instead of the KL, and stats is [6, N]: ``(M_x, log S_x, M_y, log S_y, qzero, bad)``, the
+    flags 1.0 where some ``q_j = 0`` under ``p_j > 0`` / some NaN or +inf was seen."""
     n_rows = x_dims[0] * x_dims[1] * x_dims[2]
     acc = _acc_of(x.dtype, y.dtype)
     kl = torch.empty(n_rows, dtype=acc, device=x.device)
-    stats = torch.empty((4, n_rows), dtype=acc, device=x.device)
+    stats = torch.empty((6 if partial else 4, n_rows), dtype=acc, device=x.device)
     if n_rows == 0:
         return kl, stats
     _full_kl_fwd_kernel[(n_rows,)](
         x, y, kl, stats, n_rows, V,
         x_dims[1], x_dims[2], x_strides[0], x_strides[1], x_strides[2],
         y_dims[1], y_dims[2], y_strides[0], y_strides[1], y_strides[2],
-        inv_temp, ACC=tl_dtype(acc), BLOCK_V=_block_v(V), num_warps=NUM_WARPS_V)
+        inv_temp, ACC=tl_dtype(acc), BLOCK_V=_block_v(V), PARTIAL=partial,
+        num_warps=NUM_WARPS_V)
     return kl, stats
 
 
@@ -385,18 +404,19 @@ def _aot_specs():
         row_sig = {"n_rows": "i32", "V": "i32", "Dx1": "i32", "Dx2": "i32",
                    "sx0": "i64", "sx1": "i64", "sx2": "i64", "Dy1": "i32", "Dy2": "i32",
                    "sy0": "i64", "sy1": "i64", "sy2": "i64", "inv_temp": "fp32"}
-        specs.append(dict(
-            name=f"full_kl_fwd[{dt}]",
-            fn=_full_kl_fwd_kernel,
-            signature={"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "kl_ptr": "*fp32",
-                       "stats_ptr": "*fp32", **row_sig, "ACC": "constexpr",
-                       "BLOCK_V": "constexpr"},
-            constexprs={"ACC": tl.float32, "BLOCK_V": BLOCK_V},
-            aligned=["x_ptr", "y_ptr", "kl_ptr", "stats_ptr", "V", "sx0", "sx1", "sx2",
-                     "sy0", "sy1", "sy2"],
-            num_warps=NUM_WARPS_V,
-            stream_dtype=dt,
-        ))
+        for partial in (False, True):
+            specs.append(dict(
+                name=f"full_kl_fwd[{dt}{',partial' if partial else ''}]",
+                fn=_full_kl_fwd_kernel,
+                signature={"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "kl_ptr": "*fp32",
+                           "stats_ptr": "*fp32", **row_sig, "ACC": "constexpr",
+                           "BLOCK_V": "constexpr", "PARTIAL": "constexpr"},
+                constexprs={"ACC": tl.float32, "BLOCK_V": BLOCK_V, "PARTIAL": partial},
+                aligned=["x_ptr", "y_ptr", "kl_ptr", "stats_ptr", "V", "sx0", "sx1", "sx2",
+                         "sy0", "sy1", "sy2"],
+                num_warps=NUM_WARPS_V,
+                stream_dtype=dt,
+            ))
         for need_dx, need_dy in ((True, False), (True, True)):
             specs.append(dict(
                 name=f"full_kl_bwd[{dt},dx={need_dx},dy={need_dy}]",

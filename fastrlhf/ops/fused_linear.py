@@ -171,7 +171,8 @@ def check_linear_args(op: str, hidden, weight, tokens, bias, temperature, ignore
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
                           bias: Optional[Tensor] = None, temperature: float = 1.0,
                           return_entropy: bool = False, ignore_index: int = -100,
-                          backend: str = "auto"):
+                          backend: str = "auto", process_group=None,
+                          vocab_start_index: Optional[int] = None):
     """Log-probability of ``tokens`` under ``softmax((hidden @ weight.T + bias) / temperature)``
     (and its entropy), without ever forming the logits.
 
@@ -189,6 +190,19 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
         ignore_index: positions with this token id give logp = 0 and no gradient through logp
             (their entropy is still computed).
         backend: ``"auto" | "triton" | "reference"`` (see :mod:`fastrlhf._backend`).
+        process_group: vocab parallelism (tensor-parallel lm_head): ``weight`` (and ``bias``)
+            hold only this rank's rows ``[vocab_start_index, vocab_start_index + V_local)`` of
+            the vocab, ``hidden`` is the same on every rank and ``tokens`` are full-vocab ids.
+            Forward: the per-row partials of the slice (max, log-sum-exp, entropy, the token's
+            log-prob where it lies in the slice) are combined with two all-reduces of ``[N]``
+            and ``[N, 3]`` floats; every rank returns the full-vocab logp / entropy.  Backward:
+            ``dweight`` / ``dbias`` are local to the slice; ``dhidden`` is summed over the ranks
+            with one all-reduce of ``[N, H]`` in ``hidden``'s dtype (the standard cost of a
+            vocab-parallel lm_head; do not also wrap ``hidden`` in Megatron's
+            ``copy_to_tensor_model_parallel_region``, which would sum it twice).  The reference
+            backend forms the slice's ``[N, V_local]`` logits.  See
+            :mod:`fastrlhf.ops._vocab_parallel`.
+        vocab_start_index: first vocab id of this rank's rows (default ``rank * V_local``).
 
     Returns:
         ``logp`` ``[...]`` float32 (float64 for float64 inputs), or ``(logp, entropy)``.
@@ -213,6 +227,14 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
     temperature, ignore_index = check_linear_args(op, hidden, weight, tokens, bias, temperature,
                                                   ignore_index)
     which = _backend.resolve(backend, hidden.device, op=op)
+    if process_group is not None:
+        from ._vocab_parallel import vocab_parallel_linear_token_logprobs
+        logp, ent = vocab_parallel_linear_token_logprobs(
+            hidden, weight, tokens, bias, temperature, ignore_index, process_group,
+            vocab_start_index, which == "triton", config.check_tokens_enabled(), op=op)
+        return (logp, ent) if return_entropy else logp
+    if vocab_start_index is not None:
+        raise ValueError(f"{op}: vocab_start_index is only meaningful with process_group")
     if which == "reference":
         _check_token_range(op, tokens, weight.shape[0], ignore_index)
         return reference.linear_token_logprobs(hidden, weight, tokens, bias, temperature,
@@ -246,7 +268,8 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_lo
                           clip_high: Optional[float] = None, dual_clip: Optional[float] = None,
                           temperature: float = 1.0, agg: str = "token-mean",
                           ratio_level: str = "token", inplace_backward: bool = False,
-                          ignore_index: int = -100, backend: str = "auto", **agg_kwargs):
+                          ignore_index: int = -100, backend: str = "auto", process_group=None,
+                          vocab_start_index: Optional[int] = None, **agg_kwargs):
     """``fused_ppo_loss`` of the logits ``hidden @ weight.T + bias``, without forming them.
 
     Definition (the same as :func:`fastrlhf.fused_ppo_loss` with
@@ -269,6 +292,10 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_lo
         inplace_backward: accepted for signature parity with ``fused_ppo_loss``; there is no
             logits buffer to write into, so it changes nothing.
         backend: ``"auto" | "triton" | "reference"``.
+        process_group, vocab_start_index: vocab parallelism, as
+            :func:`linear_token_logprobs` (``weight`` / ``bias`` hold this rank's rows): the
+            vocab-parallel log-probs and entropy, then the O(B T) loss terms below on every
+            rank (the same loss everywhere); ``dhidden`` all-reduced, ``dweight`` local.
 
     Returns ``(loss, stats)`` with the keys of ``fused_ppo_loss``: per-token ``[B, T]``
     ``"logp"``, ``"entropy"``, ``"kl"`` (zeros without ``ref_logp``) and the 0-dim
@@ -312,6 +339,16 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_lo
     acc = _acc(hidden.dtype)
     old_logp, advantages = old_logp.detach().to(acc), advantages.detach().to(acc)
     ref_logp = None if ref_logp is None else ref_logp.detach().to(acc)
+    if process_group is not None:
+        from ._vocab_parallel import compose_ppo_loss, vocab_parallel_linear_token_logprobs
+        logp, ent = vocab_parallel_linear_token_logprobs(
+            hidden, weight, tokens, bias, temperature, ignore_index, process_group,
+            vocab_start_index, which == "triton", config.check_tokens_enabled(), op=op)
+        return compose_ppo_loss(logp, ent, old_logp, advantages, mask, ref_logp, kl_coef,
+                                kl_kind, entropy_coef, clip_low, clip_high, dual_clip, agg,
+                                ratio_level, which, kw)
+    if vocab_start_index is not None:
+        raise ValueError(f"{op}: vocab_start_index is only meaningful with process_group")
     if which == "reference":
         _check_token_range(op, tokens, weight.shape[0], ignore_index)
         return reference.fused_linear_ppo_loss(

@@ -8,7 +8,7 @@ run the Triton backward kernels in :mod:`fastrlhf.kernels.kl`.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -190,10 +190,10 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k1", *, backend: str
               ``clamp(exp(k) - k - 1, -10, 10)``
             * any of these with a ``"+"`` suffix (``"k1+"``, ``"k3+"``, ``"low_var_kl+"``...):
               straight-through estimator, the forward value of the base kind with the gradient
-              of k2 (``k2 - k2.detach() + base.detach()``), which is what verl's
-              ``kl_penalty`` means by these names.  (verl 0.9 itself passes the suffixed name to
-              ``kl_penalty_forward``, which does not recognise it and raises
-              NotImplementedError: the "+" kinds never ran there.)  ``"k2+"`` equals ``"k2"``.
+              of k2 (``k2 - k2.detach() + base.detach()``), as verl 0.9.x's ``kl_penalty``
+              computes them (it strips the "+" and applies this straight-through form; earlier
+              verl releases passed the suffixed name on and failed).  Value and both gradients
+              are tested against verl 0.9.1 for all kinds.  ``"k2+"`` equals ``"k2"``.
 
             Anything else raises ValueError listing the valid kinds.
         backend: ``"auto" | "triton" | "reference"`` (see :mod:`fastrlhf._backend`).
@@ -220,7 +220,8 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k1", *, backend: str
 
 
 def full_kl(logits: Tensor, ref_logits: Tensor, *, temperature: float = 1.0,
-            backend: str = "auto") -> Tensor:
+            backend: str = "auto", process_group=None,
+            vocab_start_index: Optional[int] = None) -> Tensor:
     """Exact per-position KL(pi || pi_ref) over the whole vocabulary, in one streaming pass.
 
     Args:
@@ -230,6 +231,15 @@ def full_kl(logits: Tensor, ref_logits: Tensor, *, temperature: float = 1.0,
             differ).
         temperature: > 0; both distributions are tempered by it.
         backend: ``"auto" | "triton" | "reference"``.
+        process_group: vocab parallelism: ``logits`` and ``ref_logits`` hold only this rank's
+            slice of the vocab (the same slice in both).  Per row, the slice's maxima,
+            log-sum-exps, p-weighted log-ratio and two flags are combined with two all-reduces
+            (``[4, N]`` max, ``[3, N]`` sum, accumulation dtype), never the logits; every rank
+            returns the full-vocab KL; the backward is local (no communication).  See
+            :mod:`fastrlhf.ops._vocab_parallel`.
+        vocab_start_index: first vocab id of this rank's slice (default ``rank * V_local``);
+            accepted for uniformity with the other vocab-parallel ops and validated, but the KL
+            does not depend on it (no token ids are involved).
 
     Returns:
         ``[...]`` (the leading shape), float32 (float64 if either input is float64)::
@@ -258,6 +268,12 @@ def full_kl(logits: Tensor, ref_logits: Tensor, *, temperature: float = 1.0,
     check_same_device(op, "logits", logits, ref_logits=ref_logits)
     temperature = check_positive_float(op, "temperature", temperature)
     which = _backend.resolve(backend, logits.device, op=op)
+    if process_group is not None:
+        from ._vocab_parallel import vocab_parallel_full_kl
+        return vocab_parallel_full_kl(logits, ref_logits, temperature, process_group,
+                                      vocab_start_index, which == "triton")
+    if vocab_start_index is not None:
+        raise ValueError(f"{op}: vocab_start_index is only meaningful with process_group")
     if which == "reference":
         return reference.full_kl(logits, ref_logits, temperature)
     kl, _ = _fkl_fwd(logits, ref_logits, temperature)

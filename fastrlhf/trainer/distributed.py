@@ -16,6 +16,27 @@ Both average gradients over ranks, so the losses are aggregated with ``fastrlhf.
 global normalisation: each rank divides its local sum by the *global* token (or sequence) count
 of the minibatch and multiplies by ``dp_size``; the average over ranks is then exactly the loss
 of the global minibatch.  Rollouts are sampled independently on every rank (its own seed).
+
+Vocab (tensor) parallelism is deliberately not a trainer option.  fastrlhf's ops accept
+``process_group=`` / ``vocab_start_index=`` (``token_logprobs``, ``token_entropy``,
+``full_kl``, ``fused_ppo_loss``, ``linear_token_logprobs``, ``fused_linear_ppo_loss``) for
+a policy whose lm_head is sharded over the vocab: the ranks of a tensor-parallel group see the
+*same* tokens, each holds the logits (or lm_head rows) of its slice, and they exchange only
+``[N]``-sized per-row partials (about 16 bytes per token per step; ``bench/comm_volume.py``).
+This trainer is data parallel only -- every rank runs a whole Hugging Face model on its *own*
+rollouts -- so there is no sharded lm_head to feed them: adding one would mean a second
+(tensor-parallel) process-group axis, a sharded lm_head inside the model code, and a
+vocab-parallel sampler for generation, none of which the built-in tiny task (vocabulary of 33
+ids, logits of a few KiB) could ever pay back.  It pays in the user's own model code when the
+vocabulary is large (128k-256k) and the logits dominate memory: at 16384 tokens x 151936 ids the
+bf16 logits are 4.6 GiB and their gradient as much again, each divided by the tensor-parallel
+size P, for ~256 KiB of all-reduce per step instead of gathering (P-1)/P of those logits.  Shard
+the lm_head (Megatron ``ColumnParallelLinear(gather_output=False)``, or a ``Shard(0)``
+``DTensor`` weight), keep the local logits ``[B, T, V / P]`` and call e.g.
+``fr.fused_ppo_loss(local_logits, tokens, ..., process_group=tp_group,
+vocab_start_index=tp_rank * V_local)``; with ``fr.linear_token_logprobs`` /
+``fused_linear_ppo_loss`` on the lm_head rows, the op itself all-reduces the hidden states'
+gradient (do not also route them through Megatron's ``copy_to_tensor_model_parallel_region``).
 """
 
 from __future__ import annotations
