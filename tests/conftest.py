@@ -85,8 +85,13 @@ def assert_close(name, actual, expected, *, atol, rtol=0.0, equal_nan=False):
 
 
 def backends():
-    """Backends the op tests parametrize over on this machine."""
+    """Backends the op tests parametrize over on this machine (native: the C++ CPU backend, when
+    it builds here; the first call builds it, about a minute, then it is cached)."""
     out = ["reference"]
     if TRITON_OK:
         out.append("triton")
+    if not HAS_CUDA:
+        from fastrlhf import _native
+        if _native.available():
+            out.append("native")
     return out

@@ -29,6 +29,8 @@ def test_kernels_install_under_fastrlhf_only(tmp_path):
     names = zipfile.ZipFile(tmp_path / whl).namelist()
     assert "fastrlhf/kernels/logprobs.py" in names
     assert "fastrlhf/kernels/__init__.py" in names
+    # the native backend's C++ sources ship inside the package, so an install can build them
+    assert "fastrlhf/csrc/logprobs.cpp" in names and "fastrlhf/csrc/common.h" in names
     assert not [n for n in names if n.startswith("kernels/")], "top-level kernels package shipped"
     # and the installed (editable) package exposes no top-level `kernels` either
     code = ("import importlib.util, fastrlhf.kernels as k, os; s = importlib.util.find_spec('kernels');"

@@ -1,0 +1,333 @@
+// Shared helpers of fastrlhf's native CPU backend: a vectorizable exp, dtype conversions, strided
+// row loaders and the parallel-for wrapper.  Header-only; every .cpp of the extension includes it.
+//
+// Conventions (same as the Triton kernels): fp16 / bf16 / fp32 inputs compute in fp32, fp64 in
+// fp64 ("A", the accumulation type).  Loops over fixed-width lane arrays (kLanes) are written so
+// that gcc / clang vectorize them with -O3 -fno-trapping-math; no intrinsics, so the same source
+// builds on x86 (SSE / AVX2 / AVX-512) and on ARM (NEON).
+//
+// Determinism: every row (sequence) is computed by exactly one thread with a fixed reduction
+// order, and cross-row reductions are done serially in row order afterwards, so results are
+// bitwise identical for any number of threads.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace fastrlhf {
+namespace native {
+
+using c10::ScalarType;
+
+constexpr int kLanes = 16;  // accumulator lanes per row (a multiple of every SIMD width we meet)
+
+template <typename A>
+constexpr A kInf = std::numeric_limits<A>::infinity();
+template <typename A>
+constexpr A kNaN = std::numeric_limits<A>::quiet_NaN();
+
+inline int64_t round_up(int64_t n, int64_t k) { return (n + k - 1) / k * k; }
+
+inline float bits_to_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline uint32_t f32_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+// exp for float without libm: Cody-Waite reduction x = n ln2 + r, a degree-6 polynomial for
+// exp(r) (Cephes' coefficients), and 2^n applied as two exact power-of-two factors (so n in
+// [-150, 128] works and results in the subnormal range come out gradually, like libm).  Max
+// relative error ~1.4 ulp on [-87, 88.7].  Exact specials: exp(-inf) = 0, exp(+inf) = +inf,
+// exp(NaN) = NaN.  Branch-free, so loops over it vectorize.
+inline float exp_f32(float x) {
+  float xc = x < -104.0f ? -104.0f : x;
+  xc = xc > 88.72283935546875f ? 88.72283935546875f : xc;
+  float fn = xc * 1.44269504088896341f + 12582912.0f;  // round to nearest via 1.5 * 2^23
+  fn -= 12582912.0f;
+  const int32_t n = static_cast<int32_t>(fn);
+  float r = xc - fn * 0.693359375f;
+  r = r - fn * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  float y = (p * r) * r + r + 1.0f;
+  const int32_t h = n >> 1;
+  y = y * bits_to_f32(static_cast<uint32_t>(h + 127) << 23);
+  y = y * bits_to_f32(static_cast<uint32_t>(n - h + 127) << 23);
+  y = x > 88.72283935546875f ? kInf<float> : y;
+  y = x != x ? x : y;
+  return y;
+}
+
+inline float exp_acc(float x) { return exp_f32(x); }
+inline double exp_acc(double x) { return std::exp(x); }  // fp64: libm (the tests' float64 path)
+
+// The hot-loop exp of the softmax kernels, for arguments already clamped to [kExpLo, kExpHi]
+// (they are x - max <= 0 there).  The float version drops exp_f32's special-case selects: at
+// kExpLo = -88 the scale 2^-127 is encoded as 0.0f, so the result is exactly 0 (results below
+// 2^-126 flush to 0 -- irrelevant next to the row max's 1), and NaN in gives NaN out through the
+// polynomial.  Callers clamp with lower / upper selects that keep NaN.
+template <typename A>
+constexpr A kExpLo = A(-88);
+template <>
+constexpr double kExpLo<double> = -746.0;  // exp(-746) == 0 in double
+template <typename A>
+constexpr A kExpHi = A(88);
+template <>
+constexpr double kExpHi<double> = 709.0;
+
+inline float exp_clamped(float xc) {
+  float fn = xc * 1.44269504088896341f + 12582912.0f;
+  fn -= 12582912.0f;
+  const int32_t n = static_cast<int32_t>(fn);
+  float r = xc - fn * 0.693359375f;
+  r = r - fn * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = (p * r) * r + r + 1.0f;
+  return y * bits_to_f32(static_cast<uint32_t>(n + 127) << 23);
+}
+inline double exp_clamped(double xc) { return std::exp(xc); }
+
+template <typename A>
+inline A clamp_lo(A x) { return x < kExpLo<A> ? kExpLo<A> : x; }  // NaN stays NaN
+template <typename A>
+inline A clamp_hi(A x) { return x > kExpHi<A> ? kExpHi<A> : x; }
+
+// ---- kLanes-wide vectors (GCC / Clang vector extensions) ---------------------------------------
+// The compiler lowers them to whatever the target has (one zmm, two ymm, four xmm / NEON
+// registers), so the hot loops are vectorized by construction rather than by the
+// auto-vectorizer's heuristics, with no intrinsics and no ISA-specific code.
+template <typename A>
+struct VecT;
+template <>
+struct VecT<float> {
+  typedef float type __attribute__((vector_size(kLanes * sizeof(float))));
+  typedef int32_t itype __attribute__((vector_size(kLanes * sizeof(int32_t))));
+};
+template <>
+struct VecT<double> {
+  typedef double type __attribute__((vector_size(kLanes * sizeof(double))));
+  typedef int64_t itype __attribute__((vector_size(kLanes * sizeof(int64_t))));
+};
+template <typename A>
+using Vec = typename VecT<A>::type;
+
+template <typename A>
+inline Vec<A> vload(const A* p) {
+  Vec<A> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename A>
+inline void vstore(A* p, const Vec<A>& v) { std::memcpy(p, &v, sizeof(v)); }
+template <typename A>
+inline Vec<A> vsplat(A x) {
+  Vec<A> v = {};
+  return v + x;
+}
+template <typename A>
+inline A vsum(const Vec<A>& v) {  // fixed order: lane 0, 1, ...
+  A s = A(0);
+  for (int l = 0; l < kLanes; ++l) s += v[l];
+  return s;
+}
+template <typename A>
+inline A vmax(const Vec<A>& v) {  // NaN lanes are skipped
+  A m = -kInf<A>;
+  for (int l = 0; l < kLanes; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+template <typename A>
+inline Vec<A> vclamp_lo(const Vec<A>& x) { return x < kExpLo<A> ? vsplat<A>(kExpLo<A>) : x; }
+template <typename A>
+inline Vec<A> vclamp_hi(const Vec<A>& x) { return x > kExpHi<A> ? vsplat<A>(kExpHi<A>) : x; }
+
+// exp_clamped on a vector: the float version is the same polynomial, lane-parallel.
+inline Vec<float> vexp_clamped(Vec<float> xc) {
+  using VI = VecT<float>::itype;
+  Vec<float> fn = xc * 1.44269504088896341f + 12582912.0f;
+  fn -= 12582912.0f;
+  const VI n = __builtin_convertvector(fn, VI);
+  Vec<float> r = xc - fn * 0.693359375f;
+  r = r - fn * -2.12194440e-4f;
+  Vec<float> p = vsplat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const Vec<float> y = (p * r) * r + r + 1.0f;
+  const VI bits = (n + 127) << 23;
+  Vec<float> scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+inline Vec<double> vexp_clamped(Vec<double> xc) {
+  for (int l = 0; l < kLanes; ++l) xc[l] = std::exp(xc[l]);
+  return xc;
+}
+
+// ---- element conversions ---------------------------------------------------------------------
+
+inline float load_bf16(uint16_t u) { return bits_to_f32(static_cast<uint32_t>(u) << 16); }
+
+inline uint16_t store_bf16(float f) {  // round to nearest even, NaN -> canonical NaN (as torch)
+  const uint32_t u = f32_to_bits(f);
+  const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return f != f ? static_cast<uint16_t>(0x7fc0) : static_cast<uint16_t>(r);
+}
+
+template <typename S>
+struct Elem {  // storage type S <-> float / double
+  template <typename A>
+  static A load(const S* p) { return static_cast<A>(*p); }
+  template <typename A>
+  static void store(S* p, A v) { *p = static_cast<S>(v); }
+};
+
+template <>
+struct Elem<c10::BFloat16> {
+  template <typename A>
+  static A load(const c10::BFloat16* p) {
+    uint16_t u;
+    std::memcpy(&u, p, 2);
+    return static_cast<A>(load_bf16(u));
+  }
+  template <typename A>
+  static void store(c10::BFloat16* p, A v) {
+    const uint16_t u = store_bf16(static_cast<float>(v));
+    std::memcpy(p, &u, 2);
+  }
+};
+
+template <>
+struct Elem<c10::Half> {
+  template <typename A>
+  static A load(const c10::Half* p) { return static_cast<A>(static_cast<float>(*p)); }
+  template <typename A>
+  static void store(c10::Half* p, A v) { *p = c10::Half(static_cast<float>(v)); }
+};
+
+template <>
+struct Elem<bool> {
+  template <typename A>
+  static A load(const bool* p) {
+    uint8_t u;
+    std::memcpy(&u, p, 1);
+    return u != 0 ? A(1) : A(0);
+  }
+};
+
+// n elements at p (element stride `stride`, 0 = broadcast one value) converted to A.
+template <typename A, typename S>
+inline void load_typed(const S* p, int64_t stride, int64_t n, A* out) {
+  if (stride == 1) {
+    for (int64_t i = 0; i < n; ++i) out[i] = Elem<S>::template load<A>(p + i);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = Elem<S>::template load<A>(p + i * stride);
+  }
+}
+
+// The same for a run-time dtype (any floating, integer or bool tensor).
+template <typename A>
+inline void load_any(const void* p, ScalarType dt, int64_t stride, int64_t n, A* out) {
+  switch (dt) {
+    case ScalarType::Float: return load_typed(static_cast<const float*>(p), stride, n, out);
+    case ScalarType::Double: return load_typed(static_cast<const double*>(p), stride, n, out);
+    case ScalarType::BFloat16:
+      return load_typed(static_cast<const c10::BFloat16*>(p), stride, n, out);
+    case ScalarType::Half: return load_typed(static_cast<const c10::Half*>(p), stride, n, out);
+    case ScalarType::Bool: return load_typed(static_cast<const bool*>(p), stride, n, out);
+    case ScalarType::Byte: return load_typed(static_cast<const uint8_t*>(p), stride, n, out);
+    case ScalarType::Char: return load_typed(static_cast<const int8_t*>(p), stride, n, out);
+    case ScalarType::Short: return load_typed(static_cast<const int16_t*>(p), stride, n, out);
+    case ScalarType::Int: return load_typed(static_cast<const int32_t*>(p), stride, n, out);
+    case ScalarType::Long: return load_typed(static_cast<const int64_t*>(p), stride, n, out);
+    default: break;  // rejected by the Python checks before we get here
+  }
+  for (int64_t i = 0; i < n; ++i) out[i] = kNaN<A>;
+}
+
+inline size_t elem_size(ScalarType dt) { return c10::elementSize(dt); }
+
+// A [rows, cols] view with arbitrary element strides (s1 = 0 broadcasts a [rows] vector).
+struct Mat {
+  const void* ptr = nullptr;
+  ScalarType dtype = ScalarType::Float;
+  int64_t s0 = 0, s1 = 0;
+
+  const void* row(int64_t r) const {
+    return static_cast<const char*>(ptr) + r * s0 * static_cast<int64_t>(elem_size(dtype));
+  }
+  template <typename A>
+  void load_row(int64_t r, int64_t c0, int64_t n, A* out) const {
+    const int64_t esz = static_cast<int64_t>(elem_size(dtype));
+    const char* p = static_cast<const char*>(row(r)) + c0 * s1 * esz;
+    load_any<A>(p, dtype, s1, n, out);
+  }
+};
+
+// n values of A stored to a contiguous run of a floating dtype.
+template <typename A>
+inline void store_any(void* p, ScalarType dt, int64_t n, const A* in) {
+  switch (dt) {
+    case ScalarType::Float: {
+      float* q = static_cast<float*>(p);
+      for (int64_t i = 0; i < n; ++i) q[i] = static_cast<float>(in[i]);
+      return;
+    }
+    case ScalarType::Double: {
+      double* q = static_cast<double*>(p);
+      for (int64_t i = 0; i < n; ++i) q[i] = static_cast<double>(in[i]);
+      return;
+    }
+    case ScalarType::BFloat16: {
+      uint16_t* q = static_cast<uint16_t*>(p);
+      for (int64_t i = 0; i < n; ++i) q[i] = store_bf16(static_cast<float>(in[i]));
+      return;
+    }
+    case ScalarType::Half: {
+      c10::Half* q = static_cast<c10::Half*>(p);
+      for (int64_t i = 0; i < n; ++i) q[i] = c10::Half(static_cast<float>(in[i]));
+      return;
+    }
+    default:
+      throw std::invalid_argument("fastrlhf native: unsupported output dtype");
+  }
+}
+
+// Rows [0, n) in parallel on ATen's intra-op pool (OpenMP): torch.set_num_threads applies.
+template <typename F>
+inline void parallel_rows(int64_t n, int64_t grain, const F& f) {
+  if (n <= 0) return;
+  at::parallel_for(0, n, std::max<int64_t>(grain, 1), f);
+}
+
+}  // namespace native
+}  // namespace fastrlhf

@@ -1,0 +1,116 @@
+// Token log-probabilities and entropy from logits, forward and backward (CPU).
+//
+// Rows: logits are addressed as [D0, D1, D2, V] with arbitrary strides on the three leading dims
+// and unit stride on the vocab (fastrlhf.ops._common.rows_layout), so logits[:, :-1] is read in
+// place.  Each row is one task; rows run in parallel.
+//
+// Forward, one streaming pass per row (online logsumexp at block granularity): the vocab is
+// processed in blocks of kBlock elements that are converted to the accumulation type into an L1
+// buffer (x = logits * inv_temp), the block max is taken, and when it exceeds the running max M
+// the kLanes accumulators are rescaled once:
+//     s <- s * exp(M - M'),   t <- exp(M - M') * (t + (M - M') s)
+// then every element adds e = exp(x - M) to s and e * (x - M) to t (one exp per element).  At the
+// end S = sum(s), logS = log S, H = logS - sum(t) / S and logp = (x[token] - M) - logS; (M, logS)
+// is saved for backward.  NaN anywhere in a row makes that row's outputs NaN.
+//
+// Backward recomputes z = (x - M) - logS, p = exp(z) and writes
+//     dlogits = (dlogp * (onehot - p) - dH * p * (z + H)) * inv_temp
+// block by block into the output (which may be the logits buffer itself: every block is read
+// before it is written).  Nothing of size [N, V] is allocated.
+#include "native.h"
+#include "softmax_row.h"
+
+namespace fastrlhf {
+namespace native {
+namespace {
+
+template <typename T, typename A>
+void fwd_impl(const void* logits_v, const int64_t* dims, const int64_t* strides, int64_t V,
+              const int64_t* tokens, double inv_temp_d, int64_t ignore_index, void* logp_v,
+              void* ent_v, void* lse_v) {
+  const T* logits = static_cast<const T*>(logits_v);
+  A* logp = static_cast<A*>(logp_v);
+  A* ent = static_cast<A*>(ent_v);
+  A* lse = static_cast<A*>(lse_v);
+  const RowLayout lay{dims[1], dims[2], strides[0], strides[1], strides[2]};
+  const int64_t N = dims[0] * dims[1] * dims[2];
+  const A inv_temp = static_cast<A>(inv_temp_d);
+  parallel_rows(N, rows_grain(V), [&](int64_t b, int64_t e) {
+    std::vector<A> buf(kBlock);
+    for (int64_t row = b; row < e; ++row) {
+      const T* x = logits + lay.offset(row);
+      A M, logS, H, x_tok;
+      const int64_t tok = tokens ? tokens[row] : -1;
+      const bool ok = row_stats<T, A>(x, V, inv_temp, buf.data(), M, logS, H, tok, x_tok);
+      lse[2 * row] = M;
+      lse[2 * row + 1] = logS;
+      if (ent) ent[row] = H;
+      if (tokens) {
+        // out-of-range ids (host check disabled) read nothing and give NaN
+        A lp = ok ? (x_tok - M) - logS : kNaN<A>;
+        if (tok == ignore_index) lp = A(0);
+        logp[row] = lp;
+      }
+    }
+  });
+}
+
+template <typename T, typename A, bool HAS_DENT>
+void bwd_impl(const void* logits_v, void* out_v, const int64_t* dims, const int64_t* strides,
+              const int64_t* ostrides, int64_t V, const int64_t* tokens, const A* dlogp,
+              const A* dent, const A* lse, const A* ent, double inv_temp_d, int64_t ignore_index) {
+  const T* logits = static_cast<const T*>(logits_v);
+  T* out = static_cast<T*>(out_v);
+  const RowLayout lay{dims[1], dims[2], strides[0], strides[1], strides[2]};
+  const RowLayout olay{dims[1], dims[2], ostrides[0], ostrides[1], ostrides[2]};
+  const int64_t N = dims[0] * dims[1] * dims[2];
+  const A inv_temp = static_cast<A>(inv_temp_d);
+  parallel_rows(N, rows_grain(V), [&](int64_t b, int64_t e) {
+    std::vector<A> buf(kBlock), gbuf(kBlock);
+    for (int64_t row = b; row < e; ++row) {
+      int64_t tok = -1;
+      A g_lp = A(0);
+      if (tokens) {
+        tok = tokens[row];
+        g_lp = (tok == ignore_index || dlogp == nullptr) ? A(0) : dlogp[row];
+      }
+      grad_row<T, A, HAS_DENT>(logits + lay.offset(row), out + olay.offset(row), V, inv_temp,
+                               lse[2 * row], lse[2 * row + 1], HAS_DENT ? ent[row] : A(0), g_lp,
+                               HAS_DENT ? dent[row] : A(0), tok, buf.data(), gbuf.data());
+    }
+  });
+}
+
+}  // namespace
+void logprobs_fwd(const void* logits, ScalarType dt, const int64_t* dims, const int64_t* strides,
+                  int64_t V, const int64_t* tokens, double inv_temp, int64_t ignore_index,
+                  void* logp, void* ent, void* lse) {
+  dispatch_logits(dt, [&](auto t, auto a) {
+    using T = decltype(t);
+    using A = decltype(a);
+    fwd_impl<T, A>(logits, dims, strides, V, tokens, inv_temp, ignore_index, logp, ent, lse);
+  });
+}
+
+void logprobs_bwd(const void* logits, void* out, ScalarType dt, const int64_t* dims,
+                  const int64_t* strides, const int64_t* ostrides, int64_t V,
+                  const int64_t* tokens, const void* dlogp, const void* dent, const void* lse,
+                  const void* ent, double inv_temp, int64_t ignore_index) {
+  dispatch_logits(dt, [&](auto t, auto a) {
+    using T = decltype(t);
+    using A = decltype(a);
+    const A* dl = static_cast<const A*>(dlogp);
+    const A* dh = static_cast<const A*>(dent);
+    const A* ls = static_cast<const A*>(lse);
+    const A* en = static_cast<const A*>(ent);
+    if (dh)
+      bwd_impl<T, A, true>(logits, out, dims, strides, ostrides, V, tokens, dl, dh, ls, en,
+                           inv_temp, ignore_index);
+    else
+      bwd_impl<T, A, false>(logits, out, dims, strides, ostrides, V, tokens, dl, dh, ls, en,
+                            inv_temp, ignore_index);
+  });
+}
+
+}  // namespace native
+}  // namespace fastrlhf

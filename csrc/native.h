@@ -1,0 +1,93 @@
+// Entry points of the native CPU backend, called by bindings.cpp (which unpacks the tensors).
+// Raw pointers and dtypes only, so the kernel translation units stay free of torch/extension.h.
+#pragma once
+
+#include "common.h"
+
+namespace fastrlhf {
+namespace native {
+
+// ---- token log-probs / entropy (logprobs.cpp) -------------------------------------------------
+// logits rows: dims[3] x strides[3] (elements), unit stride over V.  tokens: contiguous int64 [N]
+// or null.  Outputs (accumulation dtype, contiguous): logp [N] (null without tokens), ent [N]
+// (may be null), lse [N, 2] = (row max, log sum exp(x - max)).
+void logprobs_fwd(const void* logits, ScalarType dt, const int64_t* dims, const int64_t* strides,
+                  int64_t V, const int64_t* tokens, double inv_temp, int64_t ignore_index,
+                  void* logp, void* ent, void* lse);
+// dlogits into `out` (logits' dtype, rows at ostrides; may alias logits).  dlogp / dent / ent:
+// accumulation dtype [N] or null.
+void logprobs_bwd(const void* logits, void* out, ScalarType dt, const int64_t* dims,
+                  const int64_t* strides, const int64_t* ostrides, int64_t V,
+                  const int64_t* tokens, const void* dlogp, const void* dent, const void* lse,
+                  const void* ent, double inv_temp, int64_t ignore_index);
+
+// ---- GAE (gae.cpp) ----------------------------------------------------------------------------
+// rewards / values / mask: [B, T] views of any dtype and strides.  cu: contiguous int64 [S+1] or
+// null (then B rows; else the single packed row split into S segments).  adv / ret: contiguous
+// [B, T] of the compute dtype (f64 ? double : float).
+void gae(const Mat& rewards, const Mat& values, const Mat& mask, int64_t B, int64_t T,
+         const int64_t* cu, int64_t n_seg, double gamma, double lam, bool f64, void* adv,
+         void* ret);
+
+// ---- PPO losses (losses.cpp) ------------------------------------------------------------------
+enum AggMode : int { kTokenMean = 0, kTokenSum = 1, kSeqMeanTokenSum = 2, kSeqMeanTokenMean = 3,
+                     kSeqMeanTokenSumNorm = 4 };
+
+struct AggArgs {
+  int mode = kTokenMean;
+  double dp_size = 1.0;
+  bool has_denom = false;  // batch_num_tokens (token-mean) / global_batch_size (seq-*) given
+  double denom = 0.0;
+  double loss_scale_factor = 1.0;
+};
+
+struct PolicyArgs {
+  double lo = 0.8, hi = 1.2;  // ratio clip bounds 1 - clip_low, 1 + clip_high
+  bool has_dual = false;
+  double dual = 3.0;
+  bool seq = false;  // GSPO sequence-level ratio
+};
+
+// Outputs (compute dtype): loss [], stats [3] (clipfrac, clipfrac_lower, approx_kl), coef [B],
+// seq_log_ratio [B].  advantages: [B, T] or [B] (pass s1 = 0).
+void policy_fwd(const Mat& logp, const Mat& old_logp, const Mat& adv, const Mat& mask, int64_t B,
+                int64_t T, const PolicyArgs& pa, const AggArgs& agg, bool f64, void* loss,
+                void* stats, void* coef, void* seqlr);
+// d loss / d logp = g * coef_b * m * dL/dlogp into `out`, contiguous [B, T] of out_dt.
+void policy_bwd(double g, const Mat& logp, const Mat& old_logp, const Mat& adv, const Mat& mask,
+                int64_t B, int64_t T, const PolicyArgs& pa, bool f64, const void* coef,
+                const void* seqlr, void* out, ScalarType out_dt);
+// Outputs: loss [], stats [1] (clipfrac), coef [B]; the loss includes verl's factor 0.5.
+void value_fwd(const Mat& values, const Mat& old_values, const Mat& returns, const Mat& mask,
+               int64_t B, int64_t T, bool has_clip, double clip, const AggArgs& agg, bool f64,
+               void* loss, void* stats, void* coef);
+void value_bwd(double g, const Mat& values, const Mat& old_values, const Mat& returns,
+               const Mat& mask, int64_t B, int64_t T, bool has_clip, double clip, bool f64,
+               const void* coef, void* out, ScalarType out_dt);
+
+// ---- fused PPO loss from the logits (fused_loss.cpp) ----------------------------------------
+struct FusedArgs {
+  double inv_temp = 1.0;
+  int64_t ignore_index = -100;
+  PolicyArgs pol;           // clip bounds, dual clip, GSPO
+  bool adv_row = false;     // advantages are [B] (one per sequence)
+  bool has_ref = false;     // ref_logp given (KL term)
+  double kl_coef = 0.0;
+  int kl_val = 3, kl_grad = 3;  // KL estimator codes for the value and the gradient (kl.py)
+  double ent_coef = 0.0;
+  bool write_grad = false;
+};
+
+// logits rows as logprobs_fwd ([B, T] tokens = dims), gradient rows into dlogits at ostrides (may
+// alias logits; ignored unless write_grad).  Per-token inputs: contiguous [N] of the accumulation
+// dtype (old, adv ([B] if adv_row), ref or null, mask as weights), coef [B] the aggregation
+// weights.  Outputs: aux [7, N] (loss, logp, entropy, kl, clipped, clipped_lower, approx_kl),
+// loss [], stats [5] (clipfrac, clipfrac_lower, approx_kl, entropy_mean, kl_mean).
+void fused_loss_fwd(const void* logits, void* dlogits, ScalarType dt, const int64_t* dims,
+                    const int64_t* strides, const int64_t* ostrides, int64_t V, int64_t B,
+                    int64_t T, const int64_t* tokens, const void* old_logp, const void* adv,
+                    const void* ref_logp, const void* mask, const void* coef,
+                    const FusedArgs& fa, void* aux, void* loss, void* stats);
+
+}  // namespace native
+}  // namespace fastrlhf

@@ -1,0 +1,654 @@
+"""The native CPU backend (csrc/, fastrlhf/_native.py): every op against the float64 reference and
+against the Triton op (interpreter), gradients, gradcheck, bad input, thread-count determinism,
+and the graceful fallback when the extension cannot be built.
+
+The first test that needs the extension builds it (about a minute, once per machine: the build
+is cached in $TORCH_EXTENSIONS_DIR).
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import fastrlhf as fr
+from fastrlhf import _backend, _native
+from fastrlhf import reference as ref
+from helpers import TRITON_OK, assert_close
+
+CPU = torch.device("cpu")
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
+
+
+@pytest.fixture(scope="module")
+def native():
+    if not _native.available():
+        pytest.skip(f"native extension unavailable: {_native.build_error()}")
+    return _native.load()
+
+
+@pytest.fixture
+def threads():
+    """Restore the intra-op thread count after a test that changes it."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _logits(shape, V, dtype, seed, scale=3.0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, V, generator=g, dtype=torch.float64) * scale + offset
+    tok = torch.randint(0, V, shape, generator=g)
+    return x.to(dtype), tok
+
+
+def _ref_lp(logits, tokens, temperature=1.0, ignore_index=-100):
+    return ref.token_logprobs(logits.detach().double(), tokens, temperature, True, ignore_index)
+
+
+# ----------------------------------------------------------------------------------------------
+# build, dispatch and the no-compiler fallback
+# ----------------------------------------------------------------------------------------------
+
+def test_auto_picks_native_for_cpu_tensors(native, monkeypatch):
+    monkeypatch.delenv("FASTRLHF_BACKEND", raising=False)
+    assert _backend.resolve("auto", CPU, op="t", native_ok=True) == "native"
+    assert _backend.resolve("auto", CPU, op="t", native_ok=False) == "reference"
+    logits, tok = _logits((4,), 50, torch.float32, seed=0)
+    a = fr.token_logprobs(logits, tok, backend="auto")
+    b = fr.token_logprobs(logits, tok, backend="native")
+    assert torch.equal(a, b)
+    monkeypatch.setenv("FASTRLHF_BACKEND", "reference")
+    assert _backend.resolve("auto", CPU, op="t", native_ok=True) == "reference"
+    assert native.num_threads() == torch.get_num_threads()
+
+
+def _fresh_state(monkeypatch):
+    monkeypatch.setattr(_native, "_STATE", {"tried": False, "module": None, "error": None})
+
+
+def _fallback_checks():
+    logits, tok = _logits((3,), 20, torch.float32, seed=1)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert not _native.available()
+        assert not _native.available()  # cached: no second build attempt, no second warning
+        out = fr.token_logprobs(logits, tok)  # auto -> reference, no crash
+        adv, _ = fr.gae(torch.randn(2, 5), torch.randn(2, 5), torch.ones(2, 5, dtype=torch.bool))
+    msgs = [str(x.message) for x in w if issubclass(x.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "could not be built" in msgs[0], msgs
+    assert_close("fallback logp", out, _ref_lp(logits, tok)[0], atol=2e-5)
+    assert adv.shape == (2, 5)
+    with pytest.raises(RuntimeError, match="C\\+\\+ extension is not available"):
+        fr.token_logprobs(logits, tok, backend="native")
+    return msgs[0]
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch):
+    _fresh_state(monkeypatch)
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise RuntimeError("Error building extension 'fastrlhf_native': c++: not found")
+
+    monkeypatch.setattr(_native, "_build_extension", broken)
+    msg = _fallback_checks()
+    assert len(calls) == 1 and "c++: not found" in msg
+    assert "c++: not found" in _native.build_error()
+
+
+def test_no_compiler_on_path_falls_back(monkeypatch):
+    _fresh_state(monkeypatch)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(_native.shutil, "which", lambda name: None)
+    msg = _fallback_checks()
+    assert "no C++ compiler found" in msg
+
+
+def test_disabled_by_env_is_silent(monkeypatch):
+    _fresh_state(monkeypatch)
+    monkeypatch.setenv("FASTRLHF_NATIVE", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not _native.available()
+    assert _backend.resolve("auto", CPU, op="t", native_ok=True) == "reference"
+
+
+def test_sources_are_found_and_named_by_content():
+    d = _native.source_dir()
+    assert d is not None
+    import os
+    for f in ("bindings.cpp", "logprobs.cpp", "gae.cpp", "losses.cpp", "fused_loss.cpp",
+              "common.h"):
+        assert os.path.isfile(os.path.join(d, f)), f
+
+
+# ----------------------------------------------------------------------------------------------
+# token log-probs / entropy
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,V", [((1,), 1), ((2, 3), 130), ((3,), 5000), ((2,), 50257)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_forward_matches_float64(native, dtype, shape, V, temperature):
+    logits, tok = _logits(shape, V, dtype, seed=V)
+    lp, h = fr.token_logprobs(logits, tok, temperature=temperature, return_entropy=True,
+                              backend="native")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert lp.dtype == acc and h.dtype == acc and lp.shape == tok.shape
+    rl, rh = _ref_lp(logits, tok, temperature)
+    assert_close("logp", lp, rl, atol=TOL[dtype], rtol=TOL[dtype])
+    assert_close("entropy", h, rh, atol=TOL[dtype], rtol=TOL[dtype])
+    assert_close("token_entropy", fr.token_entropy(logits, temperature=temperature,
+                                                   backend="native"), rh,
+                 atol=TOL[dtype], rtol=TOL[dtype])
+    if V == 1:
+        assert torch.all(lp == 0)
+
+
+def test_logprobs_online_max_across_blocks(native):
+    # The running max moves in every 2048-wide block (increasing logits), and also only in the
+    # last one: the rescaling of the lane accumulators must be exact enough.
+    V = 9000
+    up = torch.linspace(-30, 30, V, dtype=torch.float64).repeat(2, 1)
+    up[1] = up[1].flip(0)
+    late = torch.randn(1, V, dtype=torch.float64)
+    late[0, -1] = 40.0
+    x = torch.cat([up, late]).float()
+    tok = torch.tensor([V - 1, 0, 5])
+    lp, h = fr.token_logprobs(x, tok, return_entropy=True, backend="native")
+    rl, rh = _ref_lp(x, tok)
+    assert_close("logp", lp, rl, atol=2e-5, rtol=2e-5)
+    assert_close("entropy", h, rh, atol=2e-5, rtol=2e-5)
+
+
+def test_logprobs_special_values(native):
+    V = 3000  # two blocks
+    logits, tok = _logits((6,), V, torch.float32, seed=5, offset=1e4)
+    logits[0, ::3] = float("-inf")       # masked vocab
+    tok[0] = 1
+    logits[1, : V - 1] = float("-inf")   # one live entry, in the second block
+    tok[1] = V - 1
+    logits[2, 2500] = float("nan")       # NaN in the second block
+    logits[3, :2048] = float("-inf")     # a block with nothing finite, then a NaN in it
+    logits[3, 7] = float("nan")
+    logits[4] = float("-inf")            # all -inf: NaN, as log_softmax
+    x = logits.clone().requires_grad_(True)
+    lp, h = fr.token_logprobs(x, tok, return_entropy=True, backend="native")
+    rl, rh = _ref_lp(logits, tok)
+    ok = [0, 1, 5]
+    assert_close("logp", lp[ok], rl[ok], atol=5e-5, rtol=1e-5)
+    assert_close("entropy", h[ok], rh[ok], atol=5e-5, rtol=1e-5)
+    assert float(lp[1].detach()) == 0.0 and abs(float(h[1].detach())) < 1e-6
+    for r in (2, 3, 4):
+        assert torch.isnan(lp[r]) and torch.isnan(h[r]), r
+    (lp[ok].sum() + h[ok].sum()).backward()
+    assert torch.all(x.grad[0, ::3] == 0), "-inf vocab entries got a gradient"
+    assert torch.isfinite(x.grad[ok]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_logprobs_backward_matches_float64(native, dtype, inplace):
+    B, T, V = 2, 5, 2100
+    base, _ = _logits((B, T + 1), V, dtype, seed=7)
+    tok = torch.randint(0, V, (B, T))
+    tok[0, 1] = -100
+    leaf = base.clone().requires_grad_(True)
+    logits = leaf * 1.0  # a non-leaf activation, as an lm_head output
+    lp, h = fr.token_logprobs(logits[:, :-1], tok, temperature=1.3, return_entropy=True,
+                              inplace_backward=inplace, backend="native")
+    g1, g2 = torch.randn(B, T, dtype=lp.dtype), torch.randn(B, T, dtype=h.dtype)
+    (lp * g1 + h * g2).sum().backward()
+    leaf64 = base.detach().double().requires_grad_(True)
+    rl, rh = ref.token_logprobs(leaf64[:, :-1], tok, 1.3, True)
+    (rl * g1.double() + rh * g2.double()).sum().backward()
+    tol = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float64: 1e-10}[dtype]
+    assert_close("dlogits", leaf.grad, leaf64.grad, atol=tol, rtol=tol)
+    assert torch.all(leaf.grad[:, -1] == 0)
+    if inplace:  # the gradient was written over the logits buffer
+        assert_close("buffer", logits[:, :-1].detach(), leaf.grad[:, :-1], atol=0)
+
+
+def test_inplace_backward_allocates_no_nv_buffer(native, monkeypatch):
+    N, V = 6, 400
+    base, tok = _logits((N,), V, torch.float32, seed=3)
+    leaf = base.clone().requires_grad_(True)
+    logits = leaf * 1.0
+    lp, h = fr.token_logprobs(logits, tok, return_entropy=True, inplace_backward=True,
+                              backend="native")
+    big = []
+    real_empty = torch.empty
+
+    def spy(*a, **k):
+        t = real_empty(*a, **k)
+        if t.numel() >= N * V:
+            big.append(tuple(t.shape))
+        return t
+
+    monkeypatch.setattr(_native.torch, "empty", spy)
+    (lp.sum() + h.sum()).backward()
+    monkeypatch.undo()
+    assert big == [], f"in-place backward allocated [N, V] buffers: {big}"
+    x64 = base.double().requires_grad_(True)
+    rl, rh = ref.token_logprobs(x64, tok, 1.0, True)
+    (rl.sum() + rh.sum()).backward()
+    assert_close("dlogits", leaf.grad, x64.grad, atol=2e-5)
+
+
+def test_logprobs_strided_views_read_in_place(native, monkeypatch):
+    base, _ = _logits((3, 7), 97, torch.float32, seed=2)
+    x = base[:, :-1]
+    tok = torch.randint(0, 97, (3, 6))
+    copies = []
+    real = torch.Tensor.contiguous
+
+    def spy(self, *a, **k):
+        if self.numel() >= x.numel():
+            copies.append(tuple(self.shape))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", spy)
+    lp, h = fr.token_logprobs(x, tok, return_entropy=True, backend="native")
+    monkeypatch.undo()
+    assert copies == [], f"logits were copied: {copies}"
+    rl, rh = _ref_lp(x, tok)
+    assert_close("logp", lp, rl, atol=2e-5)
+    y = torch.randn(4, 3, 5, 97)[:, ::2, 1:].transpose(0, 1)  # three strided leading dims
+    ty = torch.randint(0, 97, y.shape[:-1])
+    assert_close("3-d view", fr.token_logprobs(y, ty, backend="native"), _ref_lp(y, ty)[0],
+                 atol=2e-5)
+
+
+def test_logprobs_gradcheck(native):
+    x = torch.randn(2, 4, 11, dtype=torch.float64, requires_grad=True)
+    tok = torch.randint(0, 11, (2, 3))
+    tok[1, 0] = -100
+    f = lambda x: fr.token_logprobs(x[:, :-1], tok, temperature=0.8,  # noqa: E731
+                                    return_entropy=True, backend="native")
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(
+        lambda x: fr.token_entropy(x, temperature=1.5, backend="native"), (x,), eps=1e-6,
+        atol=1e-7)
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="needs the Triton interpreter")
+def test_logprobs_native_matches_triton(native):
+    base, _ = _logits((2, 4), 70, torch.float32, seed=4)
+    tok = torch.randint(0, 70, (2, 3))
+    out = {}
+    for be in ("native", "triton"):
+        leaf = base.clone().requires_grad_(True)
+        lp, h = fr.token_logprobs(leaf[:, :-1], tok, temperature=0.9, return_entropy=True,
+                                  backend=be)
+        (lp.sum() + 0.3 * h.sum()).backward()
+        out[be] = (lp.detach(), h.detach(), leaf.grad)
+    for name, a, b in zip(("logp", "entropy", "dlogits"), out["native"], out["triton"]):
+        assert_close(name, a, b, atol=2e-6, rtol=2e-6)
+
+
+def test_logprobs_bad_input(native):
+    logits = torch.randn(2, 3, 10)
+    tok = torch.randint(0, 10, (2, 3))
+    with pytest.raises(TypeError, match="tokens must have dtype"):
+        fr.token_logprobs(logits, tok.float(), backend="native")
+    with pytest.raises(ValueError, match=r"tokens must have shape \(2, 3\)"):
+        fr.token_logprobs(logits, tok[:, :2], backend="native")
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        fr.token_logprobs(logits, tok, temperature=0.0, backend="native")
+    bad = tok.clone()
+    bad[1, 2] = 10
+    with pytest.raises(ValueError, match=r"id 10 \(flat position 5\) outside \[0, 10\)"):
+        fr.token_logprobs(logits, bad, backend="native")
+    with fr.config.check_tokens(False):  # unchecked: NaN there, never an out-of-bounds read
+        lp = fr.token_logprobs(logits, bad, backend="native")
+    assert torch.isnan(lp[1, 2]) and torch.isfinite(lp[0]).all()
+    with pytest.raises(ValueError, match="backend='native' is the CPU backend"):
+        fr.token_logprobs(logits.to("meta"), tok.to("meta"), backend="native")
+    # the C++ layer itself refuses buffers that do not fit (no memory error)
+    lse = torch.empty(3, 2)
+    with pytest.raises(RuntimeError, match="lse must be contiguous with 12 elements"):
+        native.logprobs_fwd(logits, [1, 2, 3], [30, 10, 0], 10, None, 1.0, -100, None, None, lse)
+    with pytest.raises(RuntimeError, match="reaches outside its storage"):
+        native.logprobs_fwd(logits, [1, 2, 6], [30, 10, 10], 10, None, 1.0, -100, None, None,
+                            torch.empty(12, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# GAE
+# ----------------------------------------------------------------------------------------------
+
+def _gae_inputs(B, T, dtype, seed, mask_dtype=torch.bool):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(B, T, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(B, T, generator=g, dtype=torch.float64).to(dtype)
+    m = (torch.rand(B, T, generator=g) > 0.3)
+    m[0] = False  # a fully masked row
+    return r, v, m.to(mask_dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32, torch.int64])
+def test_gae_matches_float64(native, dtype, mask_dtype):
+    r, v, m = _gae_inputs(4, 63, dtype, seed=1, mask_dtype=mask_dtype)
+    r[1, ~(m[1] != 0)] = float("nan")  # garbage under the mask is never read
+    adv, ret = fr.gae(r, v, m, gamma=0.99, lam=0.9, backend="native")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert adv.dtype == acc and ret.dtype == acc
+    ra, rr = ref.gae(r.double(), v.double(), m, 0.99, 0.9)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    assert_close("advantages", adv, ra, atol=tol, rtol=tol)
+    assert_close("returns", ret, rr, atol=tol, rtol=tol)
+    assert torch.all(adv[0] == 0) and torch.all(ret[0] == 0)
+    a64, _ = fr.gae(r, v, m, gamma=0.99, lam=0.9, compute_dtype=torch.float64, backend="native")
+    assert a64.dtype == torch.float64
+
+
+def test_gae_strided_and_varlen(native):
+    r, v, m = _gae_inputs(3, 40, torch.float32, seed=2)
+    rt, vt, mt = r.t().contiguous().t(), v[:, :], m.t().contiguous().t()  # column-major views
+    adv, ret = fr.gae(rt, vt, mt, gamma=1.0, lam=0.95, backend="native")
+    ra, rr = ref.gae(r.double(), v.double(), m, 1.0, 0.95)
+    assert_close("strided adv", adv, ra, atol=2e-5)
+    cu = torch.tensor([0, 7, 7, 20, 33, 40], dtype=torch.int32)
+    pr, pv, pm = r[1:2], v[1:2], m[1:2]
+    adv, ret = fr.gae(pr, pv, pm, cu_seqlens=cu, backend="native")
+    ra, rr = ref.gae(pr.double(), pv.double(), pm, 1.0, 0.95, cu)
+    assert_close("varlen adv", adv, ra, atol=2e-5)
+    assert_close("varlen ret", ret, rr, atol=2e-5)
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="needs the Triton interpreter")
+def test_gae_native_matches_triton(native):
+    r, v, m = _gae_inputs(3, 37, torch.float32, seed=3)
+    a1, r1 = fr.gae(r, v, m, gamma=0.97, lam=0.9, backend="native")
+    a2, r2 = fr.gae(r, v, m, gamma=0.97, lam=0.9, backend="triton")
+    assert_close("adv", a1, a2, atol=2e-5)
+    assert_close("ret", r1, r2, atol=2e-5)
+
+
+def test_gae_bad_input(native):
+    r, v, m = _gae_inputs(2, 5, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="gamma must lie in"):
+        fr.gae(r, v, m, gamma=1.5, backend="native")
+    with pytest.raises(ValueError, match="values must have shape"):
+        fr.gae(r, v[:, :4], m, backend="native")
+    with pytest.raises(ValueError, match="cu_seqlens must end at total"):
+        fr.gae(r[:1], v[:1], m[:1], cu_seqlens=torch.tensor([0, 3]), backend="native")
+    with pytest.raises(RuntimeError, match="cu_seqlens"):  # the C++ layer checks too
+        native.gae(r[:1], v[:1], m[:1], torch.tensor([0, 9]), 1.0, 1.0, torch.empty(1, 5),
+                   torch.empty(1, 5))
+
+
+# ----------------------------------------------------------------------------------------------
+# PPO policy / value losses
+# ----------------------------------------------------------------------------------------------
+
+def _loss_inputs(B, T, dtype, seed, adv_row=False):
+    g = torch.Generator().manual_seed(seed)
+    lp = (torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3 - 2).to(dtype)
+    old = (lp.double() + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3).to(dtype)
+    adv = torch.randn(B if adv_row else (B, T), generator=g, dtype=torch.float64).to(dtype)
+    m = torch.rand(B, T, generator=g) > 0.3
+    m[1] = False
+    return lp, old, adv, m
+
+
+@pytest.mark.parametrize("agg", fr.ops.losses.AGG_MODES)
+@pytest.mark.parametrize("level,dual,adv_row", [("token", None, False), ("token", 3.0, False),
+                                                ("sequence", None, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_policy_loss_matches_float64(native, agg, level, dual, adv_row, dtype):
+    lp, old, adv, m = _loss_inputs(4, 29, dtype, seed=3, adv_row=adv_row)
+    old[2, ~m[2]] = float("nan")  # ignored under the mask
+    x = lp.clone().requires_grad_(True)
+    loss, st = fr.ppo_policy_loss(x, old, adv, m, clip_low=0.2, clip_high=0.28, dual_clip=dual,
+                                  agg=agg, ratio_level=level, backend="native")
+    g, = torch.autograd.grad(loss, x)
+    x64 = lp.double().requires_grad_(True)
+    rl, rs = ref.ppo_policy_loss(x64, old.double(), adv.double(), m, 0.2, 0.28, dual, agg, level)
+    rg, = torch.autograd.grad(rl, x64)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close("loss", loss, rl, atol=tol, rtol=tol)
+    assert_close("dlogp", g, rg, atol=tol, rtol=tol)
+    for k in ("clipfrac", "clipfrac_lower", "approx_kl"):
+        assert_close(k, st[k], rs[k], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("clip", [None, 0.3])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_value_loss_matches_float64(native, clip, agg):
+    v, ov, ret, m = _loss_inputs(3, 33, torch.float32, seed=5)
+    x = v.clone().requires_grad_(True)
+    loss, st = fr.ppo_value_loss(x, ov, ret, m.float(), clip=clip, agg=agg, backend="native")
+    g, = torch.autograd.grad(loss, x)
+    x64 = v.double().requires_grad_(True)
+    rl, rs = ref.ppo_value_loss(x64, ov.double(), ret.double(), m.float(), clip, agg)
+    rg, = torch.autograd.grad(rl, x64)
+    assert_close("loss", loss, rl, atol=2e-6, rtol=2e-6)
+    assert_close("dvalues", g, rg, atol=2e-6, rtol=2e-6)
+    assert_close("clipfrac", st["clipfrac"], rs["clipfrac"], atol=1e-7)
+
+
+def test_losses_gradcheck_and_bf16(native):
+    lp, old, adv, m = _loss_inputs(3, 9, torch.float64, seed=6)
+    assert torch.autograd.gradcheck(
+        lambda x: fr.ppo_policy_loss(x, old, adv, m, dual_clip=3.0, backend="native")[0],
+        (lp.clone().requires_grad_(True),))
+    assert torch.autograd.gradcheck(
+        lambda x: fr.ppo_value_loss(x, old, adv, m, clip=0.2, backend="native")[0],
+        (lp.clone().requires_grad_(True),))
+    xb = lp.to(torch.bfloat16).requires_grad_(True)
+    loss, _ = fr.ppo_policy_loss(xb, old.float(), adv.float(), m, backend="native")
+    loss.backward()
+    assert xb.grad.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    rl, _ = ref.ppo_policy_loss(xb.detach().double(), old, adv, m)
+    assert_close("bf16 logp loss", loss, rl, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="needs the Triton interpreter")
+def test_losses_native_match_triton(native):
+    lp, old, adv, m = _loss_inputs(3, 21, torch.float32, seed=8)
+    res = {}
+    for be in ("native", "triton"):
+        x = lp.clone().requires_grad_(True)
+        loss, st = fr.ppo_policy_loss(x, old, adv, m, dual_clip=3.0, agg="seq-mean-token-sum",
+                                      backend=be)
+        v = lp.clone().requires_grad_(True)
+        vl, vs = fr.ppo_value_loss(v, old, adv, m, clip=0.2, backend=be)
+        (loss + vl).backward()
+        res[be] = [loss, st["clipfrac"], st["approx_kl"], x.grad, vl, vs["clipfrac"], v.grad]
+    for i, (a, b) in enumerate(zip(res["native"], res["triton"])):
+        assert_close(f"output {i}", a, b, atol=2e-6, rtol=2e-6)
+
+
+def test_losses_bad_input(native):
+    lp, old, adv, m = _loss_inputs(2, 5, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="unknown aggregation mode"):
+        fr.ppo_policy_loss(lp, old, adv, m, agg="mean", backend="native")
+    with pytest.raises(ValueError, match="dual_clip must be a finite number > 1"):
+        fr.ppo_policy_loss(lp, old, adv, m, dual_clip=0.5, backend="native")
+    with pytest.raises(ValueError, match="mask must have shape"):
+        fr.ppo_value_loss(lp, old, adv, m[:, :3], backend="native")
+    with pytest.raises(RuntimeError, match="stats must be contiguous with 3 elements"):
+        native.policy_fwd(lp, old, adv, m, 0.8, 1.2, None, False, 0, 1.0, None, 5.0,
+                          torch.empty(()), torch.empty(2), torch.empty(2), torch.empty(2))
+
+
+# ----------------------------------------------------------------------------------------------
+# fused PPO loss from the logits
+# ----------------------------------------------------------------------------------------------
+
+def _fused_loss(*args, **kwargs):
+    from fastrlhf.ops.fused_loss import fused_ppo_loss  # (not re-exported by fastrlhf yet)
+    return fused_ppo_loss(*args, **kwargs)
+
+
+def _fused_native_available():
+    """fastrlhf.ops.fused_loss dispatches backend="native" to fastrlhf._native."""
+    try:
+        from fastrlhf.ops.fused_loss import fused_ppo_loss
+        fused_ppo_loss(torch.zeros(1, 1, 3), torch.zeros(1, 1, dtype=torch.long),
+                       torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1), backend="native")
+    except ImportError:
+        return False
+    except ValueError as e:
+        if "no native" in str(e):
+            return False
+        raise
+    return True
+
+
+def _fused_inputs(B, T, V, dtype, seed, adv_row=False):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(B, T + 1, V, generator=g, dtype=torch.float64) * 2).to(dtype)
+    tok = torch.randint(0, V, (B, T), generator=g)
+    tok[0, 0] = -100
+    old = torch.randn(B, T, generator=g, dtype=torch.float64) * 0.2 - 6
+    adv = torch.randn(B if adv_row else (B, T), generator=g, dtype=torch.float64)
+    m = torch.rand(B, T, generator=g) > 0.3
+    refl = torch.randn(B, T, generator=g, dtype=torch.float64) * 0.2 - 6
+    return logits, tok, old, adv, m, refl
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("level,dual,kind,adv_row,inplace", [
+    ("token", 3.0, "k3", False, False), ("token", None, "k2+", True, True),
+    ("sequence", None, "k1", True, False), ("sequence", 3.0, "abs", False, True)])
+def test_fused_loss_matches_float64(native, dtype, level, dual, kind, adv_row, inplace):
+    if not _fused_native_available():
+        pytest.skip("fastrlhf.ops.fused_loss has no native dispatch yet")
+    B, T, V = 3, 4, 2100
+    logits, tok, old, adv, m, refl = _fused_inputs(B, T, V, dtype, seed=11, adv_row=adv_row)
+    leaf = logits.clone().requires_grad_(True)
+    x = (leaf * 1.0)[:, :-1]
+    loss, st = _fused_loss(x, tok, old, adv, m, ref_logp=refl, kl_coef=0.1, kl_kind=kind,
+                                 entropy_coef=0.01, clip_low=0.2, clip_high=0.28,
+                                 dual_clip=dual, temperature=1.3, agg="seq-mean-token-mean",
+                                 ratio_level=level, inplace_backward=inplace, backend="native")
+    (2.0 * loss).backward()
+    x64 = logits.double().requires_grad_(True)
+    rl, rs = ref.fused_ppo_loss(x64[:, :-1], tok, old, adv, m, refl, 0.1, kind, 0.01, 0.2, 0.28,
+                                dual, 1.3, "seq-mean-token-mean", level)
+    (2.0 * rl).backward()
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1e-2}[dtype]
+    assert_close("loss", loss, rl, atol=tol, rtol=tol)
+    assert_close("dlogits", leaf.grad, x64.grad, atol=tol, rtol=tol)
+    for k in ("logp", "entropy", "kl", "clipfrac", "clipfrac_lower", "approx_kl",
+              "entropy_mean", "kl_mean"):
+        assert_close(k, st[k], rs[k], atol=max(tol, 2e-5), rtol=max(tol, 2e-5))
+
+
+def test_fused_loss_gradcheck(native):
+    if not _fused_native_available():
+        pytest.skip("fastrlhf.ops.fused_loss has no native dispatch yet")
+    logits, tok, old, adv, m, refl = _fused_inputs(2, 3, 7, torch.float64, seed=2)
+    x = logits[:, :-1].clone().requires_grad_(True)
+    f = lambda x: _fused_loss(x, tok, old, adv, m, ref_logp=refl,  # noqa: E731
+                                    kl_coef=0.2, entropy_coef=0.05, dual_clip=3.0,
+                                    backend="native")[0]
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="needs the Triton interpreter")
+def test_fused_loss_native_matches_triton(native):
+    if not _fused_native_available():
+        pytest.skip("fastrlhf.ops.fused_loss has no native dispatch yet")
+    logits, tok, old, adv, m, refl = _fused_inputs(2, 3, 70, torch.float32, seed=5)
+    res = {}
+    for be in ("native", "triton"):
+        x = logits[:, :-1].clone().requires_grad_(True)
+        loss, st = _fused_loss(x, tok, old, adv, m, ref_logp=refl, kl_coef=0.1,
+                                     entropy_coef=0.02, backend=be)
+        loss.backward()
+        res[be] = [loss, x.grad] + [st[k] for k in sorted(st)]
+    for i, (a, b) in enumerate(zip(res["native"], res["triton"])):
+        assert_close(f"output {i}", a, b, atol=3e-6, rtol=3e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# determinism across thread counts (promised bitwise: one thread per row, serial reductions)
+# ----------------------------------------------------------------------------------------------
+
+def _run_all(fused: bool):
+    out = []
+    logits, tok = _logits((300,), 257, torch.float32, seed=21)  # > 2 chunks of rows
+    x = logits.clone().requires_grad_(True)
+    lp, h = fr.token_logprobs(x, tok, return_entropy=True, backend="native")
+    (lp.sum() + 0.5 * h.sum()).backward()
+    out += [lp, h, x.grad]
+    r, v, m = _gae_inputs(512, 40, torch.float32, seed=22)
+    out += list(fr.gae(r, v, m, backend="native"))
+    lp2, old, adv, m2 = _loss_inputs(600, 30, torch.float32, seed=23)
+    y = lp2.clone().requires_grad_(True)
+    loss, st = fr.ppo_policy_loss(y, old, adv, m2, ratio_level="sequence", backend="native")
+    vl, _ = fr.ppo_value_loss(y, old, adv, m2, backend="native")
+    (loss + vl).backward()
+    out += [loss, vl, y.grad, *st.values()]
+    if fused:
+        lg, tk, o, a, mk, rf = _fused_inputs(8, 40, 257, torch.float32, seed=24)
+        z = lg[:, :-1].clone().requires_grad_(True)
+        fl, fs = _fused_loss(z, tk, o, a, mk, ref_logp=rf, kl_coef=0.1, entropy_coef=0.01,
+                                   backend="native")
+        fl.backward()
+        out += [fl, z.grad, *fs.values()]
+    return [t.detach().clone() for t in out]
+
+
+def test_thread_count_gives_bitwise_identical_results(native, threads):
+    fused = _fused_native_available()
+    torch.set_num_threads(1)
+    one = _run_all(fused)
+    torch.set_num_threads(2)
+    assert native.num_threads() == 2
+    two = _run_all(fused)
+    for i, (a, b) in enumerate(zip(one, two)):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), \
+            f"output {i} differs between 1 and 2 threads"
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration
+# ----------------------------------------------------------------------------------------------
+
+def test_opcheck_native_ops(native):
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    logits, tok = _logits((3,), 20, torch.float32, seed=1)
+    x = logits.clone().requires_grad_(True)
+    torch.library.opcheck(_native._tl_fwd, (x, tok, 1.0, -100), test_utils=tests)
+    torch.library.opcheck(_native._te_fwd, (x, 0.5), test_utils=tests)
+    r, v, m = _gae_inputs(2, 6, torch.float32, seed=1)
+    torch.library.opcheck(_native._gae_op, (r, v, m, None, 1.0, 0.95, False), test_utils=tests)
+    lp, old, adv, mk = _loss_inputs(2, 6, torch.float32, seed=1)
+    lpg = lp.clone().requires_grad_(True)
+    torch.library.opcheck(_native._policy_fwd, (lpg, old, adv, mk, 0.8, 1.2, None, False,
+                                                "token-mean", 1, None, None, 6.0),
+                          test_utils=tests)
+    torch.library.opcheck(_native._value_fwd, (lpg, old, adv, mk, 0.5, "token-sum", 1, None,
+                                               None, 6.0), test_utils=tests)
+
+
+def test_torch_compile_fullgraph(native):
+    torch._dynamo.reset()
+    V, H = 29, 8
+    lin = torch.nn.Linear(H, V)
+
+    def f(h, tokens, old, adv, m):
+        logits = lin(h)[:, :-1]
+        lp, ent = fr.token_logprobs(logits, tokens, return_entropy=True, backend="native")
+        loss, _ = fr.ppo_policy_loss(lp, old, adv, m, backend="native")
+        return loss - 0.01 * ent.mean()
+
+    h = torch.randn(2, 6, H)
+    tok = torch.randint(0, V, (2, 5))
+    old, adv, m = torch.randn(2, 5) - 3, torch.randn(2, 5), torch.rand(2, 5) > 0.2
+    eager = f(h, tok, old, adv, m)
+    eager.backward()
+    g = lin.weight.grad.clone()
+    lin.zero_grad()
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(h, tok, old, adv, m)
+    out.backward()
+    assert_close("compiled loss", out, eager, atol=1e-6)
+    assert_close("compiled grad", lin.weight.grad, g, atol=1e-6)
