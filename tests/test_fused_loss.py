@@ -652,3 +652,46 @@ def test_cuda_bf16_large_vocab(V):
         assert_close("logp", st["logp"], wst["logp"], atol=1e-4, rtol=1e-5)
         assert_close("entropy", st["entropy"], wst["entropy"], atol=1e-4, rtol=1e-5)
         assert_close("dlogits", leaf.grad, leaf32.grad, atol=1e-6, rtol=1e-2)
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or the Triton interpreter")
+@pytest.mark.parametrize("inplace", [False, True])
+def test_backward_allocates_nothing_logits_sized(inplace):
+    """No op in backward may produce a logits-sized tensor (e.g. autograd materializing a zero
+    gradient for the non-differentiable outputs); in-place mode allocates none in forward either."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Big(TorchDispatchMode):
+        def __init__(self, limit):
+            super().__init__()
+            self.limit, self.seen = limit, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            flat = list(args) + list((kwargs or {}).values())
+            old = {a.untyped_storage().data_ptr() for a in flat if isinstance(a, torch.Tensor)}
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                # a new buffer (views and in-place results alias an argument's storage)
+                if (isinstance(t, torch.Tensor) and t.numel() >= self.limit
+                        and t.untyped_storage().data_ptr() not in old):
+                    self.seen.append(str(func))
+            return out
+
+    B, T, V = 2, 5, 61
+    tokens = torch.randint(0, V, (B, T), device=DEVICE)
+    old = torch.randn(B, T, device=DEVICE) - 3
+    adv = torch.randn(B, T, device=DEVICE)
+    mask = torch.ones(B, T, device=DEVICE)
+    leaf = torch.randn(B, T, V, device=DEVICE, requires_grad=True)
+    view = leaf * 1.0  # the model's activation (its own backward is the caller's business)
+    fwd = Big(B * T * V)
+    with fwd:
+        loss, _ = fused_ppo_loss(view, tokens, old, adv, mask, entropy_coef=0.01,
+                                 inplace_backward=inplace, backend="triton")
+    if inplace:
+        assert fwd.seen == [], f"in-place forward made logits-sized tensors: {fwd.seen}"
+    bwd = Big(B * T * V)
+    with bwd:
+        g, = torch.autograd.grad(loss, view)
+    assert bwd.seen == [], f"backward made logits-sized tensors: {bwd.seen}"
+    assert torch.isfinite(g).all() and g.abs().sum() > 0

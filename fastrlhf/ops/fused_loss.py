@@ -236,6 +236,9 @@ _WRITE_GRAD = 16  # index of write_grad among the op's inputs
 
 
 def _save(ctx, write_grad, buf, coef):
+    # Only the loss is differentiable; without this autograd would hand backward a zero-filled
+    # tensor for every other output -- one of them is the [.., V]-sized gradient buffer.
+    ctx.set_materialize_grads(False)
     ctx.write_grad = write_grad
     # the upstream-gradient factor currently applied to ``buf`` (1: as the forward stored it)
     applied = torch.ones((), dtype=coef.dtype, device=coef.device) if write_grad else None
