@@ -84,13 +84,14 @@ def assert_close(name, actual, expected, *, atol, rtol=0.0, equal_nan=False):
             f"expected {float(e.reshape(-1)[i])!r}")
 
 
-def backends():
-    """Backends the op tests parametrize over on this machine (native: the C++ CPU backend, when
-    it builds here; the first call builds it, about a minute, then it is cached)."""
+def backends(native: bool = False):
+    """Backends the op tests parametrize over on this machine.  ``native=True`` (for the ops the
+    C++ CPU backend implements) adds "native" when it builds here; the first call builds it,
+    about a minute, then it is cached."""
     out = ["reference"]
     if TRITON_OK:
         out.append("triton")
-    if not HAS_CUDA:
+    if native and not HAS_CUDA:
         from fastrlhf import _native
         if _native.available():
             out.append("native")

@@ -136,7 +136,7 @@ CASES = {
 # equality with the composition
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_composition(backend, case):
     got, want, _ = run_both(backend, CASES[case])
@@ -148,7 +148,7 @@ def test_matches_composition(backend, case):
         assert torch.all(stats["kl"] == 0) and float(stats["kl_mean"]) == 0
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 @pytest.mark.parametrize("agg", L.AGG_MODES)
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_every_agg_mode(backend, agg, level):
@@ -219,7 +219,7 @@ def test_inplace_equals_out_of_place_without_new_buffers(level, monkeypatch):
     assert_close("last position untouched", bufs[1][:, -1], inp["base"][:, -1], atol=0)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 @pytest.mark.parametrize("inplace", [False, True])
 def test_repeated_backward_and_upstream_grad(backend, inplace):
     inp = make_inputs(seed=3)
@@ -240,7 +240,7 @@ def test_repeated_backward_and_upstream_grad(backend, inplace):
     assert_close("first backward", g1, leaf2.grad, atol=TOL, rtol=TOL)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_no_grad_and_no_requires_grad_leave_logits_untouched(backend):
     inp = make_inputs(seed=4)
     args = (inp["tokens"], inp["old"], inp["adv"], inp["mask"])
@@ -260,7 +260,7 @@ def test_no_grad_and_no_requires_grad_leave_logits_untouched(backend):
     assert_close("loss without grad", loss, want, atol=TOL, rtol=TOL)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 @pytest.mark.parametrize("inplace", [False, True])
 def test_non_unit_vocab_stride(backend, inplace):
     """A transposed [B, T, V] view (vocab not contiguous) is copied once and still correct (the
@@ -306,7 +306,7 @@ def test_custom_ops_opcheck():
 # gradcheck
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_gradcheck_float64(backend):
     # Token level only: GSPO's gradient is verl's stop-gradient form (d ratio / d logp_t = ratio,
     # not ratio / n), by design not the derivative of its value; the composition tests hold it
@@ -339,7 +339,7 @@ def test_gradcheck_float64(backend):
 # masking, NaN, ignored tokens, low precision, empty inputs
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 @pytest.mark.parametrize("agg", L.AGG_MODES)
 def test_fully_masked_batch_is_zero(backend, agg):
     inp = make_inputs(B=2, T=4, V=40, seed=6)
@@ -355,7 +355,7 @@ def test_fully_masked_batch_is_zero(backend, agg):
         assert float(st[k]) == 0.0, k
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_nan_outside_the_mask_is_ignored(backend, level):
     inp = make_inputs(seed=7)
@@ -389,7 +389,7 @@ def test_nan_outside_the_mask_is_ignored(backend, level):
     assert_close("dlogits", leaf.grad, leaf2.grad, atol=TOL, rtol=TOL)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_nan_inside_the_mask_stays_in_its_row(backend):
     inp = make_inputs(seed=8)
     base = inp["base"].clone()
@@ -407,7 +407,7 @@ def test_nan_inside_the_mask_stays_in_its_row(backend):
     assert torch.isfinite(leaf.grad[others]).all()
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_logits_vs_float64(backend, dtype):
     inp = make_inputs(dtype=dtype, seed=9, V=150)
@@ -428,7 +428,7 @@ def test_low_precision_logits_vs_float64(backend, dtype):
     assert_close("dlogits", leaf.grad, leaf64.grad, atol=tol, rtol=1e-2)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_empty_batch(backend):
     for B, T in ((0, 5), (3, 0)):
         x = torch.randn(B, T, 13, device=DEVICE, requires_grad=True)
@@ -483,7 +483,7 @@ def test_torch_compile_fullgraph(inplace, level):
     assert_close("compiled lm_head grad", m.lm_head.weight.grad, g_eager, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_autocast(backend):
     H, V, B, T = 16, 37, 2, 6
     torch.manual_seed(1)
@@ -512,7 +512,7 @@ def test_autocast(backend):
     assert_close("autocast weight grad", grads[0], grads[1], atol=1e-3, rtol=1e-2)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 @pytest.mark.parametrize("inplace", [False, True])
 def test_tiny_llama_parameter_grads(backend, inplace):
     transformers = pytest.importorskip("transformers")
@@ -555,7 +555,7 @@ def test_tiny_llama_parameter_grads(backend, inplace):
 # bad input
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_bad_inputs(backend):
     inp = make_inputs(B=2, T=3, V=10, dtype=torch.float32)
     x = inp["base"][:, :-1]

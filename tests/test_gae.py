@@ -8,7 +8,7 @@ import fastrlhf.reference as R
 from fastrlhf.ops.gae import gae
 from helpers import DEVICE, assert_close, backends
 
-TRITON = "triton" in backends()
+TRITON = "triton" in backends(native=True)
 needs_triton = pytest.mark.skipif(not TRITON, reason="Triton backend not runnable here")
 
 
@@ -63,7 +63,7 @@ def _verl_loop(r, v, m, gamma, lam):
 # against the float64 loop reference
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("B,T", [(3, 37), (4, 300)])
 def test_matches_reference(B, T, dtype, backend):
@@ -155,7 +155,7 @@ def test_full_size_cuda(dtype):
 # hand-checked and closed-form cases
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_hand_checked_three_steps(backend):
     # gamma = lam = 0.5, r = [1, 0, 2], V = [0.5, 1, 1]:
     #   t=2: delta = 2 + 0.5*0 - 1 = 1                A2 = 1
@@ -175,7 +175,7 @@ def test_hand_checked_three_steps(backend):
                  atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_matches_verl_at_valid_positions(backend):
     r, v, m = _inputs(4, 53, seed=11, poison_masked=False)
     adv, ret = gae(r, v, m, gamma=0.99, lam=0.95, backend=backend)
@@ -188,7 +188,7 @@ def test_matches_verl_at_valid_positions(backend):
     assert (va[~m] != 0).any()
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 @pytest.mark.parametrize("gamma,lam", [(0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0),
                                        (0.5, 1.0), (1.0, 0.5)])
 def test_gamma_lam_edges(gamma, lam, backend):
@@ -214,7 +214,7 @@ def test_gamma_lam_edges(gamma, lam, backend):
         assert_close("TD(0)", adv, torch.where(m, rd + gamma * nxt - vd, 0), atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_fully_masked_rows_and_batch(backend):
     r, v, m = _inputs(4, 29, seed=17)
     m[1] = False
@@ -229,7 +229,7 @@ def test_fully_masked_rows_and_batch(backend):
     assert (adv == 0).all() and (ret == 0).all()
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_single_valid_token(backend):
     r = torch.randn(3, 17, device=DEVICE)
     v = torch.randn(3, 17, device=DEVICE)
@@ -241,7 +241,7 @@ def test_single_valid_token(backend):
     assert_close("returns", ret, torch.where(m, r, 0), atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_t_equals_one(backend):
     r = torch.randn(6, 1, device=DEVICE)
     v = torch.randn(6, 1, device=DEVICE)
@@ -251,7 +251,7 @@ def test_t_equals_one(backend):
     assert_close("returns", ret, torch.where(m != 0, r, 0), atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_empty_inputs(backend):
     for shape in ((0, 5), (3, 0)):
         x = torch.randn(shape, device=DEVICE)
@@ -267,7 +267,7 @@ def test_empty_inputs(backend):
 # layouts and dtypes
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 @pytest.mark.parametrize("cu_dtype", [torch.int32, torch.int64])
 def test_packed_varlen_equals_per_sequence(cu_dtype, backend):
     lens = [7, 0, 1, 150, 33, 1, 64]
@@ -293,7 +293,7 @@ def test_packed_varlen_equals_per_sequence(cu_dtype, backend):
     assert not torch.allclose(whole, adv)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_float64_option(backend):
     r, v, m = _inputs(3, 45, seed=23)
     adv, ret = gae(r, v, m, gamma=0.99, lam=0.95, compute_dtype=torch.float64, backend=backend)
@@ -309,7 +309,7 @@ def test_float64_option(backend):
     assert adv_mixed.dtype == torch.float64
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_mask_dtypes_agree(backend):
     r, v, m = _inputs(3, 31, seed=29)
     base_adv, base_ret = gae(r, v, m, backend=backend)
@@ -324,7 +324,7 @@ def test_mask_dtypes_agree(backend):
         assert torch.equal(ret, base_ret), name
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_strided_inputs(backend):
     r, v, m = _inputs(4, 40, seed=31, poison_masked=False)
     base_adv, base_ret = gae(r, v, m, gamma=0.99, lam=0.95, backend=backend)
@@ -346,7 +346,7 @@ def test_strided_inputs(backend):
     assert_close("advantages (expanded mask)", adv, ea, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_nan_stays_in_its_row(backend):
     r, v, m = _inputs(3, 30, seed=37, poison_masked=False)
     m[0] = True
@@ -359,7 +359,7 @@ def test_nan_stays_in_its_row(backend):
     assert_close("advantages", adv, ea, atol=2e-5, rtol=2e-5, equal_nan=True)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_outputs_detached(backend):
     r = torch.randn(2, 9, device=DEVICE, requires_grad=True)
     v = torch.randn(2, 9, device=DEVICE, requires_grad=True)

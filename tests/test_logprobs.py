@@ -24,7 +24,7 @@ def _ref64(logits, tokens, temperature, ignore_index=-100):
     return ref.token_logprobs(logits.detach().double(), tokens, temperature, True, ignore_index)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape,V", [((1,), 1), ((5,), 67), ((2, 3), 130), ((3,), 257)])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -47,7 +47,7 @@ def test_forward_matches_float64(backend, dtype, shape, V, temperature):
         assert torch.all(logp == 0) and torch.all(ent.abs() < 1e-6)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_strided_view_is_not_copied_and_matches(backend, monkeypatch):
     B, T, V = 3, 6, 97
     base, _ = _inputs((B, T + 1), V, torch.float32, seed=1)
@@ -77,7 +77,7 @@ def test_strided_view_is_not_copied_and_matches(backend, monkeypatch):
                  _ref64(y, tk, 1.0)[0], atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 1.3])
 def test_backward_matches_float64(backend, dtype, temperature):
@@ -101,7 +101,7 @@ def test_backward_matches_float64(backend, dtype, temperature):
     assert torch.all(got[:, -1] == 0), "the sliced-off position got a gradient"
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_gradcheck_float64(backend):
     B, T, V = 2, 3, 11
     x = torch.randn(B, T + 1, V, dtype=torch.float64, device=DEVICE, requires_grad=True)
@@ -118,7 +118,7 @@ def test_gradcheck_float64(backend):
                                     (x,), eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_ignore_index(backend):
     V = 40
     logits, tokens = _inputs((6,), V, torch.float32, seed=3)
@@ -136,7 +136,7 @@ def test_ignore_index(backend):
     assert torch.all(logits.grad[0].abs().sum() > 0)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_neg_inf_logits_and_huge_offsets(backend):
     V = 150
     logits, tokens = _inputs((4,), V, torch.float32, seed=5, offset=1e4)
@@ -157,7 +157,7 @@ def test_neg_inf_logits_and_huge_offsets(backend):
     assert torch.all(g[0, ::3] == 0), "masked (-inf) vocab entries got a gradient"
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_nan_logits_stay_in_their_row(backend):
     logits, tokens = _inputs((4,), 90, torch.float32, seed=9)
     logits[2, 17] = float("nan")
@@ -167,7 +167,7 @@ def test_nan_logits_stay_in_their_row(backend):
     assert torch.isfinite(logp[keep]).all() and torch.isfinite(ent[keep]).all()
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_empty_and_int32_tokens(backend):
     logits = torch.randn(0, 5, 33, device=DEVICE)
     tokens = torch.zeros(0, 5, dtype=torch.int32, device=DEVICE)
@@ -217,7 +217,7 @@ def test_inplace_backward_equals_out_of_place_without_new_buffers(monkeypatch):
 # bad input
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_bad_inputs(backend):
     logits = torch.randn(2, 3, 10, device=DEVICE)
     tokens = torch.randint(0, 10, (2, 3), device=DEVICE)

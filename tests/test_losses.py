@@ -172,7 +172,7 @@ POLICY_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("cfg", list(POLICY_CONFIGS))
 def test_policy_matches_loop(backend, mode, cfg):
@@ -200,7 +200,7 @@ def test_policy_matches_loop(backend, mode, cfg):
     assert torch.equal(g[~m], torch.zeros_like(g[~m]))
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("clip", [0.2, None])
 def test_value_matches_loop(backend, mode, clip):
@@ -214,7 +214,7 @@ def test_value_matches_loop(backend, mode, clip):
         assert 0 < st["clipfrac"].item() < 1
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 @pytest.mark.parametrize("mode", MODES)
 def test_global_batch_arguments(backend, mode):
     """dp_size / batch_num_tokens / global_batch_size / loss_scale_factor, numbers and tensors."""
@@ -237,7 +237,7 @@ def test_global_batch_arguments(backend, mode):
 # triton vs reference in float32 / bfloat16, strided views, advantages [B] vs [B, T]
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", [b for b in backends() if b != "reference"])
+@pytest.mark.parametrize("backend", [b for b in backends(native=True) if b != "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_low_precision_vs_reference(backend, dtype, level):
@@ -259,7 +259,7 @@ def test_low_precision_vs_reference(backend, dtype, level):
     assert_close("value grad", vg, rg, atol=1e-6 if dtype == torch.float32 else 2e-3, rtol=1e-2)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_strided_views_and_per_sequence_advantages(backend):
     B, T = 4, 19
     big = -torch.rand(B, T + 1, dtype=F64, device=DEVICE) * 2
@@ -286,7 +286,7 @@ def test_strided_views_and_per_sequence_advantages(backend):
 # gradcheck (float64) on both backends
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
 def test_gradcheck(backend, mode):
     lp, old, adv, m = policy_inputs(B=3, T=5)
@@ -307,7 +307,7 @@ def test_gradcheck(backend, mode):
             (v,))
 
 
-@pytest.mark.parametrize("backend", [b for b in backends() if b != "reference"])
+@pytest.mark.parametrize("backend", [b for b in backends(native=True) if b != "reference"])
 def test_gspo_backward_matches_reference_autograd(backend):
     """GSPO's gradient is verl's stop-gradient form (not the derivative of the forward value, so
     no gradcheck): per token, r * d(per-token loss)/dr with r the sequence ratio."""
@@ -324,7 +324,7 @@ def test_gspo_backward_matches_reference_autograd(backend):
 # hand-checked cases
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_policy_hand_checked(backend):
     # ratios 1.5, 0.5, 4.0, 1.1 (old = 0); advantages +1, -1, -1, +2; clip 0.2, dual clip 3.
     lp = torch.tensor([[math.log(1.5), math.log(0.5), math.log(4.0), math.log(1.1)]],
@@ -352,7 +352,7 @@ def test_policy_hand_checked(backend):
     assert torch.equal(g[1], torch.zeros_like(g[1]))
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_gspo_hand_checked(backend):
     # row 0: log-ratios 0.1, 0.3 (valid), 5.0 (masked) -> s = 0.2, r = e^0.2 = 1.2214 > 1.1.
     lp = torch.tensor([[0.1, 0.3, 5.0], [0.0, -0.02, 0.0]], dtype=F64, device=DEVICE) - 1
@@ -371,7 +371,7 @@ def test_gspo_hand_checked(backend):
     assert_close("approx_kl", st["approx_kl"], t64(-(0.1 + 0.3 - 0.02) / 5), atol=1e-8)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_value_hand_checked(backend):
     # token 0: v=1, old=0, R=0, clip .5 -> vc=.5, max(1, .25)=1, grad 0.5*2*1 / 2 tokens
     # token 1: v=.2, old=0, R=1, clip .5 -> vc=.2 (inside), loss .64, grad 0.5*2*(-.8)/2
@@ -394,7 +394,7 @@ def test_value_hand_checked(backend):
 # edge cases
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 @pytest.mark.parametrize("mode", MODES)
 def test_fully_masked_batch_is_zero(backend, mode):
     lp, old, adv, m = policy_inputs(B=3, T=6)
@@ -412,7 +412,7 @@ def test_fully_masked_batch_is_zero(backend, mode):
     assert L.agg_loss(lp, m, mode).item() == 0.0
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_nan_outside_mask_and_single_token_and_T1(backend):
     lp, old, adv, m = policy_inputs(B=4, T=13)
     dirty_lp, dirty_adv = lp.clone(), adv.clone()
@@ -442,7 +442,7 @@ def test_nan_outside_mask_and_single_token_and_T1(backend):
         assert_close("T=1 grad", g, e[1], atol=1e-14)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_huge_log_ratios_are_clamped(backend):
     lp, old, adv, m = policy_inputs(B=3, T=11)
     old = old.clone()
@@ -461,7 +461,7 @@ def test_huge_log_ratios_are_clamped(backend):
             assert_close("approx_kl", st["approx_kl"], ref[2]["approx_kl"], atol=1e-9)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", backends(native=True))
 def test_mask_dtypes_agree(backend):
     lp, old, adv, m = policy_inputs(B=4, T=17)
     v, vo, ret, _ = value_inputs(B=4, T=17)
@@ -482,7 +482,7 @@ def test_mask_dtypes_agree(backend):
     assert_close("weighted grad", got[1], e[1], atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", [b for b in backends() if b != "reference"])
+@pytest.mark.parametrize("backend", [b for b in backends(native=True) if b != "reference"])
 def test_deterministic(backend):
     lp, old, adv, m = policy_inputs(B=6, T=40, dtype=torch.float32)
     a = run_policy(backend, lp, old, adv, m, agg="token-sum")
@@ -491,7 +491,7 @@ def test_deterministic(backend):
 
 
 def test_empty_batch():
-    for backend in backends():
+    for backend in backends(native=True):
         z = torch.zeros(0, 5, dtype=F64, device=DEVICE)
         loss, g, st = run_policy(backend, z, z, z, z.bool())
         assert loss.item() == 0.0 and g.shape == (0, 5)
@@ -546,7 +546,7 @@ def test_policy_loss_per_token_is_autograd_of_reference(level, dual):
 
 
 def test_custom_ops_opcheck():
-    if "triton" not in backends():
+    if "triton" not in backends(native=True):
         pytest.skip("no Triton backend on this machine")
     lp, old, adv, m = policy_inputs(B=2, T=3)
     lp = lp.requires_grad_()
@@ -638,7 +638,7 @@ def test_cuda_full_size(dtype):
 
 
 def test_torch_compile_fullgraph():
-    if "triton" not in backends():
+    if "triton" not in backends(native=True):
         pytest.skip("no Triton backend on this machine")
     lp, old, adv, m = policy_inputs(B=3, T=9)
     v, vo, ret, _ = value_inputs(B=3, T=9)
