@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype_of, interpreting, tl_dtype
+from ._utils import acc_dtype_of, interpreting, row_offset, row_softmax_stats, tl_dtype
 from .kl import KINDS as KL_KINDS
 from .kl import _klp_dvdx, _klp_value
 from .losses import _to_acc, policy_token_terms
@@ -76,51 +76,8 @@ AUX_ROWS = ("loss", "logp", "entropy", "kl", "clipped", "clipped_lower", "approx
 N_AUX = len(AUX_ROWS)
 
 
-@triton.jit
-def _row_offset(row, D1, D2, s0, s1, s2):
-    row = row.to(tl.int64)
-    i2 = row % D2
-    r = row // D2
-    i1 = r % D1
-    i0 = r // D1
-    return i0 * s0 + i1 * s1 + i2 * s2
-
-
-@triton.jit
-def _row_stats(base, V, inv_temp, ACC: tl.constexpr, BLOCK_V: tl.constexpr):
-    """One streaming sweep: (M, log S, H, bad) of softmax(x), x = row * inv_temp.
-
-    Lane-wise running max / sum-exp / entropy sum with one exp per element, merged at the end;
-    ``bad``: the row holds a NaN (the max-based update could otherwise lose it)."""
-    offs = tl.arange(0, BLOCK_V)
-    m = tl.full([BLOCK_V], float("-inf"), ACC)
-    s = tl.zeros([BLOCK_V], ACC)
-    t = tl.zeros([BLOCK_V], ACC)
-    nan_seen = tl.zeros([BLOCK_V], tl.int1)
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(ACC) * inv_temp
-        nan_seen = nan_seen | (x != x)
-        gt = x > m
-        # the larger of (x, m) becomes the max; the other side is scaled by exp(-|x - m|)
-        d = tl.exp(-tl.abs(x - m))
-        d = tl.where(x == float("-inf"), 0.0, d)
-        alpha = tl.where(gt, d, 1.0)
-        e = tl.where(gt, 1.0, d)
-        m_new = tl.where(gt, x, m)
-        shift = tl.where(s > 0, m - m_new, 0.0)
-        xm = tl.where(e > 0, x - m_new, 0.0)
-        t = alpha * (t + shift * s) + e * xm
-        s = s * alpha + e
-        m = m_new
-    M = tl.max(m, axis=0)
-    w = tl.where(s > 0, tl.exp(m - M), 0.0)
-    S = tl.sum(s * w, axis=0)
-    Tsum = tl.sum(tl.where(s > 0, w * (t + (m - M) * s), 0.0), axis=0)
-    log_s = tl.log(S)
-    ent = log_s - Tsum / S
-    bad = tl.max(nan_seen.to(tl.int32), axis=0) > 0
-    return M, log_s, ent, bad
+# Row addressing and the streaming softmax statistics are shared with token_logprobs:
+# kernels/_utils.py row_offset / row_softmax_stats.
 
 
 @triton.jit(do_not_specialize=["n_rows", "T", "D1", "D2", "ignore_index"])
@@ -148,7 +105,7 @@ def _fused_loss_kernel(
     for row in tl.range(tl.program_id(0), n_rows, tl.num_programs(0)):
         r64 = row + tl.zeros([], tl.int64)  # (the interpreter yields Python ints here)
         b = r64 // T
-        base = logits_ptr + _row_offset(r64, D1, D2, s0, s1, s2)
+        base = logits_ptr + row_offset(r64, D1, D2, s0, s1, s2)
 
         tok = tl.load(tokens_ptr + r64).to(tl.int64)
         valid_tok = (tok >= 0) & (tok < V)
@@ -161,7 +118,7 @@ def _fused_loss_kernel(
             ent = tl.load(ent_in_ptr + r64).to(ACC)
             logp = tl.load(lp_in_ptr + r64).to(ACC)
         else:
-            M, log_s, ent, bad_row = _row_stats(base, V, inv_temp, ACC, BLOCK_V)
+            M, log_s, ent, bad_row = row_softmax_stats(base, V, inv_temp, ACC, BLOCK_V)
             # Out-of-range ids read nothing and give NaN (the host check normally rejects them).
             x_tok = tl.load(base + tl.where(valid_tok, tok, 0)).to(ACC) * inv_temp
             logp = tl.where(valid_tok, (x_tok - M) - log_s, nan)
@@ -211,7 +168,7 @@ def _fused_loss_kernel(
             live = w != 0
             g_lp = tl.where(live & (ignored == 0), w * (dpg + kl_coef * dkl), 0.0)
             g_h = tl.where(live, -w * ent_coef, 0.0)
-            obase = dlogits_ptr + _row_offset(r64, D1, D2, o0, o1, o2)
+            obase = dlogits_ptr + row_offset(r64, D1, D2, o0, o1, o2)
             # masked tokens (w = 0) read nothing: their gradient row is zeros
             v_live = tl.where(live, V, 0)
             offs = tl.arange(0, BLOCK_V)
@@ -247,7 +204,7 @@ def _scale_rows_kernel(x_ptr, g_ptr, n_rows, V, D1, D2, s0, s1, s2,
         return
     if row >= n_rows:
         return
-    base = x_ptr + _row_offset(row, D1, D2, s0, s1, s2)
+    base = x_ptr + row_offset(row, D1, D2, s0, s1, s2)
     cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     cm = cols < V
     x = tl.load(base + cols, mask=cm, other=0.0).to(ACC)

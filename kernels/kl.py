@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype_of, interpreting, tl_dtype
+from ._utils import acc_dtype_of, interpreting, row_offset, tl_dtype
 
 __all__ = ["KINDS", "kl_penalty_fwd", "kl_penalty_bwd", "full_kl_fwd", "full_kl_bwd", "AOT_SPECS"]
 
@@ -186,14 +186,7 @@ def kl_penalty_bwd(g, x, y, kind_code: int, need_dx: bool, need_dy: bool):
 # full_kl (streaming over the vocab)
 # ---------------------------------------------------------------------------------------------
 
-@triton.jit
-def _row_offset(row, D1, D2, s0, s1, s2):
-    row = row.to(tl.int64)
-    i2 = row % D2
-    r = row // D2
-    i1 = r % D1
-    i0 = r // D1
-    return i0 * s0 + i1 * s1 + i2 * s2
+# rows addressed with kernels/_utils.py row_offset (shared with every logits kernel)
 
 
 @triton.jit(do_not_specialize=["n_rows", "Dx1", "Dx2", "Dy1", "Dy2"])
@@ -206,8 +199,8 @@ def _full_kl_fwd_kernel(
     row = tl.program_id(0)
     if row >= n_rows:
         return
-    xb = x_ptr + _row_offset(row, Dx1, Dx2, sx0, sx1, sx2)
-    yb = y_ptr + _row_offset(row, Dy1, Dy2, sy0, sy1, sy2)
+    xb = x_ptr + row_offset(row, Dx1, Dx2, sx0, sx1, sx2)
+    yb = y_ptr + row_offset(row, Dy1, Dy2, sy0, sy1, sy2)
     offs = tl.arange(0, BLOCK_V)
     ninf = float("-inf")
     pinf = float("inf")
@@ -292,8 +285,8 @@ def _full_kl_bwd_kernel(
     row = tl.program_id(0)
     if row >= n_rows:
         return
-    xb = x_ptr + _row_offset(row, Dx1, Dx2, sx0, sx1, sx2)
-    yb = y_ptr + _row_offset(row, Dy1, Dy2, sy0, sy1, sy2)
+    xb = x_ptr + row_offset(row, Dx1, Dx2, sx0, sx1, sx2)
+    yb = y_ptr + row_offset(row, Dy1, Dy2, sy0, sy1, sy2)
     obase = row.to(tl.int64) * V  # the gradients are fresh contiguous [N, V] buffers
     offs = tl.arange(0, BLOCK_V)
     srow = stats_ptr + row.to(tl.int64)

@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype_of, cdiv, interpreting, scalar_to, tl_dtype
+from ._utils import (acc_dtype_of, interpreting, row_offset, row_softmax_stats, scalar_to,
+                     tl_dtype)
 
 __all__ = ["logprobs_fwd", "logprobs_bwd", "AOT_SPECS"]
 
@@ -38,16 +39,6 @@ NUM_WARPS = 8
 # The interpreter executes numpy ops per block: a smaller block keeps CPU tests fast and still
 # exercises the multi-block path at small V.
 BLOCK_V_INTERPRET = 64
-
-
-@triton.jit
-def _row_offset(row, D1, D2, s0, s1, s2):
-    row = row.to(tl.int64)
-    i2 = row % D2
-    r = row // D2
-    i1 = r % D1
-    i0 = r // D1
-    return i0 * s0 + i1 * s1 + i2 * s2
 
 
 @triton.jit(do_not_specialize=["n_rows", "D1", "D2"])
@@ -63,38 +54,8 @@ def _logprobs_fwd_kernel(
     row = tl.program_id(0)
     if row >= n_rows:
         return
-    base = logits_ptr + _row_offset(row, D1, D2, s0, s1, s2)
-    offs = tl.arange(0, BLOCK_V)
-
-    m = tl.full([BLOCK_V], float("-inf"), ACC)
-    s = tl.zeros([BLOCK_V], ACC)
-    t = tl.zeros([BLOCK_V], ACC)
-    nan_seen = tl.zeros([BLOCK_V], tl.int1)
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(ACC) * inv_temp
-        nan_seen = nan_seen | (x != x)
-        gt = x > m
-        # One exp per element: whichever of (x, m) is larger becomes the new max, the other side
-        # is scaled by exp(-|x - m|).  x == -inf (masked vocab, padding lanes) changes nothing.
-        d = tl.exp(-tl.abs(x - m))
-        d = tl.where(x == float("-inf"), 0.0, d)
-        alpha = tl.where(gt, d, 1.0)
-        e = tl.where(gt, 1.0, d)
-        m_new = tl.where(gt, x, m)
-        shift = tl.where(s > 0, m - m_new, 0.0)
-        xm = tl.where(e > 0, x - m_new, 0.0)
-        t = alpha * (t + shift * s) + e * xm
-        s = s * alpha + e
-        m = m_new
-
-    M = tl.max(m, axis=0)
-    w = tl.exp(m - M)
-    w = tl.where(s > 0, w, 0.0)
-    S = tl.sum(s * w, axis=0)
-    Tsum = tl.sum(tl.where(s > 0, w * (t + (m - M) * s), 0.0), axis=0)
-    log_s = tl.log(S)
-    bad = tl.max(nan_seen.to(tl.int32), axis=0) > 0
+    base = logits_ptr + row_offset(row, D1, D2, s0, s1, s2)
+    M, log_s, ent, bad = row_softmax_stats(base, V, inv_temp, ACC, BLOCK_V)
     nan = float("nan")
     # The logsumexp is kept as the pair (M, log S): x - lse is then formed as (x - M) - log S,
     # which stays exact to fp32 rounding even when the logits sit at +1e4 (where M + log S alone
@@ -102,7 +63,6 @@ def _logprobs_fwd_kernel(
     tl.store(lse_ptr + 2 * row, tl.where(bad, nan, M))
     tl.store(lse_ptr + 2 * row + 1, tl.where(bad, nan, log_s))
     if WRITE_ENT:
-        ent = log_s - Tsum / S
         ent = tl.where(bad, nan, ent)
         tl.store(ent_ptr + row, ent)
     if HAS_TOKENS:
@@ -129,8 +89,8 @@ def _logprobs_bwd_kernel(
     row = tl.program_id(0)
     if row >= n_rows:
         return
-    base = logits_ptr + _row_offset(row, D1, D2, s0, s1, s2)
-    obase = dlogits_ptr + _row_offset(row, D1, D2, o0, o1, o2)
+    base = logits_ptr + row_offset(row, D1, D2, s0, s1, s2)
+    obase = dlogits_ptr + row_offset(row, D1, D2, o0, o1, o2)
     offs = tl.arange(0, BLOCK_V)
     row_max = tl.load(lse_ptr + 2 * row).to(ACC)
     log_s = tl.load(lse_ptr + 2 * row + 1).to(ACC)

@@ -34,6 +34,7 @@ from .. import config, reference
 from ._common import (FLOAT_DTYPES, INT_DTYPES, check_int, check_positive_float, check_same_device,
                       check_shape, check_tensor, contiguous_row_strides, rows_layout)
 from .kl import _canonical_kind
+from .logprobs import _check_token_range as _logprobs_check_token_range
 from .losses import (RATIO_LEVELS, _check_advantages, _check_agg, _check_bt, _check_clips,
                      _check_packed, _resolve)
 from .masked import check_mask
@@ -53,17 +54,7 @@ def _kernels():
 
 
 def _check_token_range(tokens: Tensor, V: int, ignore_index: int) -> None:
-    if not config.check_tokens_enabled() or tokens.numel() == 0:
-        return
-    bad = ((tokens < 0) | (tokens >= V)) & (tokens != ignore_index)
-    if bool(bad.any()):
-        pos = int(bad.reshape(-1).nonzero()[0, 0])
-        val = int(tokens.reshape(-1)[pos])
-        raise ValueError(
-            f"{OP}: tokens contains id {val} (flat position {pos}) outside [0, {V}) that is not "
-            f"ignore_index={ignore_index}; disable this check with "
-            "fastrlhf.config.set_check_tokens(False) or FASTRLHF_CHECK_TOKENS=0, in which case "
-            "such positions give NaN")
+    _logprobs_check_token_range(tokens, V, ignore_index, OP)
 
 
 # ---------------------------------------------------------------------------------------------

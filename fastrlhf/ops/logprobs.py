@@ -25,7 +25,8 @@ def _kernels():
     return k
 
 
-def _check_token_range(tokens: Tensor, V: int, ignore_index: int) -> None:
+def _check_token_range(tokens: Tensor, V: int, ignore_index: int, op: str = "token_logprobs"
+                       ) -> None:
     if not config.check_tokens_enabled() or tokens.numel() == 0:
         return
     bad = ((tokens < 0) | (tokens >= V)) & (tokens != ignore_index)
@@ -33,7 +34,7 @@ def _check_token_range(tokens: Tensor, V: int, ignore_index: int) -> None:
         pos = int(bad.reshape(-1).nonzero()[0, 0])
         val = int(tokens.reshape(-1)[pos])
         raise ValueError(
-            f"token_logprobs: tokens contains id {val} (flat position {pos}) outside [0, {V}) that "
+            f"{op}: tokens contains id {val} (flat position {pos}) outside [0, {V}) that "
             f"is not ignore_index={ignore_index}; disable this check with "
             "fastrlhf.config.set_check_tokens(False) or FASTRLHF_CHECK_TOKENS=0 (e.g. for CUDA "
             "graph capture), in which case such positions give NaN")
