@@ -303,6 +303,46 @@ def test_fused_loss_packed_equals_padded(backend, case):
     assert_close("fused = composition", got, comp, **TOL)
 
 
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("case", FUSED_CASES[:3], ids=lambda c: "-".join(map(str, c[:4])))
+def test_fused_linear_loss_packed_equals_padded(backend, case):
+    """fused_linear_ppo_loss from packed hidden states [1, total, H] equals the padded layout:
+    loss, stats and the gradients of hidden (on the segments), weight and bias."""
+    from fastrlhf.ops.fused_linear import fused_linear_ppo_loss
+    ratio_level, adv_per_seq, agg, with_ref, _ = case
+    lay = Layout((4, 0, 7, 1, 5))
+    H, V = 12, 29
+    lp_old = -torch.rand(1, lay.total, dtype=F64, device=DEVICE) * 3
+    _, _, adv, m = packed_policy_inputs(lay, adv_per_seq)
+    hidden = torch.randn(1, lay.total, H, dtype=F64, device=DEVICE)
+    weight = torch.randn(V, H, dtype=F64, device=DEVICE) * 0.5
+    bias = torch.randn(V, dtype=F64, device=DEVICE) * 0.1
+    tokens = torch.randint(0, V, (1, lay.total), device=DEVICE)
+    ref = (lp_old + 0.1 * torch.randn_like(lp_old)) if with_ref else None
+    kw = dict(kl_coef=0.05 if with_ref else 0.0, kl_kind="k3", entropy_coef=0.01, clip_low=0.2,
+              clip_high=0.3, dual_clip=3.0, temperature=0.9, agg=agg, ratio_level=ratio_level,
+              backend=backend)
+    nan = float("nan")
+    q_hidden = lay.pad(hidden, 0.0)
+    q_hidden[~lay.valid] = torch.randn_like(q_hidden[~lay.valid])
+    q_old, q_adv = lay.pad(lp_old, nan), adv if adv_per_seq else lay.pad(adv, nan)
+    q_ref = None if ref is None else lay.pad(ref, nan)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    q_leaves = [t.clone().requires_grad_() for t in (q_hidden, weight, bias)]
+    got, gs = fused_linear_ppo_loss(leaves[0], leaves[1], tokens, lp_old, adv, m, bias=leaves[2],
+                                    ref_logp=ref, cu_seqlens=lay.cu, **kw)
+    want, ws = fused_linear_ppo_loss(q_leaves[0], q_leaves[1], lay.pad(tokens, 0), q_old, q_adv,
+                                     lay.pad(m, False), bias=q_leaves[2], ref_logp=q_ref, **kw)
+    assert_close("fused linear loss", got, want, **TOL)
+    for k, v in ws.items():
+        assert_close(f"stats[{k}]", gs[k], lay.pack(v) if v.dim() == 2 else v, **TOL)
+    got.backward()
+    want.backward()
+    check_grad(lay, "d loss / d hidden", leaves[0].grad, q_leaves[0].grad)
+    assert_close("d loss / d weight", leaves[1].grad, q_leaves[1].grad, **TOL)
+    assert_close("d loss / d bias", leaves[2].grad, q_leaves[2].grad, **TOL)
+
+
 # ---------------------------------------------------------------------------------------------
 # backends: the native backend has no packed path
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from ._common import (FLOAT_DTYPES, INT_DTYPES, check_int, check_positive_float,
                       check_shape, check_tensor, rows_layout)
 from .kl import _canonical_kind, kl_penalty
 from .losses import (RATIO_LEVELS, _check_advantages, _check_agg, _check_bt, _check_clips,
+                     _check_packed,
                      agg_loss, ppo_policy_loss)
 from .masked import check_mask
 
@@ -269,7 +270,8 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_lo
                           temperature: float = 1.0, agg: str = "token-mean",
                           ratio_level: str = "token", inplace_backward: bool = False,
                           ignore_index: int = -100, backend: str = "auto", process_group=None,
-                          vocab_start_index: Optional[int] = None, **agg_kwargs):
+                          vocab_start_index: Optional[int] = None,
+                          cu_seqlens: Optional[Tensor] = None, **agg_kwargs):
     """``fused_ppo_loss`` of the logits ``hidden @ weight.T + bias``, without forming them.
 
     Definition (the same as :func:`fastrlhf.fused_ppo_loss` with
@@ -297,6 +299,10 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_lo
             vocab-parallel log-probs and entropy, then the O(B T) loss terms below on every
             rank (the same loss everywhere); ``dhidden`` all-reduced, ``dweight`` local.
 
+        cu_seqlens: packed sequences, as :func:`fastrlhf.fused_ppo_loss`: ``hidden`` is
+            ``[1, total, H]``, ``[S+1]`` boundaries; advantages ``[1, total]`` or ``[S]``; equal
+            to the padded layout on the same data.
+
     Returns ``(loss, stats)`` with the keys of ``fused_ppo_loss``: per-token ``[B, T]``
     ``"logp"``, ``"entropy"``, ``"kl"`` (zeros without ``ref_logp``) and the 0-dim
     ``"clipfrac"``, ``"clipfrac_lower"``, ``"approx_kl"``, ``"entropy_mean"``, ``"kl_mean"``
@@ -316,7 +322,8 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_lo
         raise ValueError(f"{op}: hidden must be 3-D [B, T, H], got shape {tuple(hidden.shape)}")
     B, T, _ = hidden.shape
     _check_bt(op, "old_logp", old_logp, (B, T))
-    _check_advantages(op, advantages, (B, T))
+    n_seqs, _ = _check_packed(op, cu_seqlens, "hidden", hidden)
+    _check_advantages(op, advantages, (B, T), n_seqs)
     check_mask(op, mask, (B, T), "the leading shape of hidden")
     if ref_logp is not None:
         _check_bt(op, "ref_logp", ref_logp, (B, T))
@@ -335,6 +342,8 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_lo
         raise TypeError(f"{op}: inplace_backward must be a bool, got "
                         f"{type(inplace_backward).__name__}")
     kw = _check_agg(op, agg, T, agg_kwargs)
+    if cu_seqlens is not None:
+        kw = {**kw, "cu_seqlens": cu_seqlens}  # every loss op below aggregates per segment
     which = _backend.resolve(backend, hidden.device, op=op)
     acc = _acc(hidden.dtype)
     old_logp, advantages = old_logp.detach().to(acc), advantages.detach().to(acc)
