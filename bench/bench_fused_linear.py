@@ -229,7 +229,10 @@ def _bench_ppo(rows, device, N, H, V, hidden, weight, tokens, backend):
         row = dict(op=op, impl=name, mode="fwd+bwd", shape=shape, dtype="bf16",
                    flops=6 * B * T * H * V)
         if name.startswith("fastrlhf"):
-            row["backend"] = backend
+            # "fastrlhf-logits" runs fused_ppo_loss, which has a native CPU path; the lm_head
+            # ops do not
+            row["backend"] = (common.fastrlhf_backend(device) if name == "fastrlhf-logits"
+                              else backend)
 
         def step():
             hl.grad = wl.grad = None
@@ -244,7 +247,7 @@ def run(device: str, quick: bool = False, with_compile: bool = True) -> list[dic
     shapes = GPU_SHAPES if on_gpu else (CPU_QUICK_SHAPES if quick else CPU_SHAPES)
     if quick and on_gpu:
         shapes = shapes[:1]
-    backend = common.fastrlhf_backend(device)
+    backend = common.fastrlhf_backend(device, native_ok=False)  # lm_head ops: no native path
     rows: list[dict] = []
     for N, H, V in shapes:
         g = torch.Generator(device=device).manual_seed(0)

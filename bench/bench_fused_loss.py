@@ -135,9 +135,8 @@ def run(device: str, quick: bool = False, with_compile: bool = True) -> list[dic
             for name, make in _impls(with_compile, seq).items():
                 row = dict(op="fused_ppo_loss", impl=name, mode=mode, shape=f"{N}x{V}",
                            dtype="bf16")
-                if name.startswith("fastrlhf"):  # (no native backend for this op)
-                    from fastrlhf import _backend
-                    row["backend"] = _backend.resolve("auto", torch.device(device), op="bench")
+                if name.startswith("fastrlhf"):
+                    row["backend"] = common.fastrlhf_backend(device)
                 try:
                     fn = make()
                 except Exception as e:  # peer not installed, etc.
