@@ -28,7 +28,9 @@ import fastrlhf as fr  # noqa: E402
 from fastrlhf.trainer import TrainConfig  # noqa: E402
 from fastrlhf.trainer.cli import main as cli_main  # noqa: E402
 from fastrlhf.trainer.distributed import Runtime  # noqa: E402
-from fastrlhf.trainer.models import build_policy, reward_model_from  # noqa: E402
+from fastrlhf.trainer.models import (build_policy, pack_batch, packed_policy_logits,  # noqa: E402
+                                     packed_position_values, policy_logits, position_values,
+                                     response_mask, reward_model_from)
 from fastrlhf.trainer.ppo import Learner, Rollout, collect_rollout, train  # noqa: E402
 from fastrlhf.trainer.report import MetricsLog  # noqa: E402
 from fastrlhf.trainer.task import SyntheticTask  # noqa: E402
@@ -143,13 +145,13 @@ def test_model_flag_loads_local_checkpoint(short_run, tmp_path):
 # 2. the same first update on every backend
 # ------------------------------------------------------------------------------------------------
 
-def _first_update(backend: str, kl_in_loss: bool, fused_loss: bool = False):
+def _first_update(backend: str, kl_in_loss: bool, fused_loss: bool = False, **overrides):
     """Rollout + one PPO update of tiny random models, all loss math on ``backend``."""
-    cfg = TrainConfig(backend=backend, kl_in_loss=kl_in_loss, fused_loss=fused_loss,
-                      rollout_batch_size=8,
-                      response_length=6, prompt_len=3, sft_max_words=4, ppo_epochs=2,
-                      num_minibatches=2, micro_batch_size=2, hidden_size=32, num_layers=1,
-                      num_heads=2, entropy_coef=0.01, value_clip=0.2, dual_clip=3.0)
+    cfg = TrainConfig(**dict(dict(
+        backend=backend, kl_in_loss=kl_in_loss, fused_loss=fused_loss, rollout_batch_size=8,
+        response_length=6, prompt_len=3, sft_max_words=4, ppo_epochs=2, num_minibatches=2,
+        micro_batch_size=2, hidden_size=32, num_layers=1, num_heads=2, entropy_coef=0.01,
+        value_clip=0.2, dual_clip=3.0), **overrides))
     task = SyntheticTask(cfg.prompt_len, cfg.response_length, cfg.sft_min_words,
                          cfg.sft_max_words)
     torch.manual_seed(0)
@@ -198,6 +200,96 @@ def test_first_update_same_on_every_backend(kl_in_loss, fused):
 
 
 # ------------------------------------------------------------------------------------------------
+# 2b. packed (padding-free) updates equal the padded ones
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_packed_forward_equals_padded(arch):
+    """One packed row with per-sequence position ids (transformers' packed-sequence detection)
+    gives the padded forward's logits and values at every real response position."""
+    cfg = TrainConfig(arch=arch, hidden_size=32, num_layers=2, num_heads=2)
+    torch.manual_seed(0)
+    policy = build_policy(cfg, 33, 64)     # GPT-2: positions for the unpacked row below
+    critic = reward_model_from(policy)
+    g = torch.Generator().manual_seed(0)
+    query = torch.randint(2, 33, (4, 5), generator=g)
+    response = torch.randint(3, 33, (4, 8), generator=g)
+    response[0, 2], response[2, 5] = 2, 2             # EOS (id 2) early in two rows
+    response[0, 3:], response[2, 6:] = 0, 0           # PAD after it
+    mask, has_eos = response_mask(response)
+    assert has_eos.tolist() == [True, False, True, False] and mask.sum() == 3 + 8 + 6 + 8
+    pb = pack_batch(query, response, mask)
+    assert pb.input_ids.shape == (1, 4 * 5 + 25) and pb.cu_seqlens.tolist() == [0, 3, 11, 17, 25]
+    with torch.no_grad():
+        pad_logits = policy_logits(policy, query, response, mask)                   # [4, 8, V]
+        pad_values = position_values(critic, query, response, mask)                 # [4, 8]
+        pk_logits = packed_policy_logits(policy, pb)                                # [1, 25, V]
+        pk_values = packed_position_values(critic, pb)                              # [1, 25]
+    real = mask.bool()
+    assert_close(f"{arch} packed logits", pk_logits[0], pad_logits[real], atol=1e-5, rtol=1e-5)
+    assert_close(f"{arch} packed values", pk_values[0], pad_values[real], atol=1e-5, rtol=1e-5)
+    # without the restarting position ids the row is one long sequence: clearly different
+    with torch.no_grad():
+        wrong = policy(input_ids=pb.input_ids, use_cache=False).logits[:, pb.resp_index]
+    assert (wrong[0] - pad_logits[real]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("kl_in_loss, fused, loss_agg, micro", [
+    (False, False, "token-mean", 2), (True, False, "seq-mean-token-mean", 4),
+    (True, True, "seq-mean-token-sum-norm", 1)],
+    ids=["kl_in_reward", "kl_in_loss-seq_mean", "fused-seq_norm"])
+def test_packed_first_update_equals_padded(kl_in_loss, fused, loss_agg, micro):
+    """--packed: the first PPO update (2 epochs x 2 minibatches, gradient accumulation over
+    micro-batches) on the same rollouts gives the padded update's losses, stats and weights.
+    (Micro-batches of 1 put a short response alone in a packed row: seq-mean-token-sum-norm
+    must still divide by the padded length.)"""
+    if fused and not hasattr(fr, "fused_ppo_loss"):
+        pytest.skip("fastrlhf.fused_ppo_loss is not exported by this build")
+    kw = dict(kl_in_loss=kl_in_loss, fused_loss=fused, loss_agg=loss_agg, micro_batch_size=micro)
+    pad_batch, pad_stats, pad_pol, pad_crit = _first_update("auto", **kw)
+    batch, stats, pol, crit = _first_update("auto", packed=True, **kw)
+    # uneven responses, so the packed rows really differ from the padded ones
+    lens = pad_batch.mask.sum(dim=1)
+    assert lens.min() < lens.max() and lens.min() < pad_batch.mask.shape[1]
+    assert torch.equal(batch.response, pad_batch.response)
+    assert stats.keys() == pad_stats.keys() and ("kl_loss" in stats) == kl_in_loss
+    for k in stats:
+        assert abs(stats[k] - pad_stats[k]) <= 1e-5 * (1 + abs(pad_stats[k])), (k, stats[k],
+                                                                                 pad_stats[k])
+    for name, got, want in (("policy", pol, pad_pol), ("critic", crit, pad_crit)):
+        for k in want:
+            assert_close(f"packed {name} {k}", got[k], want[k], atol=1e-5)
+    assert any((pol[k] - _first_update_init_policy()[k]).abs().max() > 1e-4 for k in pol)
+
+
+def _first_update_init_policy():
+    """The weights :func:`_first_update` starts the policy from (to check the update moved)."""
+    cfg = TrainConfig(response_length=6, prompt_len=3, sft_max_words=4, hidden_size=32,
+                      num_layers=1, num_heads=2)
+    task = SyntheticTask(cfg.prompt_len, cfg.response_length, cfg.sft_min_words,
+                         cfg.sft_max_words)
+    torch.manual_seed(0)
+    return build_policy(cfg, task.vocab_size, task.query_len + cfg.response_length).state_dict()
+
+
+def test_packed_short_run_end_to_end(tmp_path, capsys):
+    """``fastrlhf train --packed``: the whole pipeline runs, PPO updates padding-free, and the
+    metrics are finite."""
+    out = tmp_path / "packed"
+    kw = dict(TINY, total_steps=3, checkpoint_every=0, micro_batch_size=4)
+    assert cli_main(["--out", str(out), "--packed"] + _flags(kw)) == 0, capsys.readouterr().err
+    with open(out / "config.json") as f:
+        assert json.load(f)["packed"] is True
+    rows = MetricsLog.read(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        for k in ("policy_loss", "value_loss", "grad_norm", "approx_kl", "clipfrac", "score"):
+            assert r[k] == r[k] and abs(r[k]) < 1e3, (r["step"], k, r[k])
+        assert r["grad_norm"] > 0 and r["critic_grad_norm"] > 0
+    assert (out / "final" / "policy" / "config.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------
 # 3. resume: a run killed mid-way and resumed equals an uninterrupted one, exactly
 # ------------------------------------------------------------------------------------------------
 
@@ -241,14 +333,15 @@ def test_resume_after_kill_is_exact(tmp_path):
 # 4. data parallel: 2 CPU processes (DDP or FSDP2, gloo) == 1 process on the same global batch
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
-def test_data_parallel_update_equals_single_process(tmp_path, parallel):
+@pytest.mark.parametrize("parallel, packed", [("ddp", False), ("fsdp2", False), ("fsdp2", True)],
+                         ids=["ddp", "fsdp2", "fsdp2-packed"])
+def test_data_parallel_update_equals_single_process(tmp_path, parallel, packed):
     """torchrun, 2 CPU ranks (gloo), the whole pipeline; the first PPO update (2 epochs x 2
     minibatches, gradient accumulation over micro-batches, clipping, Adam) of the 2 ranks must
-    equal one process updating on their concatenated batches."""
+    equal one process updating on their concatenated batches (also with --packed updates)."""
     out = tmp_path / parallel
     kw = dict(TINY, total_steps=1, ppo_epochs=2, num_minibatches=2, micro_batch_size=2,
-              dump_first_update=True, parallel=parallel)
+              dump_first_update=True, parallel=parallel, packed=packed)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "fastrlhf.train", "--out", str(out)] + _flags(kw)
     r = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, timeout=300)

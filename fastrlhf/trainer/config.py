@@ -180,6 +180,16 @@ class TrainConfig:
     fused_loss: bool = False
     """Compute the policy loss with fastrlhf.fused_ppo_loss (log-probs, entropy, KL, clipped
     surrogate and their gradient in one pass over the logits) instead of the separate ops."""
+    packed: bool = False
+    """Padding-free PPO updates: each (micro-)batch's sequences (prompt + response up to EOS)
+    run through the policy and value model as one packed row (position ids restart per
+    sequence; transformers attends block-diagonally), and the losses use the fastrlhf ops'
+    cu_seqlens on the response tokens only; same losses and gradients as the padded update.
+    Pays with long, uneven responses, where padding wastes model FLOPs and [B, R, V] logits
+    memory; on the tiny built-in task it mostly demonstrates the path.  Rollout generation,
+    rewards and GAE stay padded.  Works with ddp / fsdp2, micro-batches, fused_loss and
+    every loss_agg; a --model must be a transformers model whose attention honours packed
+    position_ids (verified for the built-in Llama and GPT-2 with sdpa and eager attention)."""
     whiten_rewards: bool = False
     """Whiten the per-token rewards (without shifting the mean) before GAE."""
     missing_eos_penalty: Optional[float] = -1.0

@@ -14,7 +14,7 @@ split into micro-batches.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +83,8 @@ def advantages(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, l
 
 def ppo_loss(logits: Tensor, values: Tensor, *, tokens: Tensor, old_logp: Tensor,
              ref_logp: Tensor, old_values: Tensor, adv: Tensor, returns: Tensor, mask: Tensor,
-             cfg, kl_coef: float, agg_kwargs: Dict) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
+             cfg, kl_coef: float, agg_kwargs: Dict, cu_seqlens: Optional[Tensor] = None
+             ) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
     """The PPO objective of one (micro-)batch, from the policy's logits ``[B, R, V]`` and the
     value model's outputs ``[B, R]``.
 
@@ -93,10 +94,17 @@ def ppo_loss(logits: Tensor, values: Tensor, *, tokens: Tensor, old_logp: Tensor
     in one pass over the logits.  Value: clipped ``ppo_value_loss``.  Every term is aggregated
     with ``cfg.loss_agg`` and ``agg_kwargs``.
 
+    Packed (``cfg.packed``): every input is one row, ``logits [1, N, V]`` and the rest
+    ``[1, N]`` (``N`` = real response tokens of the batch, no padding, ``mask`` all ones), and
+    ``cu_seqlens [S+1]`` marks the sequences; every op then treats the segments as the rows, so
+    the result equals the padded layout (``agg_kwargs`` must then carry ``loss_scale_factor`` =
+    the padded ``R`` for ``seq-mean-token-sum-norm``, whose default is the longest segment).
+
     Returns ``(policy_loss, value_loss, stats)``; stats are detached scalars (local means) plus
     ``pg_loss``, the clipped surrogate alone.
     """
     be = cfg.backend
+    agg_kwargs = dict(agg_kwargs, cu_seqlens=cu_seqlens)   # None: the padded [B, R] layout
     kl_coef = kl_coef if cfg.kl_in_loss else 0.0
     if cfg.fused_loss:
         policy_loss, st = fr.fused_ppo_loss(

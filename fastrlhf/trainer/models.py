@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from typing import Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +34,8 @@ from .task import EOS, PAD
 
 __all__ = ["build_policy", "ScalarModel", "reward_model_from", "disable_dropout", "freeze",
            "generate", "response_mask", "model_inputs", "policy_logits", "position_values",
-           "last_token_scores"]
+           "last_token_scores", "PackedBatch", "pack_rows", "pack_batch", "packed_policy_logits",
+           "packed_position_values"]
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
@@ -109,8 +110,13 @@ class ScalarModel(nn.Module):
             self.head.weight.normal_(0.0, 1.0 / math.sqrt(hidden + 1))
             self.head.bias.zero_()
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor],
+                position_ids: Optional[Tensor] = None) -> Tensor:
+        kw = {}
+        if position_ids is not None:   # packed row (see pack_batch): no cache, so HF detects it
+            kw = {"position_ids": position_ids, "use_cache": False}
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          **kw).last_hidden_state
         with torch.autocast(h.device.type, enabled=False):         # the head stays in fp32
             return self.head(h.float()).squeeze(-1)                 # [B, T] float32
 
@@ -176,6 +182,69 @@ def last_token_scores(reward_model: nn.Module, query: Tensor, response: Tensor, 
     out = reward_model(input_ids, attention_mask)                                    # [B, P+R]
     last = P - 1 + mask.sum(dim=1).long()                                            # [B]
     return out.gather(1, last[:, None]).squeeze(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# packed (padding-free) forward passes: TrainConfig.packed
+# ------------------------------------------------------------------------------------------------
+
+class PackedBatch(NamedTuple):
+    """``S`` sequences ``[prompt | real response tokens]`` concatenated into one row, no padding.
+
+    ``L_s = P + n_s`` tokens per sequence (``n_s`` = real response tokens, EOS included);
+    ``total = sum_s L_s``, ``total_resp = N = sum_s n_s``.
+    """
+
+    input_ids: Tensor      # [1, total]      int64
+    position_ids: Tensor   # [1, total]      int64  0, 1, ..., L_s - 1 for every sequence
+    resp_index: Tensor     # [total_resp]    int64  row position whose output predicts/values
+                           #                        each real response token, sequence by sequence
+    cu_seqlens: Tensor     # [S + 1]         int64  boundaries of the response segments in
+                           #                        [1, total_resp] (0, n_0, n_0 + n_1, ...)
+
+
+def pack_rows(x: Tensor, mask: Tensor) -> Tensor:
+    """Padded ``[S, R]`` -> packed ``[1, total_resp]``: the entries where ``mask`` is set, row
+    by row (the order of :class:`PackedBatch`'s response segments)."""
+    return x[mask.bool()].unsqueeze(0)
+
+
+def pack_batch(query: Tensor, response: Tensor, mask: Tensor) -> PackedBatch:
+    """Pack ``query [S, P]`` + ``response [S, R]`` (real tokens: ``mask [S, R]``) into one row.
+
+    The position ids restart at 0 for every sequence.  Given no attention mask *and no KV cache*
+    (``use_cache=False``: with a cache, transformers skips the detection and the row is one long
+    sequence), transformers 5.x's masking utils detect the packed layout from the position ids
+    and build a block-diagonal causal mask, so every sequence sees only its own tokens: the
+    outputs equal the padded forward's at the real positions (to ~1e-7 in float32, verified with
+    sdpa and eager attention on the built-in Llama and GPT-2; tests/test_trainer.py checks it).
+    """
+    S, P = query.shape
+    dev = query.device
+    n = mask.sum(dim=1).long()                                                      # [S]
+    lens = P + n                                                                    # [S]
+    real = torch.cat([torch.ones_like(query, dtype=torch.bool), mask.bool()], 1)   # [S, P+R]
+    input_ids = torch.cat([query, response], dim=1)[real].unsqueeze(0)             # [1, total]
+    starts = torch.cumsum(lens, 0) - lens                                           # [S]
+    pos = torch.arange(int(lens.sum()), device=dev) - torch.repeat_interleave(starts, lens)
+    # response token t of sequence s is predicted at row position start_s + P - 1 + t
+    t = torch.arange(mask.shape[1], device=dev).expand(S, -1)                       # [S, R]
+    resp_index = (starts[:, None] + P - 1 + t)[mask.bool()]                         # [total_resp]
+    cu = torch.zeros(S + 1, dtype=torch.long, device=dev)
+    cu[1:] = torch.cumsum(n, 0)
+    return PackedBatch(input_ids, pos.unsqueeze(0), resp_index, cu)
+
+
+def packed_policy_logits(policy: nn.Module, pb: PackedBatch) -> Tensor:
+    """Logits that predict each real response token, packed: ``[1, total_resp, V]``."""
+    logits = policy(input_ids=pb.input_ids, position_ids=pb.position_ids,
+                    use_cache=False).logits                                     # [1, total, V]
+    return logits[:, pb.resp_index]                                             # [1, N, V]
+
+
+def packed_position_values(critic: nn.Module, pb: PackedBatch) -> Tensor:
+    """``V(s_t)`` before each real response token, packed: ``[1, total_resp]`` float32."""
+    return critic(pb.input_ids, None, pb.position_ids)[:, pb.resp_index]        # [1, N]
 
 
 @torch.no_grad()

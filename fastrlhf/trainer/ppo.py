@@ -23,6 +23,9 @@ The "N implementation details of RLHF with PPO" (Huang et al. 2023) this follows
    reward model** (see ``models.py`` for why).
 9. Several **epochs of shuffled minibatch** updates, clipped policy and value losses, entropy
    bonus, **gradient clipping**, linear / cosine **LR decay**, Adam eps 1e-5.
+
+With ``packed`` the update's forward passes and losses run padding-free
+(:meth:`Learner._packed_loss`); everything else is unchanged.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ from .checkpoint import (find_checkpoint, load_checkpoint, load_model_state, loa
                          model_state, optim_state, rng_state, save_checkpoint, set_rng_state)
 from .config import TrainConfig
 from .distributed import Runtime, clip_grad_norm, grad_sync, setup_runtime, unwrap, wrap_model
-from .models import (autocast, build_policy, freeze, generate, last_token_scores, policy_logits,
+from .models import (autocast, build_policy, freeze, generate, last_token_scores, pack_batch,
+                     pack_rows, packed_policy_logits, packed_position_values, policy_logits,
                      position_values, response_mask, reward_model_from)
 from .report import MetricsLog, plot_curves
 from .task import SyntheticTask
@@ -202,13 +206,19 @@ class Learner:
             mi = mini.select(torch.arange(start, min(start + micro, len(mini)),
                                           device=mini.query.device))
             with grad_sync([self.policy, self.critic], enabled=c == len(starts) - 1):
-                with autocast(rt, cfg.bf16):
-                    logits = policy_logits(self.policy, mi.query, mi.response, mi.mask)  # [b,R,V]
-                    values = position_values(self.critic, mi.query, mi.response, mi.mask)  # [b,R]
-                policy_loss, value_loss, st = L.ppo_loss(
-                    logits, values, tokens=mi.response, old_logp=mi.logp, ref_logp=mi.ref_logp,
-                    old_values=mi.values, adv=mi.adv, returns=mi.returns, mask=mi.mask, cfg=cfg,
-                    kl_coef=kl_coef, agg_kwargs=agg)
+                if cfg.packed:
+                    policy_loss, value_loss, st = self._packed_loss(mi, kl_coef, agg)
+                else:
+                    with autocast(rt, cfg.bf16):
+                        logits = policy_logits(self.policy, mi.query, mi.response,
+                                               mi.mask)                                # [b,R,V]
+                        values = position_values(self.critic, mi.query, mi.response,
+                                                 mi.mask)                              # [b,R]
+                    policy_loss, value_loss, st = L.ppo_loss(
+                        logits, values, tokens=mi.response, old_logp=mi.logp,
+                        ref_logp=mi.ref_logp, old_values=mi.values, adv=mi.adv,
+                        returns=mi.returns, mask=mi.mask, cfg=cfg, kl_coef=kl_coef,
+                        agg_kwargs=agg)
                 (policy_loss + value_loss).backward()
             w = float(mi.mask.sum())
             sums += torch.tensor([float(st["pg_loss"]), float(value_loss.detach()), w,
@@ -216,6 +226,32 @@ class Learner:
                                   w * float(st["value_clipfrac"]),
                                   w * float(st.get("kl_loss", 0.0))], dtype=torch.float64)
         return sums
+
+    def _packed_loss(self, mi: Rollout, kl_coef: float, agg: Dict
+                     ) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
+        """:func:`losses.ppo_loss` of a (micro-)batch run padding-free (``cfg.packed``).
+
+        The ``b`` sequences' real tokens (prompt + response up to EOS) go through each model as
+        one row ``[1, total]`` with per-sequence position ids; the outputs at the response
+        positions form the packed layout ``[1, N]`` (``N = mask.sum()``), segmented by
+        ``cu_seqlens [b+1]``.  The rollout tensors ``[b, R]`` are packed the same way (their
+        entries under the mask, row by row), so the losses equal the padded path's.
+        """
+        cfg = self.cfg
+        pb = pack_batch(mi.query, mi.response, mi.mask)
+        with autocast(self.rt, cfg.bf16):
+            logits = packed_policy_logits(self.policy, pb)                            # [1,N,V]
+            values = packed_position_values(self.critic, pb)                          # [1,N]
+        packed = {k: pack_rows(getattr(mi, k), mi.mask)                               # [1,N]
+                  for k in ("response", "logp", "ref_logp", "values", "adv", "returns")}
+        # seq-mean-token-sum-norm divides by the padded length R (packed default: the longest
+        # segment); the other modes ignore it
+        agg = dict(agg, loss_scale_factor=float(mi.mask.shape[1]))
+        return L.ppo_loss(
+            logits, values, tokens=packed["response"], old_logp=packed["logp"],
+            ref_logp=packed["ref_logp"], old_values=packed["values"], adv=packed["adv"],
+            returns=packed["returns"], mask=torch.ones_like(packed["logp"]), cfg=cfg,
+            kl_coef=kl_coef, agg_kwargs=agg, cu_seqlens=pb.cu_seqlens)
 
     def state_dict(self) -> Dict:
         return {"policy_opt": optim_state(self.policy, self.policy_opt),
