@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -45,6 +46,21 @@ def check_positive_float(op: str, name: str, v) -> float:
     v = float(v)
     if not (v > 0 and math.isfinite(v)):
         raise ValueError(f"{op}: {name} must be a finite number > 0, got {v}")
+    return v
+
+
+def check_finite_float(op: str, name: str, v) -> float:
+    """A finite real scalar (a Python number or a one-element tensor), e.g. a loss coefficient."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"{op}: {name} must be a scalar, got a tensor of shape "
+                             f"{tuple(v.shape)}")
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a float, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{op}: {name} must be finite, got {v}")
     return v
 
 

@@ -12,17 +12,17 @@ Triton backward), so ``torch.compile(fullgraph=True)`` traces it without graph b
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import _backend, config, reference
-from ._common import (FLOAT_DTYPES, INT_DTYPES, check_int, check_positive_float, check_same_device,
+from ._common import (FLOAT_DTYPES, INT_DTYPES, check_finite_float, check_int,
+                      check_positive_float, check_same_device,
                       check_shape, check_tensor, rows_layout)
 from .kl import _canonical_kind, kl_penalty
+from .logprobs import _check_token_range as _logprobs_check_token_range
 from .losses import (RATIO_LEVELS, _check_advantages, _check_agg, _check_bt, _check_clips,
                      _check_packed,
                      agg_loss, ppo_policy_loss)
@@ -41,17 +41,7 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 def _check_token_range(op: str, tokens: Tensor, V: int, ignore_index: int) -> None:
-    if not config.check_tokens_enabled() or tokens.numel() == 0:
-        return
-    bad = ((tokens < 0) | (tokens >= V)) & (tokens != ignore_index)
-    if bool(bad.any()):
-        pos = int(bad.reshape(-1).nonzero()[0, 0])
-        val = int(tokens.reshape(-1)[pos])
-        raise ValueError(
-            f"{op}: tokens contains id {val} (flat position {pos}) outside [0, {V}) that is not "
-            f"ignore_index={ignore_index}; disable this check with "
-            "fastrlhf.config.set_check_tokens(False) or FASTRLHF_CHECK_TOKENS=0 (e.g. for CUDA "
-            "graph capture), in which case such positions give NaN")
+    _logprobs_check_token_range(tokens, V, ignore_index, op)
 
 
 def _weight_view(weight: Tensor) -> Tensor:
@@ -248,19 +238,6 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
 # the PPO / GRPO / GSPO policy loss straight from hidden states
 # ---------------------------------------------------------------------------------------------
 
-def _check_coef(op: str, name: str, v) -> float:
-    if isinstance(v, Tensor):
-        if v.numel() != 1:
-            raise ValueError(f"{op}: {name} must be a scalar, got a tensor of shape "
-                             f"{tuple(v.shape)}")
-        v = v.item()
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{op}: {name} must be a float, got {type(v).__name__}")
-    v = float(v)
-    if not math.isfinite(v):
-        raise ValueError(f"{op}: {name} must be finite, got {v}")
-    return v
-
 
 def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_logp: Tensor,
                           advantages: Tensor, mask: Tensor, *, bias: Optional[Tensor] = None,
@@ -329,8 +306,8 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_lo
         _check_bt(op, "ref_logp", ref_logp, (B, T))
     check_same_device(op, "hidden", hidden, old_logp=old_logp, advantages=advantages, mask=mask,
                       ref_logp=ref_logp)
-    kl_coef = _check_coef(op, "kl_coef", kl_coef)
-    entropy_coef = _check_coef(op, "entropy_coef", entropy_coef)
+    kl_coef = check_finite_float(op, "kl_coef", kl_coef)
+    entropy_coef = check_finite_float(op, "entropy_coef", entropy_coef)
     kl_kind = _canonical_kind(op, kl_kind)
     if ref_logp is None and kl_coef != 0.0:
         raise ValueError(f"{op}: kl_coef={kl_coef} needs ref_logp (the reference policy's "

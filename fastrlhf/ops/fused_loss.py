@@ -23,15 +23,14 @@ holds zeros and a later backward gives NaN.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import config, reference
-from ._common import (FLOAT_DTYPES, INT_DTYPES, check_int, check_positive_float, check_same_device,
+from ._common import (FLOAT_DTYPES, INT_DTYPES, check_finite_float, check_int,
+                      check_positive_float, check_same_device,
                       check_shape, check_tensor, contiguous_row_strides, rows_layout)
 from .kl import _canonical_kind
 from .logprobs import _check_token_range as _logprobs_check_token_range
@@ -277,17 +276,7 @@ def _native_op():
 
 
 def _check_coef(name: str, v) -> float:
-    if isinstance(v, Tensor):
-        if v.numel() != 1:
-            raise ValueError(f"{OP}: {name} must be a scalar, got a tensor of shape "
-                             f"{tuple(v.shape)}")
-        v = v.item()
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{OP}: {name} must be a float, got {type(v).__name__}")
-    v = float(v)
-    if not math.isfinite(v):
-        raise ValueError(f"{OP}: {name} must be finite, got {v}")
-    return v
+    return check_finite_float(OP, name, v)
 
 
 def fused_ppo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tensor,
