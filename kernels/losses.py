@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype_of, interpreting, tl_dtype
+from ._utils import interpreting, tl_dtype
 
 __all__ = ["AGG_MODE_IDS", "policy_fwd", "policy_bwd", "value_fwd", "value_bwd",
            "policy_token_terms", "value_token_terms", "AOT_SPECS"]

@@ -11,9 +11,6 @@ GPU tolerances: fp32 inputs multiply in tf32 unless torch's float32 matmul preci
 gradients and of the logits-gradient scratch).
 """
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch

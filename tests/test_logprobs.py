@@ -1,6 +1,5 @@
 """token_logprobs / token_entropy against the float64 reference, on every backend available."""
 
-import math
 
 import pytest
 import torch
