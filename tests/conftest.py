@@ -96,3 +96,58 @@ def backends(native: bool = False):
         if _native.available():
             out.append("native")
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# multi-process tests: gloo CPU process groups spawned from a test, with a hard deadline
+# ------------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_entry(rank, world, port, errfile, fn, args):
+    """Body of one spawned process: join the gloo group, run ``fn(rank, world, *args)``, report
+    any exception (with its traceback) to ``errfile`` for the parent."""
+    import torch.distributed as dist
+    try:
+        os.environ["TRITON_INTERPRET"] = "1"   # CPU tensors: kernels run in the interpreter
+        os.environ["TRITON_DEFAULT_FP_FUSION"] = "1"
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world)
+        fn(rank, world, *args)
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException as e:
+        import traceback
+        with open(errfile, "a") as f:
+            f.write(f"rank {rank}: {traceback.format_exc()}\n")
+        raise SystemExit(1) from e
+
+
+def run_gloo(fn, world: int, *args, timeout_s: float = 300.0) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` spawned CPU processes joined in one gloo
+    group (``fn`` must be a module-level function); fail with the workers' tracebacks if any
+    raises, and kill them all if they are not done within ``timeout_s``."""
+    import tempfile
+    import time
+
+    import torch.multiprocessing as mp
+    with tempfile.NamedTemporaryFile("r", suffix=".err") as err:
+        ctx = mp.start_processes(_gloo_entry, args=(world, _free_port(), err.name, fn, args),
+                                 nprocs=world, join=False, start_method="spawn")
+        ok, deadline = True, time.monotonic() + timeout_s
+        try:
+            while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+                if time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        p.kill()
+                    ok = False
+                    break
+        except Exception:
+            ok = False
+        msg = open(err.name).read()
+        assert ok and not msg, msg or f"a worker failed or did not finish in {timeout_s:.0f} s"

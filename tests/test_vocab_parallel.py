@@ -1,41 +1,20 @@
 """Vocab-parallel token_logprobs / token_entropy: 2 and 3 CPU processes (gloo) against the
 unsharded op, forward and backward, uneven splits, tokens outside a rank's slice."""
 
-import os
-import socket
-import tempfile
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from helpers import TRITON_OK
+from helpers import backends, run_gloo
 
-BACKENDS = ["reference"] + (["triton"] if TRITON_OK and not torch.cuda.is_available() else [])
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# The vocab-parallel path runs the local slice with the chosen backend's own forward / backward
+# (triton, native) or in plain torch (reference); CPU tensors here.
+BACKENDS = ["reference"] if torch.cuda.is_available() else backends(native=True)
 
 
-def _worker(rank, world, port, splits, cases, errfile):
-    try:
-        os.environ["TRITON_INTERPRET"] = "1"
-        os.environ["TRITON_DEFAULT_FP_FUSION"] = "1"
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world)
-        for backend, inplace in cases:
-            _check(rank, splits, backend, inplace)
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException as e:  # report to the parent
-        import traceback
-        with open(errfile, "a") as f:
-            f.write(f"rank {rank}: {traceback.format_exc()}\n")
-        raise SystemExit(1) from e
+def _worker(rank, world, splits, cases):
+    for backend, inplace in cases:
+        _check(rank, splits, backend, inplace)
 
 
 def _check(rank, splits, backend, inplace):
@@ -89,18 +68,7 @@ CASES = [(b, False) for b in BACKENDS] + ([("triton", True)] if "triton" in BACK
 
 @pytest.mark.parametrize("splits", [(23, 23), (10, 31, 6)], ids=["2-ranks-even", "3-ranks-uneven"])
 def test_vocab_parallel_matches_unsharded(splits):
-    with tempfile.NamedTemporaryFile("r", suffix=".err") as err:
-        ctx = mp.start_processes(_worker, args=(len(splits), _free_port(), splits, CASES,
-                                                err.name),
-                                 nprocs=len(splits), join=False, start_method="spawn")
-        ok = True
-        try:
-            while not ctx.join(timeout=240):
-                pass
-        except Exception:
-            ok = False
-        msg = open(err.name).read()
-        assert ok and not msg, msg or "a worker failed"
+    run_gloo(_worker, len(splits), splits, CASES, timeout_s=240)
 
 
 def test_process_group_requires_initialized_distributed():

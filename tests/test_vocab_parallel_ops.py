@@ -7,27 +7,18 @@ One process group per world size (spawning is the slow part); every case and bac
 inside it.  Every rank builds the same full inputs from one seed, takes its slice, and compares
 its outputs and its slice of the gradients with the reference op on the full inputs."""
 
-import os
-import socket
-import tempfile
-import time
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from helpers import TRITON_OK
+from helpers import TRITON_OK, backends, run_gloo
 
 BACKENDS = ["reference"] + (["triton"] if TRITON_OK and not torch.cuda.is_available() else [])
+# fused_ppo_loss's vocab-parallel log-probs also run on the native backend where it builds
+# (full_kl and the lm_head ops have no native path)
+NATIVE = ["native"] if not torch.cuda.is_available() and "native" in backends(native=True) else []
 ATOL = 1e-9
 TIMEOUT_S = 300
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _close(name, a, e, atol=ATOL, equal_nan=False):
@@ -36,29 +27,19 @@ def _close(name, a, e, atol=ATOL, equal_nan=False):
                  equal_nan=equal_nan)
 
 
-def _worker(rank, world, port, splits, backends, errfile):
-    try:
-        os.environ["TRITON_INTERPRET"] = "1"
-        os.environ["TRITON_DEFAULT_FP_FUSION"] = "1"
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world)
-        start = sum(splits[:rank])
-        sl = slice(start, start + splits[rank])
-        for backend in backends:
-            _check_full_kl(splits, sl, backend)
-            _check_logprobs_masked_slice(splits, sl, backend)
-            for inplace in ((False, True) if backend == "triton" else (False,)):
-                _check_fused_ppo_loss(splits, sl, backend, inplace)
-            _check_fused_ppo_loss_packed(splits, sl, backend)
-            _check_linear(splits, sl, backend)
-            _check_fused_linear_ppo_loss(splits, sl, backend)
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException as e:  # report to the parent
-        import traceback
-        with open(errfile, "a") as f:
-            f.write(f"rank {rank}: {traceback.format_exc()}\n")
-        raise SystemExit(1) from e
+def _worker(rank, world, splits, backends):
+    start = sum(splits[:rank])
+    sl = slice(start, start + splits[rank])
+    for backend in backends:
+        _check_full_kl(splits, sl, backend)
+        _check_logprobs_masked_slice(splits, sl, backend)
+        for inplace in ((False, True) if backend == "triton" else (False,)):
+            _check_fused_ppo_loss(splits, sl, backend, inplace)
+        _check_fused_ppo_loss_packed(splits, sl, backend)
+        _check_linear(splits, sl, backend)
+        _check_fused_linear_ppo_loss(splits, sl, backend)
+    for backend in NATIVE:
+        _check_fused_ppo_loss(splits, sl, backend, False)
 
 
 def _vp(sl):
@@ -289,23 +270,7 @@ def _check_fused_linear_ppo_loss(splits, sl, backend):
 @pytest.mark.parametrize("splits", [(17, 29), (10, 31, 6)], ids=["2-ranks-uneven",
                                                                  "3-ranks-uneven"])
 def test_vocab_parallel_ops_match_unsharded(splits):
-    with tempfile.NamedTemporaryFile("r", suffix=".err") as err:
-        ctx = mp.start_processes(_worker, args=(len(splits), _free_port(), splits, BACKENDS,
-                                                err.name),
-                                 nprocs=len(splits), join=False, start_method="spawn")
-        ok = True
-        deadline = time.monotonic() + TIMEOUT_S
-        try:
-            while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-                if time.monotonic() > deadline:
-                    for p in ctx.processes:
-                        p.kill()
-                    ok = False
-                    break
-        except Exception:
-            ok = False
-        msg = open(err.name).read()
-        assert ok and not msg, msg or "a worker failed or timed out"
+    run_gloo(_worker, len(splits), splits, BACKENDS, timeout_s=TIMEOUT_S)
 
 
 def test_process_group_requires_initialized_distributed():

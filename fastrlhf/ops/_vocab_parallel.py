@@ -70,12 +70,19 @@ def _local_stats_torch(logits: Tensor, tokens_local: Tensor, temperature: float,
     return lp, H, M, logS
 
 
-def _local_stats(logits, tokens_local, temperature, ignore_local, use_triton):
-    if use_triton:
+def _local_stats(logits, tokens_local, temperature, ignore_local, impl):
+    """Per-row statistics of one slice with the backend's own single-pass forward ("triton",
+    "native": no [N, V_r] temporaries) or in plain torch (anything else)."""
+    if impl == "triton":
         from .logprobs import _fwd_impl
         from .. import config
         with config.check_tokens(False):  # local ids are in range by construction
             lp, H, lse = _fwd_impl(logits, tokens_local, temperature, ignore_local)
+        return lp, H, lse[..., 0], lse[..., 1]
+    if impl == "native":
+        from .._native import _tl_fwd_impl
+        with torch.no_grad():
+            lp, H, lse = _tl_fwd_impl(logits, tokens_local, temperature, ignore_local)
         return lp, H, lse[..., 0], lse[..., 1]
     with torch.no_grad():
         return _local_stats_torch(logits, tokens_local, temperature, ignore_local)
@@ -151,14 +158,14 @@ def _mask_grad(d, drop):
 
 class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, tokens, temperature, ignore_index, start, group, use_triton,
+    def forward(ctx, logits, tokens, temperature, ignore_index, start, group, impl,
                 inplace, keep=None):
         V_r = logits.shape[-1]
         # Local ids: in-slice tokens map to [0, V_r); everything else to a local "ignore" id.
         ignored, in_slice, tokens_local = _split_tokens(tokens, ignore_index, start, V_r)
         ignore_local = -1
         lp_r, H_r, M_r, logS_r = _local_stats(logits, tokens_local, temperature, ignore_local,
-                                              use_triton)
+                                              impl)
         logp, H, M, logS = _combine_logprobs(lp_r, H_r, M_r, logS_r, in_slice, ignored, group)
         # Backward needs: the local onehot index (-1 where the token is elsewhere or ignored), and
         # dlogp zeroed only at ignored positions (out-of-slice tokens still get the -p term).
@@ -166,7 +173,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         onehot = tokens_local
         ctx.save_for_backward(logits, onehot, ignored, M, logS, H, keep)
         ctx.temperature = temperature
-        ctx.use_triton = use_triton
+        ctx.impl = impl
         ctx.inplace = inplace
         ctx.mark_non_differentiable(M)
         return logp, H
@@ -176,15 +183,19 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         logits, onehot, ignored, M, logS, H, keep = ctx.saved_tensors
         dlogp = _mask_grad(dlogp, ignored if keep is None else ignored | ~keep)
         dent = _mask_grad(dent, None if keep is None else ~keep)
-        if ctx.use_triton:
+        if ctx.impl in ("triton", "native"):
             from .logprobs import _tl_bwd, _tl_bwd_inplace
             lse = torch.stack([M, logS], dim=-1)
-            # The kernel's onehot test is `col == token`; -1 never matches, and ignore_index is
-            # set to a value no local token takes, so dlogp (already zeroed where ignored) is used.
+            # The kernels' onehot test is `col == token` (native: token in [0, V)); -1 never
+            # matches, and ignore_index is set to a value no local token takes, so dlogp
+            # (already zeroed where ignored) is used.
             no_ignore = -(2 ** 62)
             args = (onehot if dlogp is not None else None, dlogp, dent, lse, H, ctx.temperature,
                     no_ignore)
-            if ctx.inplace:
+            if ctx.impl == "native":
+                from .._native import _launch_bwd
+                g = _launch_bwd(logits, None, *args)
+            elif ctx.inplace:
                 _tl_bwd_inplace(logits, *args)
                 g = logits
             else:
@@ -225,7 +236,7 @@ def _check_full_vocab(op, group, V_r, tokens, ignore_index):
 
 
 def vocab_parallel_token_logprobs(logits, tokens, temperature, ignore_index, process_group,
-                                  vocab_start_index, use_triton, inplace, check_tokens, *,
+                                  vocab_start_index, impl, inplace, check_tokens, *,
                                   keep=None, op="token_logprobs"):
     group = _check_group(op, process_group)
     V_r = logits.shape[-1]
@@ -233,7 +244,7 @@ def vocab_parallel_token_logprobs(logits, tokens, temperature, ignore_index, pro
     if check_tokens:
         _check_full_vocab(op, group, V_r, tokens, ignore_index)
     return _VocabParallelLogprobs.apply(logits, tokens, temperature, ignore_index,
-                                        vocab_start_index, group, use_triton, inplace, keep)
+                                        vocab_start_index, group, impl, inplace, keep)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,10 +483,10 @@ def vocab_parallel_fused_ppo_loss(logits, tokens, old_logp, advantages, mask, re
     """``fused_ppo_loss`` on this rank's vocab slice of the logits: the vocab-parallel
     ``token_logprobs`` (entropy included) composed with the O(B T) loss terms.  Masked
     tokens get exactly zero gradient, also where their logits are NaN."""
-    use_triton = backend == "triton"
     logp, ent = vocab_parallel_token_logprobs(
-        logits, tokens, temperature, ignore_index, process_group, vocab_start_index, use_triton,
-        inplace_backward and use_triton, check_tokens, keep=mask != 0, op="fused_ppo_loss")
+        logits, tokens, temperature, ignore_index, process_group, vocab_start_index, backend,
+        inplace_backward and backend == "triton", check_tokens, keep=mask != 0,
+        op="fused_ppo_loss")
     return compose_ppo_loss(logp, ent, old_logp, advantages, mask, ref_logp, kl_coef, kl_kind,
                             entropy_coef, clip_low, clip_high, dual_clip, agg, ratio_level,
                             backend, kw)

@@ -249,8 +249,7 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
         from ._vocab_parallel import vocab_parallel_token_logprobs
         logp, ent = vocab_parallel_token_logprobs(
             logits, tokens, temperature, ignore_index, process_group, vocab_start_index,
-            which == "triton", inplace_backward and which == "triton",
-            config.check_tokens_enabled())
+            which, inplace_backward and which == "triton", config.check_tokens_enabled())
         return (logp, ent) if return_entropy else logp
     if vocab_start_index is not None:
         raise ValueError(f"{op}: vocab_start_index is only meaningful with process_group")
@@ -282,8 +281,7 @@ def token_entropy(logits: Tensor, *, temperature: float = 1.0, backend: str = "a
         from ._vocab_parallel import vocab_parallel_token_logprobs
         ignore = torch.full(logits.shape[:-1], -100, dtype=torch.int64, device=logits.device)
         return vocab_parallel_token_logprobs(logits, ignore, temperature, -100, process_group,
-                                             vocab_start_index, which == "triton", False,
-                                             False)[1]
+                                             vocab_start_index, which, False, False)[1]
     if vocab_start_index is not None:
         raise ValueError(f"{op}: vocab_start_index is only meaningful with process_group")
     if which == "reference":
