@@ -11,7 +11,8 @@ A checkpoint is written into ``step_XXXXXX.tmp`` and renamed when complete, so a
 while saving never leaves a half-written checkpoint behind; ``--resume`` picks the newest
 complete one.  Model and optimizer states are full (unsharded) CPU copies: ``state_dict()``
 for plain and DDP models, the full state dicts of ``torch.distributed.checkpoint.state_dict``
-for FSDP2.
+for FSDP2; the vocab slices of a vocab-parallel policy are all-gathered
+(:mod:`fastrlhf.trainer.vocab_parallel`): the weights in a checkpoint are always full.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from .distributed import Runtime, unwrap
+from .vocab_parallel import (gather_optim_state, gather_state, scatter_optim_state,
+                             scatter_state, vocab_shard)
 
 __all__ = ["model_state", "load_model_state", "optim_state", "load_optim_state", "rng_state",
            "set_rng_state", "save_checkpoint", "find_checkpoint", "load_checkpoint"]
@@ -59,17 +62,23 @@ def model_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     """A full (unsharded) CPU copy of the model's state dict, on every rank.
 
     Plain and DDP models: ``state_dict()`` copied.  FSDP2: ``get_model_state_dict`` with
-    ``full_state_dict=True`` (all-gathers; a collective, so call it on every rank)."""
+    ``full_state_dict=True``; vocab-parallel: the slices all-gathered (both collectives, so
+    call it on every rank)."""
     m = unwrap(model)
     if _is_sharded(m):
         return _cpu_copy(get_model_state_dict(m, options=StateDictOptions(full_state_dict=True)))
+    if vocab_shard(m) is not None:
+        return _cpu_copy(gather_state(m, m.state_dict()))
     return _cpu_copy(m.state_dict())
 
 
 def load_model_state(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Load a full state dict (as :func:`model_state` returns) into any of the model kinds."""
     m = unwrap(model)
     if _is_sharded(m):
         set_model_state_dict(m, state, options=StateDictOptions(full_state_dict=True))
+    elif vocab_shard(m) is not None:
+        m.load_state_dict(scatter_state(m, state))
     else:
         m.load_state_dict(state)
 
@@ -79,6 +88,8 @@ def optim_state(model: nn.Module, optim: torch.optim.Optimizer) -> Dict:
     if _is_sharded(m):
         return _cpu_copy(get_optimizer_state_dict(m, optim,
                                                   options=StateDictOptions(full_state_dict=True)))
+    if vocab_shard(m) is not None:
+        return _cpu_copy(gather_optim_state(m, optim))
     return _cpu_copy(optim.state_dict())
 
 
@@ -86,6 +97,8 @@ def load_optim_state(model: nn.Module, optim: torch.optim.Optimizer, state: Dict
     m = unwrap(model)
     if _is_sharded(m):
         set_optimizer_state_dict(m, optim, state, options=StateDictOptions(full_state_dict=True))
+    elif vocab_shard(m) is not None:
+        optim.load_state_dict(scatter_optim_state(m, optim, state))
     else:
         optim.load_state_dict(state)
 

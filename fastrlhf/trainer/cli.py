@@ -5,6 +5,7 @@
     fastrlhf train --config my.json --model ./my_local_hf_model
     fastrlhf train --resume runs/a                   # continue from the newest checkpoint
     torchrun --nproc_per_node=2 -m fastrlhf.train --out runs/ddp
+    torchrun --nproc_per_node=4 -m fastrlhf.train --vocab-parallel 2   # 2 data x 2 vocab ranks
 
 Every :class:`~fastrlhf.trainer.config.TrainConfig` field is a flag (``--field-name VALUE``;
 booleans as ``--flag`` / ``--no-flag``; ``none`` for optional numbers).  Priority: defaults <

@@ -58,6 +58,18 @@ class TrainConfig:
     """Data-parallel strategy when launched with torchrun (WORLD_SIZE > 1): ddp | fsdp2 (sharded
     parameters, gradients, optimizer state).  gloo on CPU, NCCL on GPU; fsdp2 is tested on CPU
     only (see distributed.py)."""
+    vocab_parallel: int = 1
+    """Vocab (tensor) parallelism of the policy under torchrun: groups of this many ranks share
+    the rollouts, and each holds one slice of the vocabulary in the policy's and reference's
+    input embedding and lm_head (Megatron-style; a tied lm_head stays tied), so logits, their
+    gradient and every vocab-sized weight, gradient and Adam moment are divided by it; the log-
+    probs, entropy, losses and sampling exchange only [tokens]-sized partials (fastrlhf's ops
+    with process_group=), plus one [tokens, hidden] all-reduce per embedding forward and per
+    lm_head backward.  WORLD_SIZE = data-parallel size x vocab_parallel; parallel=ddp only.
+    The transformer body is replicated and recomputed on every rank of a group, so it pays
+    only where vocabulary-sized memory is the limit (vocabularies of 128k-256k, long responses,
+    small bodies): it lets a micro-batch fit, at the cost of repeated body compute; it never
+    pays on the built-in task (33 ids).  1 = off."""
     num_threads: int = 1
     """torch intra-op CPU threads per process (tiny models run fastest on one; 0 = torch's
     default)."""
@@ -216,7 +228,7 @@ class TrainConfig:
                      "hidden_size", "num_layers", "num_heads", "sft_batch_size", "rm_train_pairs",
                      "rm_eval_pairs", "rm_epochs", "rm_batch_size", "rm_norm_samples",
                      "total_steps", "rollout_batch_size", "ppo_epochs", "num_minibatches",
-                     "kl_horizon", "keep_checkpoints"):
+                     "kl_horizon", "keep_checkpoints", "vocab_parallel"):
             need(getattr(self, name) >= 1, name, "an integer >= 1")
         for name in ("sft_steps", "checkpoint_every", "num_print_samples", "num_threads",
                      "micro_batch_size", "warmup_steps"):
@@ -250,6 +262,8 @@ class TrainConfig:
              f"< response_length={self.response_length} (the SFT data must fit with its EOS)")
         need(self.rollout_batch_size % self.num_minibatches == 0, "rollout_batch_size",
              f"divisible by num_minibatches={self.num_minibatches}")
+        need(self.vocab_parallel == 1 or self.parallel == "ddp", "vocab_parallel",
+             f"1 with parallel={self.parallel!r} (vocab parallelism combines with ddp only)")
         if self.fused_loss:
             import fastrlhf
             need(hasattr(fastrlhf, "fused_ppo_loss"), "fused_loss",
@@ -258,16 +272,23 @@ class TrainConfig:
             need(os.path.isdir(self.model), "model", "an existing local directory")
 
     def check_world(self, world: int) -> None:
-        """Batch sizes that must split evenly over ``world`` data-parallel ranks."""
-        for name, div in (("rollout_batch_size", world * self.num_minibatches),
-                          ("sft_batch_size", world), ("rm_batch_size", world)):
+        """Batch sizes that must split evenly over the data-parallel ranks (``world`` processes
+        in groups of ``vocab_parallel``)."""
+        vp = self.vocab_parallel
+        if world % vp:
+            raise ValueError(f"TrainConfig.vocab_parallel={vp} must divide the world size {world}"
+                             + (" (launch with torchrun)" if world == 1 else ""))
+        dp = world // vp
+        what = f"world size {world}" if vp == 1 else f"data-parallel size {dp}"
+        for name, div in (("rollout_batch_size", dp * self.num_minibatches),
+                          ("sft_batch_size", dp), ("rm_batch_size", dp)):
             if getattr(self, name) % div:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be divisible by "
-                                 f"{div} (world size {world}"
+                                 f"{div} ({what}"
                                  + (f" x num_minibatches {self.num_minibatches})"
                                     if name == "rollout_batch_size" else ")"))
         if self.micro_batch_size:
-            local_mb = self.rollout_batch_size // (world * self.num_minibatches)
+            local_mb = self.rollout_batch_size // (dp * self.num_minibatches)
             if local_mb % self.micro_batch_size:
                 raise ValueError(f"TrainConfig.micro_batch_size={self.micro_batch_size} must "
                                  f"divide the per-rank minibatch ({local_mb} sequences)")

@@ -17,26 +17,15 @@ global normalisation: each rank divides its local sum by the *global* token (or 
 of the minibatch and multiplies by ``dp_size``; the average over ranks is then exactly the loss
 of the global minibatch.  Rollouts are sampled independently on every rank (its own seed).
 
-Vocab (tensor) parallelism is deliberately not a trainer option.  fastrlhf's ops accept
-``process_group=`` / ``vocab_start_index=`` (``token_logprobs``, ``token_entropy``,
-``full_kl``, ``fused_ppo_loss``, ``linear_token_logprobs``, ``fused_linear_ppo_loss``) for
-a policy whose lm_head is sharded over the vocab: the ranks of a tensor-parallel group see the
-*same* tokens, each holds the logits (or lm_head rows) of its slice, and they exchange only
-``[N]``-sized per-row partials (about 16 bytes per token per step; ``bench/comm_volume.py``).
-This trainer is data parallel only -- every rank runs a whole Hugging Face model on its *own*
-rollouts -- so there is no sharded lm_head to feed them: adding one would mean a second
-(tensor-parallel) process-group axis, a sharded lm_head inside the model code, and a
-vocab-parallel sampler for generation, none of which the built-in tiny task (vocabulary of 33
-ids, logits of a few KiB) could ever pay back.  It pays in the user's own model code when the
-vocabulary is large (128k-256k) and the logits dominate memory: at 16384 tokens x 151936 ids the
-bf16 logits are 4.6 GiB and their gradient as much again, each divided by the tensor-parallel
-size P, for ~256 KiB of all-reduce per step instead of gathering (P-1)/P of those logits.  Shard
-the lm_head (Megatron ``ColumnParallelLinear(gather_output=False)``, or a ``Shard(0)``
-``DTensor`` weight), keep the local logits ``[B, T, V / P]`` and call e.g.
-``fr.fused_ppo_loss(local_logits, tokens, ..., process_group=tp_group,
-vocab_start_index=tp_rank * V_local)``; with ``fr.linear_token_logprobs`` /
-``fused_linear_ppo_loss`` on the lm_head rows, the op itself all-reduces the hidden states'
-gradient (do not also route them through Megatron's ``copy_to_tensor_model_parallel_region``).
+``vocab_parallel = P`` (ddp only) adds a second axis: ``WORLD_SIZE = D * P`` ranks form ``D``
+data-parallel replicas of ``P`` tensor-parallel ranks each (ranks ``d*P .. d*P + P - 1``).  The
+ranks of a tensor-parallel group share the rollouts (prompts seeded by the data-parallel rank,
+tokens sampled vocab-parallel); each holds one vocab slice of the policy's embedding and lm_head
+(:mod:`fastrlhf.trainer.vocab_parallel`).  The policy is then not DDP-wrapped: its gradients are
+synchronised by :func:`fastrlhf.trainer.vocab_parallel.sync_grads`.  The reward and value models
+stay DDP over all ranks (the replicas of a group feed them the same data, so the mean over all
+ranks is the data-parallel mean).  Losses and metrics are normalised and reduced over the
+``D`` data-parallel ranks only (:attr:`Runtime.dp_world`, :meth:`Runtime.all_reduce_sum`).
 """
 
 from __future__ import annotations
@@ -45,18 +34,20 @@ import contextlib
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Iterable, List, Sequence
+from typing import Any, List, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Runtime", "setup_runtime", "wrap_model", "unwrap", "grad_sync", "clip_grad_norm"]
+__all__ = ["Runtime", "setup_runtime", "wrap_model", "unwrap", "grad_sync", "finish_grad_sync",
+           "clip_grad_norm"]
 
 
 @dataclass
 class Runtime:
-    """Where this process runs: rank, world size, device, data-parallel strategy."""
+    """Where this process runs: rank, world size, device, data-parallel strategy, and the
+    vocab-parallel (tensor-parallel) size ``tp`` with its process groups."""
 
     rank: int = 0
     world: int = 1
@@ -64,6 +55,9 @@ class Runtime:
     device: torch.device = torch.device("cpu")
     parallel: str = "ddp"
     owns_group: bool = False
+    tp: int = 1
+    tp_group: Any = None      # this rank's tensor-parallel group (ranks sharing rollouts)
+    dp_group: Any = None      # the ranks holding the same vocab slice (None: all ranks)
 
     @property
     def is_main(self) -> bool:
@@ -73,19 +67,49 @@ class Runtime:
     def distributed(self) -> bool:
         return self.world > 1
 
+    @property
+    def dp_world(self) -> int:
+        """Data-parallel size: the number of independent rollout streams."""
+        return self.world // self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
     # -------------------------------------------------------------- collectives (no-ops at world 1)
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum of ``t`` over ranks (a new tensor; ``t`` is left untouched)."""
+        """Sum of ``t`` over the data-parallel ranks (a new tensor; ``t`` is left untouched).
+        The tensor-parallel replicas of a group hold the same values; they are counted once."""
         t = t.detach().clone()
-        if self.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if self.dp_world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group)
         return t
 
     def all_reduce_min(self, t: torch.Tensor) -> torch.Tensor:
+        """Minimum of ``t`` over all ranks."""
         t = t.detach().clone()
         if self.distributed:
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return t
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        """Maximum of ``t`` over all ranks."""
+        t = t.detach().clone()
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
+    def peak_memory_mib(self) -> float:
+        """This process's peak memory in MiB: ``torch.cuda.max_memory_allocated`` on CUDA, the
+        peak resident set size (whole process, Python and libraries included) on CPU."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
 
     def barrier(self) -> None:
         if self.distributed:
@@ -96,8 +120,10 @@ class Runtime:
             dist.destroy_process_group()
 
 
-def setup_runtime(device: str = "auto", parallel: str = "ddp") -> Runtime:
-    """Join the process group when launched by torchrun; pick this rank's device."""
+def setup_runtime(device: str = "auto", parallel: str = "ddp", vocab_parallel: int = 1
+                  ) -> Runtime:
+    """Join the process group when launched by torchrun; pick this rank's device; build the
+    tensor-parallel and data-parallel groups when ``vocab_parallel > 1``."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -114,8 +140,21 @@ def setup_runtime(device: str = "auto", parallel: str = "ddp") -> Runtime:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
         owns = True
-    return Runtime(rank=rank, world=world, local_rank=local_rank, device=dev, parallel=parallel,
-                   owns_group=owns)
+    rt = Runtime(rank=rank, world=world, local_rank=local_rank, device=dev, parallel=parallel,
+                 owns_group=owns)
+    if vocab_parallel > 1 and world % vocab_parallel == 0:  # else TrainConfig.check_world says
+        P, D = vocab_parallel, world // vocab_parallel
+        rt.tp = P
+        # every rank creates every group, in the same order (torch.distributed's rule)
+        for d in range(D):
+            g = dist.new_group([d * P + r for r in range(P)])
+            if d == rt.dp_rank:
+                rt.tp_group = g
+        for r in range(P):
+            g = dist.new_group([d * P + r for d in range(D)])
+            if r == rt.tp_rank:
+                rt.dp_group = g
+    return rt
 
 
 def _block_classes(model: nn.Module) -> tuple:
@@ -133,6 +172,9 @@ def wrap_model(model: nn.Module, rt: Runtime, *, trainable: bool) -> nn.Module:
     synchronise); under FSDP2 they are sharded too, to save memory.
     """
     if not rt.distributed:
+        return model
+    from .vocab_parallel import vocab_shard
+    if vocab_shard(model) is not None:    # vocab-sharded policy: see finish_grad_sync
         return model
     if rt.parallel == "fsdp2":
         from torch.distributed.fsdp import fully_shard  # torch >= 2.6
@@ -181,17 +223,35 @@ def grad_sync(models: Sequence[nn.Module], enabled: bool):
         yield
 
 
-def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float, rt: Runtime) -> torch.Tensor:
-    """Clip the global L2 norm of the gradients to ``max_norm`` (0 = only measure it).
+def finish_grad_sync(model: nn.Module, rt: Runtime) -> None:
+    """Synchronise the gradients a wrapper did not: those of a vocab-sharded policy (after its
+    last backward of the step).  DDP / FSDP2 / single-process models: nothing to do."""
+    from .vocab_parallel import sync_grads, vocab_shard
+    if rt.distributed and vocab_shard(model) is not None:
+        sync_grads(model, rt.world, rt.dp_world, rt.dp_group)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, rt: Runtime) -> torch.Tensor:
+    """Clip the global L2 norm of ``model``'s gradients to ``max_norm`` (0 = only measure it).
 
     Plain / DDP parameters hold full, already averaged gradients: ``torch.nn.utils``'s clipping.
     FSDP2 parameters are DTensor shards: the squared norms of the local shards are summed over
-    ranks first (untested on GPU).
+    ranks first (untested on GPU).  A vocab-sharded policy: the replicated body counted once
+    plus the slices summed over the tensor-parallel group, so every rank of the group computes
+    the norm of the full gradient and scales by the same factor.
     """
-    params = [p for p in params if p.grad is not None]
+    from .vocab_parallel import grad_norm_sq, vocab_shard
+    params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return torch.zeros(())
     grads: List[torch.Tensor] = [p.grad for p in params]
+    if vocab_shard(model) is not None:
+        total = grad_norm_sq(model).sqrt().float()
+        if max_norm > 0:
+            coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+            for g in grads:
+                g.mul_(coef)
+        return total
     if rt.parallel == "fsdp2" and rt.distributed and hasattr(grads[0], "to_local"):
         sq = sum(g.to_local().float().pow(2).sum() for g in grads)
         total = rt.all_reduce_sum(sq).sqrt()

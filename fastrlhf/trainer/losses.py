@@ -10,6 +10,11 @@ tokens (EOS included) and 0 on the padding after EOS.
 the global count of the minibatch and multiplies by ``dp_size``, so that the gradient averaged by
 DDP / FSDP equals the single-process gradient of the global minibatch, also when the minibatch is
 split into micro-batches.
+
+``vp`` (a dict, empty unless the policy is vocab-parallel; see
+:func:`fastrlhf.trainer.vocab_parallel.op_kwargs`) carries ``process_group`` and
+``vocab_start_index`` to the ops that read the logits, which then hold only this rank's slice of
+the vocabulary.
 """
 
 from __future__ import annotations
@@ -26,20 +31,20 @@ __all__ = ["logprobs", "sft_loss", "reward_pair_loss", "token_rewards", "advanta
            "ppo_loss", "explained_variance_terms", "explained_variance"]
 
 
-def logprobs(logits: Tensor, tokens: Tensor, *, temperature: float, backend: str
-             ) -> Tuple[Tensor, Tensor]:
+def logprobs(logits: Tensor, tokens: Tensor, *, temperature: float, backend: str,
+             vp: Optional[Dict] = None) -> Tuple[Tensor, Tensor]:
     """``(logp [B, R], entropy [B, R])`` float32 of ``tokens`` under ``softmax(logits / T)``;
     logits ``[B, R, V]`` may be a strided view.  The rollout and the update both call this with
     the sampling temperature."""
     return fr.token_logprobs(logits, tokens, temperature=temperature, return_entropy=True,
-                             backend=backend)
+                             backend=backend, **(vp or {}))
 
 
 def sft_loss(logits: Tensor, tokens: Tensor, mask: Tensor, *, backend: str,
-             agg_kwargs: Dict) -> Tensor:
+             agg_kwargs: Dict, vp: Optional[Dict] = None) -> Tensor:
     """Negative log-likelihood of the demonstration tokens, token-mean over the (global)
     batch."""
-    logp = fr.token_logprobs(logits, tokens, backend=backend)                       # [B, R]
+    logp = fr.token_logprobs(logits, tokens, backend=backend, **(vp or {}))         # [B, R]
     return fr.agg_loss(-logp, mask, "token-mean", **agg_kwargs)
 
 
@@ -83,8 +88,8 @@ def advantages(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, l
 
 def ppo_loss(logits: Tensor, values: Tensor, *, tokens: Tensor, old_logp: Tensor,
              ref_logp: Tensor, old_values: Tensor, adv: Tensor, returns: Tensor, mask: Tensor,
-             cfg, kl_coef: float, agg_kwargs: Dict, cu_seqlens: Optional[Tensor] = None
-             ) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
+             cfg, kl_coef: float, agg_kwargs: Dict, cu_seqlens: Optional[Tensor] = None,
+             vp: Optional[Dict] = None) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
     """The PPO objective of one (micro-)batch, from the policy's logits ``[B, R, V]`` and the
     value model's outputs ``[B, R]``.
 
@@ -111,13 +116,14 @@ def ppo_loss(logits: Tensor, values: Tensor, *, tokens: Tensor, old_logp: Tensor
             logits, tokens, old_logp, adv, mask, ref_logp=ref_logp if cfg.kl_in_loss else None,
             kl_coef=kl_coef, kl_kind=cfg.kl_loss_kind, entropy_coef=cfg.entropy_coef,
             clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
-            temperature=cfg.temperature, agg=cfg.loss_agg, backend=be, **agg_kwargs)
+            temperature=cfg.temperature, agg=cfg.loss_agg, backend=be, **agg_kwargs,
+            **(vp or {}))
         ent_loss = fr.agg_loss(st["entropy"], mask, cfg.loss_agg, **agg_kwargs)
         kl_loss = fr.agg_loss(st["kl"], mask, cfg.loss_agg, **agg_kwargs)
         # the loss is linear in its per-token terms: recover the surrogate alone for the metrics
         pg_loss = policy_loss.detach() + cfg.entropy_coef * ent_loss - kl_coef * kl_loss
     else:
-        logp, entropy = logprobs(logits, tokens, temperature=cfg.temperature, backend=be)
+        logp, entropy = logprobs(logits, tokens, temperature=cfg.temperature, backend=be, vp=vp)
         pg_loss, st = fr.ppo_policy_loss(
             logp, old_logp, adv, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
             dual_clip=cfg.dual_clip, agg=cfg.loss_agg, backend=be, **agg_kwargs)

@@ -253,18 +253,28 @@ def generate(policy: nn.Module, queries: Tensor, max_new_tokens: int, temperatur
     """Sample responses ``[B, max_new_tokens]`` from ``softmax(logits / temperature)`` (no top-k,
     no top-p), PAD after the first EOS.
 
+    A vocab-parallel policy returns only its slice of the logits: the token is then drawn by
+    :func:`~fastrlhf.trainer.vocab_parallel.sample_tokens` (Gumbel-max per slice, one
+    ``[2, B]`` all-gather), and every rank of the group gets the same token.  ``generator``
+    must then differ between the ranks of the group (independent noise per slice).
+
     A plain loop without a KV cache: the sequences here are a few dozen tokens, and the same
     code works for every architecture and under FSDP2.  Stops early once every sequence on
     every rank has produced EOS (the ranks agree, so collective forwards stay in step).
     """
+    from .vocab_parallel import sample_tokens, vocab_shard
+    shard = vocab_shard(policy)
     B = queries.shape[0]
     seq = queries                                                                   # [B, P+t]
     out = torch.full((B, max_new_tokens), PAD, dtype=torch.long, device=queries.device)
     done = torch.zeros(B, dtype=torch.bool, device=queries.device)
     for t in range(max_new_tokens):
         logits = policy(input_ids=seq).logits[:, -1].float()                       # [B, V]
-        probs = torch.softmax(logits / temperature, dim=-1)
-        nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)          # [B]
+        if shard is None:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)      # [B]
+        else:                                                       # logits: [B, V / P]
+            nxt = sample_tokens(logits, temperature, generator, shard)             # [B]
         nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
         out[:, t] = nxt
         seq = torch.cat([seq, nxt[:, None]], dim=1)

@@ -25,7 +25,10 @@ The "N implementation details of RLHF with PPO" (Huang et al. 2023) this follows
    bonus, **gradient clipping**, linear / cosine **LR decay**, Adam eps 1e-5.
 
 With ``packed`` the update's forward passes and losses run padding-free
-(:meth:`Learner._packed_loss`); everything else is unchanged.
+(:meth:`Learner._packed_loss`); everything else is unchanged.  With ``vocab_parallel`` the policy
+and reference hold one vocab slice per rank (``vocab_parallel.py``): their logits are local
+slices, every op that reads them gets ``vp = op_kwargs(policy)``, sampling is vocab-parallel,
+and batch splits / loss normalisation / metrics use the data-parallel size ``rt.dp_world``.
 """
 
 from __future__ import annotations
@@ -48,12 +51,14 @@ from . import losses as L
 from .checkpoint import (find_checkpoint, load_checkpoint, load_model_state, load_optim_state,
                          model_state, optim_state, rng_state, save_checkpoint, set_rng_state)
 from .config import TrainConfig
-from .distributed import Runtime, clip_grad_norm, grad_sync, setup_runtime, unwrap, wrap_model
+from .distributed import (Runtime, clip_grad_norm, finish_grad_sync, grad_sync, setup_runtime,
+                          unwrap, wrap_model)
 from .models import (autocast, build_policy, freeze, generate, last_token_scores, pack_batch,
                      pack_rows, packed_policy_logits, packed_position_values, policy_logits,
                      position_values, response_mask, reward_model_from)
 from .report import MetricsLog, plot_curves
 from .task import SyntheticTask
+from .vocab_parallel import op_kwargs, shard_vocab
 
 __all__ = ["train", "Rollout", "Learner", "KLController"]
 
@@ -133,6 +138,7 @@ class Learner:
     def __init__(self, cfg: TrainConfig, policy: nn.Module, critic: nn.Module, rt: Runtime):
         self.cfg, self.rt = cfg, rt
         self.policy, self.critic = policy, critic
+        self.vp = op_kwargs(unwrap(policy))       # {} unless the policy is vocab-parallel
         total = cfg.total_steps * cfg.ppo_epochs * cfg.num_minibatches   # optimizer steps
         self.policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, eps=cfg.adam_eps,
                                             weight_decay=cfg.weight_decay)
@@ -169,8 +175,8 @@ class Learner:
                 idx = torch.cat([s * B + local for s in range(shards)])
                 sums += self._minibatch_step(batch.select(idx.to(batch.query.device)), kl_coef)
                 norms += torch.stack([
-                    clip_grad_norm(self.policy.parameters(), cfg.max_grad_norm, rt),
-                    clip_grad_norm(self.critic.parameters(), cfg.max_grad_norm, rt)]).double()
+                    clip_grad_norm(self.policy, cfg.max_grad_norm, rt),
+                    clip_grad_norm(self.critic, cfg.max_grad_norm, rt)]).double()
                 for opt, sched in ((self.policy_opt, self.policy_sched),
                                    (self.critic_opt, self.critic_sched)):
                     opt.step()
@@ -180,8 +186,8 @@ class Learner:
         tot = rt.all_reduce_sum(sums.to(rt.device)).cpu()
         # each rank's loss is (local sum / global count) * dp_size: the global loss of a
         # minibatch is the sum over ranks / dp_size
-        out = {"policy_loss": float(tot[0]) / rt.world / n,
-               "value_loss": float(tot[1]) / rt.world / n,
+        out = {"policy_loss": float(tot[0]) / rt.dp_world / n,
+               "value_loss": float(tot[1]) / rt.dp_world / n,
                "grad_norm": float(norms[0]) / n, "critic_grad_norm": float(norms[1]) / n,
                "lr": self.policy_sched.get_last_lr()[0]}
         ntok = max(float(tot[2]), 1.0)
@@ -198,7 +204,8 @@ class Learner:
         # global normalisation of agg_loss: token and sequence counts of the minibatch, all ranks
         counts = rt.all_reduce_sum(torch.stack([mini.mask.sum(),
                                                 (mini.mask.sum(dim=1) > 0).sum().float()]))
-        agg = {"dp_size": rt.world, "batch_num_tokens": counts[0], "global_batch_size": counts[1]}
+        agg = {"dp_size": rt.dp_world, "batch_num_tokens": counts[0],
+               "global_batch_size": counts[1]}
         micro = cfg.micro_batch_size or len(mini)
         starts = range(0, len(mini), micro)
         sums = torch.zeros(7, dtype=torch.float64)
@@ -218,13 +225,14 @@ class Learner:
                         logits, values, tokens=mi.response, old_logp=mi.logp,
                         ref_logp=mi.ref_logp, old_values=mi.values, adv=mi.adv,
                         returns=mi.returns, mask=mi.mask, cfg=cfg, kl_coef=kl_coef,
-                        agg_kwargs=agg)
+                        agg_kwargs=agg, vp=self.vp)
                 (policy_loss + value_loss).backward()
             w = float(mi.mask.sum())
             sums += torch.tensor([float(st["pg_loss"]), float(value_loss.detach()), w,
                                   w * float(st["clipfrac"]), w * float(st["approx_kl"]),
                                   w * float(st["value_clipfrac"]),
                                   w * float(st.get("kl_loss", 0.0))], dtype=torch.float64)
+        finish_grad_sync(self.policy, rt)            # vocab-parallel policy (not DDP-wrapped)
         return sums
 
     def _packed_loss(self, mi: Rollout, kl_coef: float, agg: Dict
@@ -251,7 +259,7 @@ class Learner:
             logits, values, tokens=packed["response"], old_logp=packed["logp"],
             ref_logp=packed["ref_logp"], old_values=packed["values"], adv=packed["adv"],
             returns=packed["returns"], mask=torch.ones_like(packed["logp"]), cfg=cfg,
-            kl_coef=kl_coef, agg_kwargs=agg, cu_seqlens=pb.cu_seqlens)
+            kl_coef=kl_coef, agg_kwargs=agg, cu_seqlens=pb.cu_seqlens, vp=self.vp)
 
     def state_dict(self) -> Dict:
         return {"policy_opt": optim_state(self.policy, self.policy_opt),
@@ -278,8 +286,9 @@ def collect_rollout(cfg: TrainConfig, task: SyntheticTask, policy: nn.Module, re
                     prompt_gen: torch.Generator, sample_gen: torch.Generator
                     ) -> Tuple[Rollout, Tensor]:
     """One batch of experience from the current policy, plus the sums for its metrics."""
-    B = cfg.rollout_batch_size // rt.world
+    B = cfg.rollout_batch_size // rt.dp_world
     dev = rt.device
+    vp = op_kwargs(unwrap(policy))
     # 1. sample responses, truncate after EOS ------------------------------------------------
     query = task.sample_prompts(B, prompt_gen).to(dev)                              # [B, P]
     with autocast(rt, cfg.bf16):
@@ -290,11 +299,11 @@ def collect_rollout(cfg: TrainConfig, task: SyntheticTask, policy: nn.Module, re
     with autocast(rt, cfg.bf16):
         logits = policy_logits(unwrap(policy), query, response, mask)               # [B, R, V]
         logp, entropy = L.logprobs(logits, response, temperature=cfg.temperature,
-                                   backend=cfg.backend)                             # [B, R] x2
+                                   backend=cfg.backend, vp=vp)                      # [B, R] x2
         del logits
         ref_logits = policy_logits(unwrap(ref), query, response, mask)
         ref_logp, _ = L.logprobs(ref_logits, response, temperature=cfg.temperature,
-                                 backend=cfg.backend)
+                                 backend=cfg.backend, vp=op_kwargs(unwrap(ref)))
         del ref_logits
         values = position_values(unwrap(critic), query, response, mask) * mask      # [B, R]
         # 3. score: reward model at the last real token; penalty without EOS -----------------
@@ -335,23 +344,26 @@ def supervised_warm_start(cfg: TrainConfig, task: SyntheticTask, policy: nn.Modu
     """Next-token training on demonstrations (loss on the response tokens only); returns the
     last loss.  Every rank draws the same global batch and trains on its slice."""
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, eps=1e-8)
-    b = cfg.sft_batch_size // rt.world
+    b = cfg.sft_batch_size // rt.dp_world
+    vp = op_kwargs(unwrap(policy))
     loss_val = float("nan")
     for _ in range(cfg.sft_steps):
         query = task.sample_prompts(cfg.sft_batch_size, data_gen)                   # [N, P]
         resp = task.sample_demonstrations(query, data_gen)                          # [N, R]
-        query, resp = (t[rt.rank * b:(rt.rank + 1) * b].to(rt.device) for t in (query, resp))
+        query, resp = (t[rt.dp_rank * b:(rt.dp_rank + 1) * b].to(rt.device)
+                       for t in (query, resp))
         mask, _ = response_mask(resp)
         n_tok = rt.all_reduce_sum(mask.sum())
         with autocast(rt, cfg.bf16):
             logits = policy_logits(policy, query, resp, mask)                       # [b, R, V]
-        loss = L.sft_loss(logits, resp, mask, backend=cfg.backend,
-                          agg_kwargs={"dp_size": rt.world, "batch_num_tokens": n_tok})
+        loss = L.sft_loss(logits, resp, mask, backend=cfg.backend, vp=vp,
+                          agg_kwargs={"dp_size": rt.dp_world, "batch_num_tokens": n_tok})
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        clip_grad_norm(policy.parameters(), 1.0, rt)
+        finish_grad_sync(policy, rt)
+        clip_grad_norm(policy, 1.0, rt)
         opt.step()
-        loss_val = float(rt.all_reduce_sum(loss.detach()) / rt.world)
+        loss_val = float(rt.all_reduce_sum(loss.detach()) / rt.dp_world)
     opt.zero_grad(set_to_none=True)      # leave no gradient behind for the PPO update
     say(f"SFT: {cfg.sft_steps} steps, final loss {loss_val:.3f} nats/token")
     return loss_val
@@ -372,17 +384,17 @@ def train_reward_model(cfg: TrainConfig, task: SyntheticTask, rm: nn.Module, rt:
     q, ch, rj = task.sample_pairs(cfg.rm_train_pairs, data_gen)
     eq, ech, erj = (t.to(rt.device) for t in task.sample_pairs(cfg.rm_eval_pairs, data_gen))
     opt = torch.optim.AdamW(rm.parameters(), lr=cfg.rm_lr, eps=1e-8)
-    b = cfg.rm_batch_size // rt.world
+    b = cfg.rm_batch_size // rt.dp_world
     for _epoch in range(cfg.rm_epochs):
         perm = torch.randperm(cfg.rm_train_pairs, generator=data_gen)
         for s in range(0, cfg.rm_train_pairs - cfg.rm_batch_size + 1, cfg.rm_batch_size):
-            idx = perm[s:s + cfg.rm_batch_size][rt.rank * b:(rt.rank + 1) * b]
+            idx = perm[s:s + cfg.rm_batch_size][rt.dp_rank * b:(rt.dp_rank + 1) * b]
             with autocast(rt, cfg.bf16):
                 r_w, r_l = _pair_scores(rm, *(t[idx].to(rt.device) for t in (q, ch, rj)))
             loss, _ = L.reward_pair_loss(r_w, r_l)        # mean over the local pairs; DDP averages
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            clip_grad_norm(rm.parameters(), 1.0, rt)
+            clip_grad_norm(rm, 1.0, rt)
             opt.step()
     opt.zero_grad(set_to_none=True)
     with torch.no_grad(), autocast(rt, cfg.bf16):
@@ -399,8 +411,9 @@ def normalize_reward_model(cfg: TrainConfig, task: SyntheticTask, policy: nn.Mod
                            sample_gen: torch.Generator, say) -> None:
     """Shift and scale the reward head so that scores of SFT-policy samples have mean 0 and
     std 1 (over all ranks)."""
-    n = max(1, cfg.rm_norm_samples // rt.world)
-    query = task.sample_prompts(n * rt.world, data_gen)[rt.rank * n:(rt.rank + 1) * n].to(rt.device)
+    n = max(1, cfg.rm_norm_samples // rt.dp_world)
+    query = task.sample_prompts(n * rt.dp_world, data_gen)[rt.dp_rank * n:(rt.dp_rank + 1) * n]
+    query = query.to(rt.device)
     resp = generate(unwrap(policy), query, cfg.response_length, cfg.temperature, sample_gen, rt)
     mask, _ = response_mask(resp)
     with autocast(rt, cfg.bf16):
@@ -425,7 +438,8 @@ def show_samples(cfg: TrainConfig, task: SyntheticTask, policy: nn.Module, rt: R
     if cfg.num_print_samples == 0:
         return
     g = torch.Generator().manual_seed(stream_seed(cfg.seed, 7))
-    sg = torch.Generator(device=rt.device).manual_seed(stream_seed(cfg.seed, 8))
+    # per-rank noise (the slices of a vocab-parallel policy need independent noise)
+    sg = torch.Generator(device=rt.device).manual_seed(stream_seed(cfg.seed, 8, rt.rank))
     query = task.sample_prompts(cfg.num_print_samples, g).to(rt.device)
     resp = generate(unwrap(policy), query, cfg.response_length, cfg.temperature, sg, rt)
     scores = task.oracle(resp)
@@ -443,10 +457,12 @@ def show_samples(cfg: TrainConfig, task: SyntheticTask, policy: nn.Module, rt: R
 def train(cfg: TrainConfig, *, resume: Optional[str] = None) -> Dict:
     """Run SFT, reward modelling and PPO as configured (or continue the run in ``resume``).
 
-    Returns a summary dict (on every rank): ``out``, ``steps``, ``rm_accuracy``,
-    ``score_first``, ``score_last``, ``kl_last``, ``time_s``.
+    Returns a summary dict (on every rank; rank 0 also writes it to ``OUT/summary.json``):
+    ``out``, ``steps``, ``rm_accuracy``, ``score_first``, ``score_last``, ``kl_last``,
+    ``time_s``, ``world``, ``vocab_parallel`` and ``peak_memory_mib`` (the largest over ranks of
+    :meth:`Runtime.peak_memory_mib`: allocated CUDA memory, or the process's peak RSS on CPU).
     """
-    rt = setup_runtime(cfg.device, cfg.parallel)
+    rt = setup_runtime(cfg.device, cfg.parallel, cfg.vocab_parallel)
     threads = torch.get_num_threads()
     try:
         return _train(cfg, rt, resume)
@@ -486,7 +502,9 @@ def _train(cfg: TrainConfig, rt: Runtime, resume: Optional[str]) -> Dict:
     np.random.seed(cfg.seed % (2 ** 32))
     torch.manual_seed(cfg.seed)
     data_gen = torch.Generator().manual_seed(stream_seed(cfg.seed, 1))          # shared data
-    prompt_gen = torch.Generator().manual_seed(stream_seed(cfg.seed, 2, rt.rank))
+    # prompts: one stream per data-parallel rank (the ranks of a vocab-parallel group share
+    # them); sampling noise: one per rank
+    prompt_gen = torch.Generator().manual_seed(stream_seed(cfg.seed, 2, rt.dp_rank))
     sample_gen = torch.Generator(device=rt.device).manual_seed(stream_seed(cfg.seed, 3, rt.rank))
 
     # ---- 1. the four models --------------------------------------------------------------------
@@ -495,6 +513,8 @@ def _train(cfg: TrainConfig, rt: Runtime, resume: Optional[str]) -> Dict:
     policy = build_policy(cfg, task.vocab_size, max_pos)                       # causal LM
     reward_model = reward_model_from(policy)                                    # body + head
     critic = reward_model_from(policy)                                          # body + head
+    if rt.tp > 1:       # after the reward / value models took their full copies of the body
+        shard_vocab(policy, rt.tp_group, rt.tp, rt.tp_rank)
     ref = copy.deepcopy(policy)
     policy, reward_model, critic, ref = (m.to(rt.device)
                                          for m in (policy, reward_model, critic, ref))
@@ -502,10 +522,14 @@ def _train(cfg: TrainConfig, rt: Runtime, resume: Optional[str]) -> Dict:
     reward_model = wrap_model(reward_model, rt, trainable=True)
     critic = wrap_model(critic, rt, trainable=True)
     ref = wrap_model(freeze(ref), rt, trainable=False)
-    say(f"fastrlhf train: world {rt.world} ({rt.parallel if rt.distributed else 'single'}), "
+    mode = rt.parallel if rt.distributed else "single"
+    if rt.tp > 1:
+        mode += f", vocab-parallel {rt.tp} x data-parallel {rt.dp_world}"
+    say(f"fastrlhf train: world {rt.world} ({mode}), "
         f"device {rt.device}, backend {cfg.backend}, policy "
         f"{sum(p.numel() for p in policy.parameters()) / 1e3:.0f}k params"
-        + (f" (x{rt.world} shards)" if rt.parallel == "fsdp2" and rt.distributed else ""))
+        + (f" (x{rt.world} shards)" if rt.parallel == "fsdp2" and rt.distributed else "")
+        + (" on this rank (vocab rows sharded)" if rt.tp > 1 else ""))
 
     rm_accuracy = float("nan")
     start_step = 0
@@ -593,14 +617,21 @@ def _train(cfg: TrainConfig, rt: Runtime, resume: Optional[str]) -> Dict:
         plot_curves(os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "curves.png"))
     rt.barrier()
     rows = MetricsLog.read(os.path.join(cfg.out, "metrics.jsonl")) if rt.is_main else []
+    peak = float(rt.all_reduce_max(torch.tensor(rt.peak_memory_mib(), device=rt.device)))
     summary = {"out": cfg.out, "steps": cfg.total_steps, "rm_accuracy": rm_accuracy,
                "score_first": rows[0]["score"] if rows else first_score,
                "score_last": last.get("score"), "kl_last": last.get("kl"),
-               "time_s": time.perf_counter() - t_start}
+               "time_s": time.perf_counter() - t_start, "world": rt.world,
+               "vocab_parallel": rt.tp, "peak_memory_mib": peak,
+               "peak_memory_kind": "cuda_allocated" if rt.device.type == "cuda" else "cpu_rss"}
+    if rt.is_main:
+        with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     if last:
         say(f"done: score {summary['score_first']:+.3f} -> {summary['score_last']:+.3f}, "
             f"KL {summary['kl_last']:.2f} nats, reward-model accuracy {rm_accuracy:.3f}, "
-            f"{summary['time_s']:.0f}s; outputs in {cfg.out}")
+            f"{summary['time_s']:.0f}s, peak memory {peak:.0f} MiB per rank; outputs in "
+            f"{cfg.out}")
     return summary
 
 
@@ -613,7 +644,7 @@ def _dump_first_update(cfg, rt, batch, kl_coef, pre, policy, critic) -> None:
                os.path.join(d, f"rollout_rank{rt.rank}.pt"))
     post = {"policy": model_state(policy), "critic": model_state(critic)}
     if rt.is_main:
-        torch.save({"pre": pre, "post": post, "world": rt.world},
+        torch.save({"pre": pre, "post": post, "world": rt.world, "tp": rt.tp},
                    os.path.join(d, "first_update.pt"))
     rt.barrier()
 
