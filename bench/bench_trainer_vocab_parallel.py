@@ -77,7 +77,7 @@ def _run(cmd, out: str, steps: int):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         t = [json.loads(line)["time_s"] for line in f if line.strip()]
     step_s = [b - a for a, b in zip(t, t[1:])]        # steps 2..n (the first warms up)
-    return {"ms": statistics.median(step_s) * 1e3, "peak_mb": summary["peak_memory_mib"],
+    return {"ms": statistics.median(step_s) * 1e3, "peak_mb": round(summary["peak_memory_mib"], 1),
             "steps": len(t)}, None
 
 
