@@ -22,11 +22,13 @@ import torch
 pytest.importorskip("transformers")
 
 from helpers import DEVICE, TRITON_OK, assert_close  # noqa: E402
+from trainer_helpers import subprocess_env  # noqa: E402
 
 import fastrlhf as fr  # noqa: E402
 
 from fastrlhf.trainer import TrainConfig  # noqa: E402
 from fastrlhf.trainer.cli import main as cli_main  # noqa: E402
+from fastrlhf.trainer.cli import to_flags  # noqa: E402
 from fastrlhf.trainer.distributed import Runtime  # noqa: E402
 from fastrlhf.trainer.models import (build_policy, pack_batch, packed_policy_logits,  # noqa: E402
                                      packed_position_values, policy_logits, position_values,
@@ -35,7 +37,6 @@ from fastrlhf.trainer.ppo import Learner, Rollout, collect_rollout, train  # noq
 from fastrlhf.trainer.report import MetricsLog  # noqa: E402
 from fastrlhf.trainer.task import SyntheticTask  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A small but complete pipeline: SFT, reward model, PPO (a few seconds per phase).
 SMALL = dict(sft_steps=60, rm_train_pairs=1024, rm_eval_pairs=256, rm_epochs=2,
@@ -50,27 +51,8 @@ TINY = dict(SMALL, sft_steps=10, rm_train_pairs=128, rm_eval_pairs=64, rm_epochs
 TIME_KEYS = {"tokens_per_s", "time_s"}
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("TRITON_INTERPRET", None)   # reference backend in subprocesses
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def _flags(d):
-    out = []
-    for k, v in d.items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            out.append(flag if v else "--no-" + k.replace("_", "-"))
-        else:
-            out += [flag, str(v)]
-    return out
-
-
 def _train_cmd(out, **kw):
-    return [sys.executable, "-m", "fastrlhf.train", "--out", str(out)] + _flags(kw)
+    return [sys.executable, "-m", "fastrlhf.train", "--out", str(out)] + to_flags(kw)
 
 
 def _weights(path):
@@ -277,7 +259,7 @@ def test_packed_short_run_end_to_end(tmp_path, capsys):
     metrics are finite."""
     out = tmp_path / "packed"
     kw = dict(TINY, total_steps=3, checkpoint_every=0, micro_batch_size=4)
-    assert cli_main(["--out", str(out), "--packed"] + _flags(kw)) == 0, capsys.readouterr().err
+    assert cli_main(["--out", str(out), "--packed"] + to_flags(kw)) == 0, capsys.readouterr().err
     with open(out / "config.json") as f:
         assert json.load(f)["packed"] is True
     rows = MetricsLog.read(out / "metrics.jsonl")
@@ -296,7 +278,7 @@ def test_packed_short_run_end_to_end(tmp_path, capsys):
 def test_resume_after_kill_is_exact(tmp_path):
     kw = dict(TINY, total_steps=14, checkpoint_every=3, keep_checkpoints=2)
     full, cut = tmp_path / "full", tmp_path / "cut"
-    env = _env()
+    env = subprocess_env()
     a = subprocess.Popen(_train_cmd(full, **kw), env=env, cwd=tmp_path,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     b = subprocess.Popen(_train_cmd(cut, **kw), env=env, cwd=tmp_path,
@@ -343,8 +325,8 @@ def test_data_parallel_update_equals_single_process(tmp_path, parallel, packed):
     kw = dict(TINY, total_steps=1, ppo_epochs=2, num_minibatches=2, micro_batch_size=2,
               dump_first_update=True, parallel=parallel, packed=packed)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "fastrlhf.train", "--out", str(out)] + _flags(kw)
-    r = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, timeout=300)
+           "-m", "fastrlhf.train", "--out", str(out)] + to_flags(kw)
+    r = subprocess.run(cmd, env=subprocess_env(), cwd=tmp_path, capture_output=True, timeout=300)
     assert r.returncode == 0, r.stderr.decode()[-4000:]
     assert f"world 2 ({parallel})" in r.stdout.decode() + r.stderr.decode()
     dump = torch.load(out / "debug" / "first_update.pt", weights_only=False)

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import copy
-import os
 import subprocess
 import sys
 
@@ -26,11 +25,12 @@ import torch.distributed as dist
 pytest.importorskip("transformers")
 
 from helpers import assert_close, run_gloo  # noqa: E402
+from trainer_helpers import subprocess_env  # noqa: E402
+
+from fastrlhf.trainer.cli import to_flags  # noqa: E402
 
 from fastrlhf.trainer import TrainConfig  # noqa: E402
 from fastrlhf.trainer import vocab_parallel as VP  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_vocab_range_is_a_balanced_partition():
@@ -199,27 +199,10 @@ TINY = dict(sft_steps=10, rm_train_pairs=128, rm_eval_pairs=64, rm_epochs=1, rm_
             ppo_epochs=2, num_minibatches=2, num_print_samples=2, progress=False)
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("TRITON_INTERPRET", None)
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def _flags(d):
-    out = []
-    for k, v in d.items():
-        flag = "--" + k.replace("_", "-")
-        out += ([flag if v else "--no-" + k.replace("_", "-")] if isinstance(v, bool)
-                else [flag, str(v)])
-    return out
-
-
 def _torchrun(nproc, args, cwd):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", "-m", "fastrlhf.train"] + args
-    r = subprocess.run(cmd, env=_env(), cwd=cwd, capture_output=True, timeout=300)
+    r = subprocess.run(cmd, env=subprocess_env(), cwd=cwd, capture_output=True, timeout=300)
     assert r.returncode == 0, r.stderr.decode()[-4000:]
     return r.stdout.decode() + r.stderr.decode()
 
@@ -246,7 +229,7 @@ def test_vocab_parallel_update_equals_single_process(tmp_path, case):
     world, extra = CASES[case]
     out = tmp_path / "run"
     kw = {**TINY, "total_steps": 1, "dump_first_update": True, **extra}
-    log = _torchrun(world, ["--out", str(out)] + _flags(kw), tmp_path)
+    log = _torchrun(world, ["--out", str(out)] + to_flags(kw), tmp_path)
     tp = kw["vocab_parallel"]
     dp = world // tp
     assert f"world {world} (ddp, vocab-parallel {tp} x data-parallel {dp})" in log

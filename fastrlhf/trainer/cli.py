@@ -20,11 +20,11 @@ import json
 import os
 import sys
 import typing
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from .config import TrainConfig, field_docs, load_config_file
 
-__all__ = ["main", "build_parser", "config_from_args"]
+__all__ = ["main", "build_parser", "config_from_args", "to_flags"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, dest=f.name, metavar=tname, default=argparse.SUPPRESS,
                            help=f"{doc} (default: {f.default})")
     return p
+
+
+def to_flags(values: Dict[str, Any]) -> List[str]:
+    """The command-line flags that set these :class:`TrainConfig` values, e.g.
+    ``{"total_steps": 3, "packed": True, "clip_high": None}`` -> ``["--total-steps", "3",
+    "--packed", "--clip-high", "none"]`` (for launching ``fastrlhf train`` / torchrun)."""
+    out: List[str] = []
+    for k, v in values.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            out.append(flag if v else "--no-" + k.replace("_", "-"))
+        else:
+            out += [flag, "none" if v is None else str(v)]
+    return out
 
 
 def _run_dir_of(resume: str) -> str:
