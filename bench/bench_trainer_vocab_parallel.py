@@ -12,6 +12,12 @@ the same global batch three ways:
   rollouts, each holds half of the vocabulary (embedding, lm_head, their gradients and Adam
   moments, the logits).
 
+Every mode runs its forwards in micro-batches of 4 sequences per rank (``--micro-batch-size``:
+the rollout's scoring passes and the update), so the logits held at once are
+``[4, R, V]`` (single, ddp) or ``[4, R, V / 2]`` (vocab-parallel): the situation where data
+parallelism cannot shrink them any further, and vocab parallelism still halves them, at the
+price of each rank processing twice the sequences.
+
 Rows: ``ms`` = median wall time of a PPO step (rollout + update, steps after the first), and
 ``peak_mb`` = the trainer's ``peak_memory_mib`` (largest over ranks: allocated CUDA memory, or
 the process's peak RSS on CPU, which includes ~0.5 GiB of Python, torch and transformers).  The
@@ -37,18 +43,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 REPO = os.path.dirname(common.BENCH_DIR)
-RUN = dict(sft_steps=5, rm_train_pairs=128, rm_eval_pairs=64, rm_epochs=1, rm_norm_samples=32,
-           rollout_batch_size=32, ppo_epochs=2, num_minibatches=2, num_print_samples=0,
-           checkpoint_every=0, progress=False)
-
-
-def _flags(d):
-    out = []
-    for k, v in d.items():
-        flag = "--" + k.replace("_", "-")
-        out += ([flag if v else "--no-" + k.replace("_", "-")] if isinstance(v, bool)
-                else [flag, str(v)])
-    return out
+RUN = dict(sft_steps=5, sft_batch_size=8, rm_train_pairs=128, rm_eval_pairs=64, rm_epochs=1,
+           rm_norm_samples=32, rollout_batch_size=32, ppo_epochs=2, num_minibatches=2,
+           micro_batch_size=4, num_print_samples=0, checkpoint_every=0, progress=False)
 
 
 def _model_dir(root: str, vocab: int) -> str:
@@ -77,11 +74,12 @@ def _run(cmd, out: str, steps: int):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         t = [json.loads(line)["time_s"] for line in f if line.strip()]
     step_s = [b - a for a, b in zip(t, t[1:])]        # steps 2..n (the first warms up)
-    return {"ms": statistics.median(step_s) * 1e3, "peak_mb": round(summary["peak_memory_mib"], 1),
-            "steps": len(t)}, None
+    return {"ms": statistics.median(step_s) * 1e3,
+            "peak_mb": round(summary["peak_memory_mib"], 1), "steps": len(t)}, None
 
 
 def run(device: str, quick: bool) -> list:
+    from fastrlhf.trainer.cli import to_flags
     vocab = 32000 if quick else 128256
     steps = 3 if quick else 6
     dev = "cuda" if device.startswith("cuda") else "cpu"
@@ -90,7 +88,8 @@ def run(device: str, quick: bool) -> list:
     with tempfile.TemporaryDirectory() as root:
         model = _model_dir(root, vocab)
         base = dict(RUN, model=model, total_steps=steps, device=dev)
-        shape = f"V={vocab} H=64 L=2, {RUN['rollout_batch_size']} rollouts/step"
+        shape = (f"V={vocab} H=64 L=2, {RUN['rollout_batch_size']} rollouts/step, "
+                 f"micro-batch {RUN['micro_batch_size']}")
         for impl, nproc, extra in (("single", 1, {}), ("ddp x2", 2, {}),
                                    ("vocab-parallel x2", 2, {"vocab_parallel": 2})):
             row = {"op": "ppo trainer step", "impl": impl, "mode": "rollout+update",
@@ -99,7 +98,7 @@ def run(device: str, quick: bool) -> list:
                 rows.append(dict(row, skipped=f"needs {nproc} CUDA devices, have {n_gpu}"))
                 continue
             out = os.path.join(root, impl.replace(" ", "_"))
-            args = ["--out", out] + _flags(dict(base, **extra))
+            args = ["--out", out] + to_flags(dict(base, **extra))
             cmd = ([sys.executable, "-m", "fastrlhf.train"] if nproc == 1 else
                    [sys.executable, "-m", "torch.distributed.run", "--standalone",
                     f"--nproc_per_node={nproc}", "-m", "fastrlhf.train"]) + args

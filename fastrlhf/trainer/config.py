@@ -142,8 +142,10 @@ class TrainConfig:
     num_minibatches: int = 4
     """Minibatches per pass (one optimizer step each); divides the per-rank batch."""
     micro_batch_size: int = 0
-    """Per-rank sequences per forward/backward inside a minibatch (gradient accumulation);
-    0 = the whole minibatch at once."""
+    """Per-rank sequences per forward/backward inside a minibatch (gradient accumulation), and
+    per scoring forward of the rollout (old / reference log-probs, values, rewards), so that
+    at most [micro_batch_size, response_length, vocab] logits exist at once; 0 = the whole
+    minibatch (and the whole rollout batch) at once."""
     lr: float = 1e-3
     """AdamW learning rate of the policy."""
     critic_lr: float = 3e-3

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 from typing import NamedTuple, Optional, Tuple
 
@@ -264,12 +265,15 @@ def generate(policy: nn.Module, queries: Tensor, max_new_tokens: int, temperatur
     """
     from .vocab_parallel import sample_tokens, vocab_shard
     shard = vocab_shard(policy)
+    # only the last position's logits: [B, 1, V] per step instead of [B, t, V]
+    last_only = ({"logits_to_keep": 1}
+                 if "logits_to_keep" in inspect.signature(policy.forward).parameters else {})
     B = queries.shape[0]
     seq = queries                                                                   # [B, P+t]
     out = torch.full((B, max_new_tokens), PAD, dtype=torch.long, device=queries.device)
     done = torch.zeros(B, dtype=torch.bool, device=queries.device)
     for t in range(max_new_tokens):
-        logits = policy(input_ids=seq).logits[:, -1].float()                       # [B, V]
+        logits = policy(input_ids=seq, **last_only).logits[:, -1].float()          # [B, V]
         if shard is None:
             probs = torch.softmax(logits / temperature, dim=-1)
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)      # [B]

@@ -295,19 +295,26 @@ def collect_rollout(cfg: TrainConfig, task: SyntheticTask, policy: nn.Module, re
         response = generate(unwrap(policy), query, cfg.response_length, cfg.temperature,
                             sample_gen, rt)                                         # [B, R]
     mask, has_eos = response_mask(response)                                         # [B, R], [B]
-    # 2. old log-probs, reference log-probs, values: fresh forward passes -----------------------
-    with autocast(rt, cfg.bf16):
-        logits = policy_logits(unwrap(policy), query, response, mask)               # [B, R, V]
-        logp, entropy = L.logprobs(logits, response, temperature=cfg.temperature,
-                                   backend=cfg.backend, vp=vp)                      # [B, R] x2
-        del logits
-        ref_logits = policy_logits(unwrap(ref), query, response, mask)
-        ref_logp, _ = L.logprobs(ref_logits, response, temperature=cfg.temperature,
-                                 backend=cfg.backend, vp=op_kwargs(unwrap(ref)))
-        del ref_logits
-        values = position_values(unwrap(critic), query, response, mask) * mask      # [B, R]
-        # 3. score: reward model at the last real token; penalty without EOS -----------------
-        rm_score = last_token_scores(unwrap(reward_model), query, response, mask)   # [B]
+    # 2. old log-probs, reference log-probs, values: fresh forward passes, in chunks of
+    #    micro_batch_size sequences (so that the logits held at once are [micro, R, V]) ----------
+    # 3. score: reward model at the last real token; penalty without EOS ---------------------
+    chunks = []
+    micro = cfg.micro_batch_size or B
+    for c in range(0, B, micro):
+        q, r, m = query[c:c + micro], response[c:c + micro], mask[c:c + micro]
+        with autocast(rt, cfg.bf16):
+            logits = policy_logits(unwrap(policy), q, r, m)                         # [b, R, V]
+            lp, ent = L.logprobs(logits, r, temperature=cfg.temperature,
+                                 backend=cfg.backend, vp=vp)                        # [b, R] x2
+            del logits
+            ref_logits = policy_logits(unwrap(ref), q, r, m)
+            ref_lp, _ = L.logprobs(ref_logits, r, temperature=cfg.temperature,
+                                   backend=cfg.backend, vp=op_kwargs(unwrap(ref)))
+            del ref_logits
+            val = position_values(unwrap(critic), q, r, m) * m                      # [b, R]
+            rm = last_token_scores(unwrap(reward_model), q, r, m)                   # [b]
+        chunks.append((lp, ent, ref_lp, val, rm))
+    logp, entropy, ref_logp, values, rm_score = (torch.cat(t) for t in zip(*chunks))
     score = rm_score
     if cfg.missing_eos_penalty is not None:
         score = torch.where(has_eos, rm_score, torch.full_like(rm_score, cfg.missing_eos_penalty))
