@@ -18,10 +18,13 @@ the rollout's scoring passes and the update), so the logits held at once are
 parallelism cannot shrink them any further, and vocab parallelism still halves them, at the
 price of each rank processing twice the sequences.
 
-Rows: ``ms`` = median wall time of a PPO step (rollout + update, steps after the first), and
-``peak_mb`` = the trainer's ``peak_memory_mib`` (largest over ranks: allocated CUDA memory, or
-the process's peak RSS on CPU, which includes ~0.5 GiB of Python, torch and transformers).  The
-reward and value models keep their full embeddings in every mode.  On a CUDA machine with fewer
+Rows: ``ms`` = median wall time of a PPO step (rollout + update, steps after the first);
+``peak_mb`` = the trainer's ``ppo_peak_memory_mib``, the peak during the PPO steps' rollout and
+update, and ``run_peak_mb`` = ``peak_memory_mib``, the whole run's (SFT, reward model and the
+checkpoint / final-model writes, which hold full unsharded copies of all four models, included);
+both the largest over ranks, allocated CUDA memory or the process's peak RSS on CPU (which
+includes ~0.5 GiB of Python, torch and transformers).  The reward and value models keep their
+full embeddings in every mode.  On a CUDA machine with fewer
 than 2 GPUs the 2-process rows are recorded as skipped.
 
     python bench/bench_trainer_vocab_parallel.py [--device cuda] [--quick] [--write]
@@ -75,7 +78,8 @@ def _run(cmd, out: str, steps: int):
         t = [json.loads(line)["time_s"] for line in f if line.strip()]
     step_s = [b - a for a, b in zip(t, t[1:])]        # steps 2..n (the first warms up)
     return {"ms": statistics.median(step_s) * 1e3,
-            "peak_mb": round(summary["peak_memory_mib"], 1), "steps": len(t)}, None
+            "peak_mb": round(summary["ppo_peak_memory_mib"], 1),
+            "run_peak_mb": round(summary["peak_memory_mib"], 1), "steps": len(t)}, None
 
 
 def run(device: str, quick: bool) -> list:

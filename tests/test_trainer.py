@@ -153,6 +153,17 @@ def _first_update(backend: str, kl_in_loss: bool, fused_loss: bool = False, **ov
     return batch, stats, policy.state_dict(), critic.state_dict()
 
 
+def test_rollout_scoring_in_micro_batches_equals_whole_batch():
+    """micro_batch_size also chunks the rollout's scoring forwards (log-probs, reference
+    log-probs, values, rewards): the experience must not depend on the chunking."""
+    whole, *_ = _first_update("reference", False, micro_batch_size=0)
+    chunked, *_ = _first_update("reference", False, micro_batch_size=2)
+    assert torch.equal(whole.response, chunked.response) and whole.mask.sum() > 8
+    for name in ("logp", "ref_logp", "values", "adv", "returns"):
+        assert_close(f"rollout {name} (chunks of 2 vs whole batch)", getattr(chunked, name),
+                     getattr(whole, name), atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("kl_in_loss, fused", [(False, False), (True, False), (True, True)],
                          ids=["kl_in_reward", "kl_in_loss", "fused_kl_in_loss"])
 def test_first_update_same_on_every_backend(kl_in_loss, fused):
@@ -401,3 +412,22 @@ def test_bad_config_cli_and_world(tmp_path, capsys):
     # batch sizes must split over the data-parallel ranks
     with pytest.raises(ValueError, match=r"rollout_batch_size=64 must be divisible by 12"):
         TrainConfig().check_world(3)
+
+
+def test_peak_memory_sections_on_cpu():
+    """PeakMemory: a section's peak sees a 256 MiB buffer freed inside it; the next section,
+    after the reset, does not (Linux VmHWM; where it cannot be reset, the run's peak stays)."""
+    from fastrlhf.trainer.distributed import PeakMemory
+    mem = PeakMemory(torch.device("cpu"))
+    mem.start()
+    base = mem.read()
+    x = torch.ones(64 * 2 ** 20)           # 256 MiB, every page touched
+    del x
+    mem.stop()
+    assert mem.section >= base + 200, (base, mem.section)
+    first = mem.section
+    mem.start()
+    mem.stop()
+    assert mem.total() >= first
+    if os.path.exists("/proc/self/clear_refs") and os.access("/proc/self/clear_refs", os.W_OK):
+        assert mem.read() < first - 150, (mem.read(), first)    # the reset worked

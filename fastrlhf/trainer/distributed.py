@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Runtime", "setup_runtime", "wrap_model", "unwrap", "grad_sync", "finish_grad_sync",
+__all__ = ["Runtime", "PeakMemory", "setup_runtime", "wrap_model", "unwrap", "grad_sync", "finish_grad_sync",
            "clip_grad_norm"]
 
 
@@ -103,13 +103,6 @@ class Runtime:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t
 
-    def peak_memory_mib(self) -> float:
-        """This process's peak memory in MiB: ``torch.cuda.max_memory_allocated`` on CUDA, the
-        peak resident set size (whole process, Python and libraries included) on CPU."""
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2 ** 20
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
 
     def barrier(self) -> None:
         if self.distributed:
@@ -118,6 +111,58 @@ class Runtime:
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class PeakMemory:
+    """Peak memory of this process in MiB, over the whole run and over marked sections.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (reset with ``reset_peak_memory_stats``).  CPU:
+    the peak resident set size, Python and libraries included (Linux ``VmHWM``, reset by
+    writing 5 to ``/proc/self/clear_refs``; elsewhere ``getrusage``, which cannot be reset, so
+    a section's peak is then the run's peak so far).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.run = 0.0         # the whole run (so far)
+        self.section = 0.0     # the largest peak of the sections between start() and stop()
+
+    def read(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024                  # kB
+        except OSError:
+            pass
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
+
+    def _reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+    def start(self) -> None:
+        """Begin a section: fold the peak so far into the run's, then reset the counter."""
+        self.run = max(self.run, self.read())
+        self._reset()
+
+    def stop(self) -> None:
+        """End a section: its peak counts for :attr:`section` and the run."""
+        p = self.read()
+        self.section = max(self.section, p)
+        self.run = max(self.run, p)
+
+    def total(self) -> float:
+        return max(self.run, self.read())
 
 
 def setup_runtime(device: str = "auto", parallel: str = "ddp", vocab_parallel: int = 1

@@ -51,8 +51,8 @@ from . import losses as L
 from .checkpoint import (find_checkpoint, load_checkpoint, load_model_state, load_optim_state,
                          model_state, optim_state, rng_state, save_checkpoint, set_rng_state)
 from .config import TrainConfig
-from .distributed import (Runtime, clip_grad_norm, finish_grad_sync, grad_sync, setup_runtime,
-                          unwrap, wrap_model)
+from .distributed import (PeakMemory, Runtime, clip_grad_norm, finish_grad_sync, grad_sync,
+                          setup_runtime, unwrap, wrap_model)
 from .models import (autocast, build_policy, freeze, generate, last_token_scores, pack_batch,
                      pack_rows, packed_policy_logits, packed_position_values, policy_logits,
                      position_values, response_mask, reward_model_from)
@@ -466,8 +466,10 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None) -> Dict:
 
     Returns a summary dict (on every rank; rank 0 also writes it to ``OUT/summary.json``):
     ``out``, ``steps``, ``rm_accuracy``, ``score_first``, ``score_last``, ``kl_last``,
-    ``time_s``, ``world``, ``vocab_parallel`` and ``peak_memory_mib`` (the largest over ranks of
-    :meth:`Runtime.peak_memory_mib`: allocated CUDA memory, or the process's peak RSS on CPU).
+    ``time_s``, ``world``, ``vocab_parallel``, ``peak_memory_mib`` (whole run) and
+    ``ppo_peak_memory_mib`` (the PPO steps' rollout + update, checkpoints excluded), each the
+    largest over ranks (:class:`~fastrlhf.trainer.distributed.PeakMemory`: allocated CUDA
+    memory, or the process's peak RSS on CPU).
     """
     rt = setup_runtime(cfg.device, cfg.parallel, cfg.vocab_parallel)
     threads = torch.get_num_threads()
@@ -577,8 +579,10 @@ def _train(cfg: TrainConfig, rt: Runtime, resume: Optional[str]) -> Dict:
     bar = _progress(cfg, rt, start_step)
     last: Dict[str, float] = {}
     first_score: Optional[float] = None
+    mem = PeakMemory(rt.device)
     for step in range(start_step + 1, cfg.total_steps + 1):
         t0 = time.perf_counter()
+        mem.start()                      # the PPO steps' peak: rollout + update, no checkpoints
         kl_coef = kl_ctl.value
         # 5a. experience: sample, score, KL-penalised rewards, GAE, whitened advantages
         batch, sums = collect_rollout(cfg, task, policy, ref, critic, reward_model, rt, kl_coef,
@@ -588,6 +592,7 @@ def _train(cfg: TrainConfig, rt: Runtime, resume: Optional[str]) -> Dict:
             pre = {"policy": model_state(policy), "critic": model_state(critic)}
         # 5b. ppo_epochs x num_minibatches clipped updates of policy and value model
         up = learner.update(batch, kl_coef)
+        mem.stop()
         if cfg.dump_first_update and step == 1:
             _dump_first_update(cfg, rt, batch, kl_coef, pre, policy, critic)
         # 5c. adapt beta to the KL of this batch
@@ -624,12 +629,13 @@ def _train(cfg: TrainConfig, rt: Runtime, resume: Optional[str]) -> Dict:
         plot_curves(os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "curves.png"))
     rt.barrier()
     rows = MetricsLog.read(os.path.join(cfg.out, "metrics.jsonl")) if rt.is_main else []
-    peak = float(rt.all_reduce_max(torch.tensor(rt.peak_memory_mib(), device=rt.device)))
+    peak, ppo_peak = rt.all_reduce_max(torch.tensor([mem.total(), mem.section],
+                                                    device=rt.device)).tolist()
     summary = {"out": cfg.out, "steps": cfg.total_steps, "rm_accuracy": rm_accuracy,
                "score_first": rows[0]["score"] if rows else first_score,
                "score_last": last.get("score"), "kl_last": last.get("kl"),
                "time_s": time.perf_counter() - t_start, "world": rt.world,
-               "vocab_parallel": rt.tp, "peak_memory_mib": peak,
+               "vocab_parallel": rt.tp, "peak_memory_mib": peak, "ppo_peak_memory_mib": ppo_peak,
                "peak_memory_kind": "cuda_allocated" if rt.device.type == "cuda" else "cpu_rss"}
     if rt.is_main:
         with open(os.path.join(cfg.out, "summary.json"), "w") as f:
