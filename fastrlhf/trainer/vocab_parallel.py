@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 __all__ = ["VocabShard", "vocab_range", "VocabParallelEmbedding", "VocabParallelLMHead",
            "shard_vocab", "vocab_shard", "op_kwargs", "sample_tokens", "gumbel_scores",
-           "sharded_parameters", "sync_grads", "gather_state", "scatter_state",
+           "sharded_parameters", "sync_grads", "grad_norm_sq", "gather_state", "scatter_state",
            "gather_optim_state", "scatter_optim_state"]
 
 
