@@ -22,7 +22,7 @@ import torch
 pytest.importorskip("transformers")
 
 from helpers import DEVICE, TRITON_OK, assert_close  # noqa: E402
-from trainer_helpers import subprocess_env  # noqa: E402
+from trainer_helpers import assert_first_update_replays, subprocess_env  # noqa: E402
 
 import fastrlhf as fr  # noqa: E402
 
@@ -349,20 +349,8 @@ def test_data_parallel_update_equals_single_process(tmp_path, parallel, packed):
     m0, m1 = (p["batch"]["mask"].sum() for p in parts)
     assert not torch.equal(parts[0]["batch"]["response"], parts[1]["batch"]["response"])
     batch = Rollout(**{k: torch.cat([p["batch"][k] for p in parts]) for k in parts[0]["batch"]})
-    cfg = TrainConfig(out=str(out), **kw)
-    task = SyntheticTask(cfg.prompt_len, cfg.response_length, cfg.sft_min_words,
-                         cfg.sft_max_words)
-    policy = build_policy(cfg, task.vocab_size, task.query_len + cfg.response_length)
-    critic = reward_model_from(policy)
-    policy.load_state_dict(dump["pre"]["policy"])
-    critic.load_state_dict(dump["pre"]["critic"])
-    Learner(cfg, policy, critic, Runtime()).update(batch, parts[0]["kl_coef"], shards=2)
-    for name, model in (("policy", policy), ("critic", critic)):
-        for k, v in model.state_dict().items():
-            pre, post = dump["pre"][name][k], dump["post"][name][k]
-            assert (post - pre).abs().max() > 1e-4, f"{name} {k} did not move"
-            assert_close(f"{name} {k} (1 process vs 2 {parallel} ranks; tokens {m0:.0f}/{m1:.0f})",
-                         v, post, atol=2e-6, rtol=1e-5)
+    assert_first_update_replays(dict(kw, out=str(out)), dump, batch, parts[0]["kl_coef"], 2,
+                                f"2 {parallel} ranks; tokens {m0:.0f}/{m1:.0f}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -40,8 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Runtime", "PeakMemory", "setup_runtime", "wrap_model", "unwrap", "grad_sync", "finish_grad_sync",
-           "clip_grad_norm"]
+__all__ = ["Runtime", "PeakMemory", "setup_runtime", "wrap_model", "unwrap", "grad_sync",
+           "finish_grad_sync", "clip_grad_norm"]
 
 
 @dataclass

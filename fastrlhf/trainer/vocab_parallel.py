@@ -48,6 +48,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# identity forward, all-reduce of the gradient in the backward: the ops' own lm_head uses it too
+from ..ops._vocab_parallel import _CopyToGroup
+
 __all__ = ["VocabShard", "vocab_range", "VocabParallelEmbedding", "VocabParallelLMHead",
            "shard_vocab", "vocab_shard", "op_kwargs", "sample_tokens", "gumbel_scores",
            "sharded_parameters", "sync_grads", "grad_norm_sq", "gather_state", "scatter_state",
@@ -102,22 +105,6 @@ class _SumForward(torch.autograd.Function):
         return g, None
 
 
-class _SumBackward(torch.autograd.Function):
-    """Forward: identity (the input is replicated).  Backward: sum of the gradient over the
-    group (each rank's slice contributed a part of it)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g.contiguous().clone()
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
-
-
 class VocabParallelEmbedding(nn.Module):
     """Input embedding holding the rows ``[start, end)`` of the full ``[V, H]`` table.
 
@@ -165,7 +152,7 @@ class VocabParallelLMHead(nn.Module):
         self.in_features, self.out_features = weight.shape[1], shard.rows
 
     def forward(self, hidden: Tensor) -> Tensor:
-        return F.linear(_SumBackward.apply(hidden, self.shard.group), self.weight, self.bias)
+        return F.linear(_CopyToGroup.apply(hidden, self.shard.group), self.weight, self.bias)
 
     def extra_repr(self) -> str:
         s = self.shard
