@@ -70,9 +70,9 @@ def _count_big(fn, n):
 
 
 def _native_ready():
-    from fastrlhf import _native
-    if not _native.available():
-        return f"native extension unavailable: {_native.build_error()}"
+    from fastrlhf import native
+    if not native.available():
+        return f"native extension unavailable: {native.build_error()}"
     return None
 
 

@@ -171,8 +171,8 @@ def write_results(path: str, env: dict, copy_gbps: float, bench_rows: dict) -> d
 def fastrlhf_backend(device: str, native_ok: bool = True) -> str:
     """The backend ``backend="auto"`` picks on this device (recorded with every fastrlhf row);
     ``native_ok=False`` for ops without a native (C++) implementation."""
-    from fastrlhf import _backend
-    return _backend.resolve("auto", torch.device(device), op="bench", native_ok=native_ok)
+    from fastrlhf import backend
+    return backend.resolve("auto", torch.device(device), op="bench", native_ok=native_ok)
 
 
 def format_table(rows: list[dict]) -> str:

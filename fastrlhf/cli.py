@@ -84,7 +84,7 @@ def cmd_report(argv) -> int:
 
 def cmd_train(argv) -> int:
     try:
-        from .trainer.cli import main as train_main
+        from .trainer.cli import main as train_main  # lazy: keep `fastrlhf --help` fast
     except ImportError as e:
         raise SystemExit(f"fastrlhf train is unavailable: {e}")
     return train_main(argv)

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from .tables import AGG_MODES, GROUP_ADV_KINDS, KL_BASE, MASKED_EPS, acc_dtype
+
 __all__ = ["acc_dtype", "token_logprobs", "token_entropy"]
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype computes and returns float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,10 +55,6 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
 # KL estimators, exact full-vocabulary KL, group (outcome) advantages
 # --------------------------------------------------------------------------------------------
 
-_KL_BASE = {"k1": "k1", "kl": "k1", "abs": "abs", "k2": "k2", "mse": "k2", "k3": "k3",
-            "low_var_kl": "k3"}
-
-
 def _kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, base: str) -> torch.Tensor:
     if base == "k1":
         return logp - ref_logp
@@ -83,10 +76,10 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> 
     input is float64.
     """
     plus = kind.endswith("+")
-    base = _KL_BASE.get(kind[:-1] if plus else kind)
+    base = KL_BASE.get(kind[:-1] if plus else kind)
     if base is None:
         raise ValueError(f"kl_penalty: unknown kind {kind!r}")
-    acc = torch.float64 if torch.float64 in (logp.dtype, ref_logp.dtype) else torch.float32
+    acc = acc_dtype(logp, ref_logp)
     x, y = logp.to(acc), ref_logp.to(acc)
     fwd = _kl_estimate(x, y, base)
     if not plus or base == "k2":
@@ -103,7 +96,7 @@ def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float =
     (also when ``q_j = 0``); ``q_j = 0`` with ``p_j > 0`` gives +inf; rows that are entirely
     ``-inf`` (in either tensor) give NaN.  Float32, float64 if either input is float64.
     """
-    acc = torch.float64 if torch.float64 in (logits.dtype, ref_logits.dtype) else torch.float32
+    acc = acc_dtype(logits, ref_logits)
     logp = torch.log_softmax(logits.to(acc) / temperature, dim=-1)
     logq = torch.log_softmax(ref_logits.to(acc) / temperature, dim=-1)
     p = logp.exp()
@@ -111,7 +104,6 @@ def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float =
     return (p * diff).sum(-1)
 
 
-GROUP_ADV_KINDS = ("grpo", "dr_grpo", "rloo")
 
 
 def group_advantages(scores: torch.Tensor, group_ids: torch.Tensor, kind: str = "grpo",
@@ -130,7 +122,7 @@ def group_advantages(scores: torch.Tensor, group_ids: torch.Tensor, kind: str = 
     """
     if kind not in GROUP_ADV_KINDS:
         raise ValueError(f"group_advantages: unknown kind {kind!r}")
-    acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(scores)
     x = scores.to(acc)
     ids = group_ids.tolist()
     members: dict = {}
@@ -175,14 +167,6 @@ __all__ += ["kl_penalty", "full_kl", "group_advantages", "GROUP_ADV_KINDS"]
 
 from typing import NamedTuple  # noqa: E402
 
-AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
-             "seq-mean-token-sum-norm")
-MASKED_EPS = 1e-8  # verl: masked_mean denominator, whitening, seq-mean-token-mean
-
-
-def _loss_acc(*tensors) -> torch.dtype:
-    """float64 if any floating input is float64, else float32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _div_or_zero(num: torch.Tensor, den) -> torch.Tensor:
@@ -394,7 +378,7 @@ def policy_loss_per_token(logp: torch.Tensor, old_logp: torch.Tensor, advantages
     Packed ``[1, total]`` inputs with ``cu_seqlens`` ``[S+1]``: segments are the rows
     (``advantages`` ``[1, total]`` or ``[S]``, the GSPO ratio per segment).
     """
-    acc = _loss_acc(logp, old_logp, advantages)
+    acc = acc_dtype(logp, old_logp, advantages)
     lp, old, adv = logp.to(acc), old_logp.to(acc), advantages.to(acc)
     if adv.dim() == 1:
         adv = _per_token(adv, lp, cu_seqlens)
@@ -444,7 +428,7 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     segments are the sequences (GSPO ratio and seq-mode aggregation per segment; ``advantages``
     ``[1, total]`` or ``[S]``), equal to the padded ``[S, Tmax]`` layout.
     """
-    acc = _loss_acc(logp, old_logp, advantages)
+    acc = acc_dtype(logp, old_logp, advantages)
     lp = logp.to(acc)
     old, adv = old_logp.detach().to(acc), advantages.detach().to(acc)
     if adv.dim() == 1:
@@ -490,7 +474,7 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     Returns ``(loss, {"clipfrac": masked_mean([(vc - R)^2 > (v - R)^2], mask)})``.
     Gradient flows to ``values`` only.  Packed layout (``cu_seqlens``) as :func:`agg_loss`.
     """
-    acc = _loss_acc(values, old_values, returns)
+    acc = acc_dtype(values, old_values, returns)
     v = values.to(acc)
     old, ret = old_values.detach().to(acc), returns.detach().to(acc)
     m = mask.to(acc)
@@ -554,8 +538,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     float64, else float32).  Returns ``(advantages, returns)``, detached.
     """
     if compute_dtype is None:
-        compute_dtype = (torch.float64 if torch.float64 in (rewards.dtype, values.dtype)
-                         else torch.float32)
+        compute_dtype = acc_dtype(rewards, values)
     with torch.no_grad():
         r = rewards.detach().to(compute_dtype)
         v = values.detach().to(compute_dtype)
@@ -664,3 +647,89 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
 
 
 __all__ += ["linear_logits", "linear_token_logprobs", "fused_linear_ppo_loss"]
+
+
+# --------------------------------------------------------------------------------------------
+# per-row softmax statistics and the gradients written from them (the spec of what the
+# vocab-parallel modes compute on one vocab slice; see fastrlhf.ops.parallel)
+# --------------------------------------------------------------------------------------------
+
+def softmax_stats(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                  ignore_index: int = -100):
+    """Per row of ``x = logits / temperature``: ``(logp, H, M, log S)`` with ``M = max x``,
+    ``S = sum exp(x - M)``, ``H`` the entropy and ``logp`` the token's log-prob (0 where
+    ``tokens == ignore_index``).  A row with nothing finite (all ``-inf``) gives
+    ``log S = -inf`` and no NaN."""
+    x = logits.to(acc_dtype(logits.dtype)) / temperature
+    M = x.amax(-1)
+    z = x - torch.where(M == float("-inf"), torch.zeros_like(M), M).unsqueeze(-1)
+    logS = z.exp().sum(-1).log()
+    logsm = z - logS.unsqueeze(-1)
+    H = _entropy_from_logsm(logsm)
+    valid = tokens != ignore_index
+    idx = torch.where(valid, tokens, torch.zeros_like(tokens)).long()
+    lp = torch.where(valid, logsm.gather(-1, idx.unsqueeze(-1)).squeeze(-1), torch.zeros_like(M))
+    return lp, H, M, logS
+
+
+def token_logprobs_grad(logits: torch.Tensor, tokens: torch.Tensor, dlogp, dent, M, logS, H,
+                        temperature: float = 1.0) -> torch.Tensor:
+    """d loss / d logits of :func:`token_logprobs` from the rows' statistics ``(M, log S, H)``
+    (possibly those of the full vocab while ``logits`` is one slice of it):
+    ``(dlogp * (onehot - p) - dent * p * (log p + H)) / temperature`` with ``p = exp(x - M -
+    log S)``; ``tokens < 0`` has no one-hot entry; ``dlogp`` / ``dent`` may be None."""
+    x = logits.to(acc_dtype(logits.dtype)) / temperature
+    z = (x - M.unsqueeze(-1)) - logS.unsqueeze(-1)
+    p = z.exp()
+    g = torch.zeros_like(x)
+    if dlogp is not None:
+        g = g - dlogp.unsqueeze(-1) * p
+        hit = tokens >= 0
+        idx = torch.where(hit, tokens, torch.zeros_like(tokens)).long().unsqueeze(-1)
+        g = g.scatter_add(-1, idx, torch.where(hit, dlogp, torch.zeros_like(dlogp)).unsqueeze(-1))
+    if dent is not None:
+        g = g - dent.unsqueeze(-1) * torch.where(p > 0, p * (z + H.unsqueeze(-1)),
+                                                 torch.zeros_like(p))
+    return (g / temperature).to(logits.dtype)
+
+
+def full_kl_partials(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0):
+    """Per row: ``(E, stats [6, ...])`` with ``E = sum_j p_j ((x_j - Mx) - (y_j - My))`` (0 where
+    the row has no p mass) and stats rows ``(Mx, log Sx, My, log Sy, qzero, bad)``: the flags are
+    1 where some ``q_j = 0`` under ``p_j > 0`` / some NaN or ``+inf`` was seen."""
+    acc = acc_dtype(logits, ref_logits)
+    x = logits.to(acc) / temperature
+    y = ref_logits.to(acc) / temperature
+    ninf, pinf = float("-inf"), float("inf")
+    bad = (x.isnan() | y.isnan() | (x == pinf) | (y == pinf)).any(-1)
+    xlive, ydead = x > ninf, y == ninf
+    qzero = (xlive & ydead).any(-1)
+    Mx, My = x.amax(-1), y.amax(-1)
+    mx = torch.where(Mx == ninf, torch.zeros_like(Mx), Mx).unsqueeze(-1)
+    my = torch.where(My == ninf, torch.zeros_like(My), My).unsqueeze(-1)
+    ex = (x - mx).exp()
+    Sx, Sy = ex.sum(-1), (y - my).exp().sum(-1)
+    r = torch.where(xlive & ~ydead, (x - mx) - (y - my), torch.zeros_like(x))
+    E = torch.where(Sx > 0, (ex * r).sum(-1) / Sx, torch.zeros_like(Sx))
+    stats = torch.stack([Mx, Sx.log(), My, Sy.log(), qzero.to(acc), bad.to(acc)])
+    return E, stats
+
+
+def full_kl_grad(g: torch.Tensor, logits: torch.Tensor, ref_logits: torch.Tensor,
+                 kl: torch.Tensor, stats: torch.Tensor, temperature: float, need_x: bool,
+                 need_y: bool):
+    """Gradients of :func:`full_kl` from the rows' ``stats = (Mx, log Sx, My, log Sy)`` and KL:
+    ``dx = g p (log p - log q - KL) / T``, ``dy = g (q - p) / T`` (None where not needed)."""
+    acc = kl.dtype
+    Mx, lsx, My, lsy = (t.unsqueeze(-1) for t in stats.unbind(0))
+    a = (logits.to(acc) / temperature - Mx) - lsx
+    b = (ref_logits.to(acc) / temperature - My) - lsy
+    p = a.exp()
+    gs = (g.to(acc) / temperature).unsqueeze(-1)
+    dx = dy = None
+    if need_x:
+        dx = (torch.where(p > 0, p * ((a - b) - kl.unsqueeze(-1)), torch.zeros_like(p)) * gs)
+        dx = dx.to(logits.dtype)
+    if need_y:
+        dy = ((b.exp() - p) * gs).to(ref_logits.dtype)
+    return dx, dy

@@ -1,4 +1,4 @@
-"""Small helpers shared by the Triton kernels (no imports from fastrlhf)."""
+"""Small helpers shared by the Triton kernels (from fastrlhf: only the leaf fastrlhf.tables)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from ..tables import acc_dtype
 
 _TL = {
     torch.float32: tl.float32,
@@ -25,9 +27,9 @@ def tl_dtype(dtype: torch.dtype):
     return _TL[dtype]
 
 
-def acc_dtype_of(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation / output dtype: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# Accumulation / output dtype: float64 for float64 inputs, float32 otherwise (the one rule of
+# fastrlhf.tables, a leaf module with no fastrlhf imports).
+acc_dtype_of = acc_dtype
 
 
 def cdiv(a: int, b: int) -> int:

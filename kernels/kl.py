@@ -37,7 +37,7 @@ into fresh contiguous buffers.  Nothing of size [N, V] besides the gradients is 
 
 Vocab parallelism (``PARTIAL``): on a slice of the vocab the forward instead stores the slice's
 ``T / S_x`` and the two flags (q = 0 under p > 0; NaN / +inf seen) next to the four maxima /
-log-sums; ``fastrlhf.ops._vocab_parallel`` combines the slices and runs this backward unchanged
+log-sums; ``fastrlhf.ops.kl`` (vocab-parallel mode) combines the slices and runs this backward unchanged
 with the global statistics.
 """
 
@@ -47,12 +47,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype_of, interpreting, row_offset, tl_dtype
+from ..tables import KL_CODES, acc_dtype
+from ._utils import interpreting, row_offset, tl_dtype
 
 __all__ = ["KINDS", "kl_penalty_fwd", "kl_penalty_bwd", "full_kl_fwd", "full_kl_bwd", "AOT_SPECS"]
 
 # Kind codes of the elementwise estimators (the ops module maps names and aliases onto these).
-KINDS = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
+KINDS = KL_CODES  # {"k1": 0, "abs": 1, "k2": 2, "k3": 3}, defined once in fastrlhf.tables
 
 # Elementwise kernels: 1024 elements over 4 warps = 8 per thread (two 128-bit fp32 accesses).
 BLOCK_E = 1024
@@ -151,8 +152,7 @@ def _kl_penalty_bwd_kernel(g_ptr, x_ptr, y_ptr, dx_ptr, dy_ptr, n,
             tl.store(dy_ptr + offs, (-dx).to(dy_ptr.dtype.element_ty), mask=m)
 
 
-def _acc_of(*dtypes) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else acc_dtype_of(dtypes[0])
+_acc_of = acc_dtype  # float64 if either input is float64
 
 
 def kl_penalty_fwd(x, y, kind_code: int):

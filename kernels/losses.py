@@ -37,14 +37,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..tables import AGG_MODE_IDS
 from ._utils import interpreting, tl_dtype
 
 __all__ = ["AGG_MODE_IDS", "policy_fwd", "policy_bwd", "value_fwd", "value_bwd",
            "policy_token_terms", "value_token_terms", "AOT_SPECS"]
 
-# Aggregation modes as the kernels see them.
-AGG_MODE_IDS = {"token-mean": 0, "token-sum": 1, "seq-mean-token-sum": 2,
-                "seq-mean-token-mean": 3, "seq-mean-token-sum-norm": 4}
+# Aggregation modes as the kernels see them: AGG_MODE_IDS, from fastrlhf.tables.
 
 # 2048 lanes over 8 warps: 8 elements per thread per stream, i.e. two 128-bit loads for fp32.
 BLOCK_T = 2048

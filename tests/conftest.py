@@ -92,8 +92,8 @@ def backends(native: bool = False):
     if TRITON_OK:
         out.append("triton")
     if native and not HAS_CUDA:
-        from fastrlhf import _native
-        if _native.available():
+        from fastrlhf import native
+        if native.available():
             out.append("native")
     return out
 

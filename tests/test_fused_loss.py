@@ -295,11 +295,11 @@ def test_custom_ops_opcheck():
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     for write_grad in (True, False):
         args = (x, tok, old, adv, mask, r, coef, 0.1, "k3", 0.01, 0.8, 1.2, 3.0, 1.0, False,
-                -100, write_grad)
-        torch.library.opcheck(F._fused, args, test_utils=utils)
-    torch.library.opcheck(F._scale_, (torch.randn(B, T, V, device=DEVICE),
-                                      torch.ones((), device=DEVICE),
-                                      torch.full((), 2.0, device=DEVICE)))
+                -100, write_grad, None, "triton")
+        torch.library.opcheck(F._fused.op, args, test_utils=utils)
+    torch.library.opcheck(F._scale_.op, (torch.randn(B, T, V, device=DEVICE),
+                                         torch.ones((), device=DEVICE),
+                                         torch.full((), 2.0, device=DEVICE), "triton"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -452,11 +452,13 @@ def test_bad_cu_seqlens():
 def test_registered_op_opcheck():
     r, v, m = _inputs(2, 9, seed=41, poison_masked=False)
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(torch.ops.fastrlhf.gae.default, (r, v, m, None, 0.99, 0.95, 9, False),
+    torch.library.opcheck(torch.ops.fastrlhf.gae.default, (r, v, m, None, 0.99, 0.95, 9, False,
+                                                             "triton"),
                           test_utils=tests)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE)
     torch.library.opcheck(torch.ops.fastrlhf.gae.default,
-                          (r[:1], v[:1], m[:1].float(), cu, 1.0, 0.9, 5, True), test_utils=tests)
+                          (r[:1], v[:1], m[:1].float(), cu, 1.0, 0.9, 5, True, "triton"),
+                          test_utils=tests)
 
 
 @needs_triton

@@ -327,10 +327,12 @@ def test_registered_ops_opcheck():
     x = torch.randn(3, 5, device=DEVICE, requires_grad=True)
     y = torch.randn(3, 5, device=DEVICE, requires_grad=True)
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(torch.ops.fastrlhf.kl_penalty.default, (x, y, "k3"), test_utils=tests)
+    torch.library.opcheck(torch.ops.fastrlhf.kl_penalty.default, (x, y, "k3", "triton"),
+                          test_utils=tests)
     lx = torch.randn(2, 3, 9, device=DEVICE, requires_grad=True)
     ly = torch.randn(2, 3, 9, device=DEVICE)
-    torch.library.opcheck(torch.ops.fastrlhf.full_kl.default, (lx, ly, 1.0), test_utils=tests)
+    torch.library.opcheck(torch.ops.fastrlhf.full_kl.default, (lx, ly, 1.0, "triton"),
+                          test_utils=tests)
 
 
 @pytest.mark.skipif("triton" not in backends(), reason="Triton backend not runnable here")

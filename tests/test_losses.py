@@ -550,13 +550,14 @@ def test_custom_ops_opcheck():
         pytest.skip("no Triton backend on this machine")
     lp, old, adv, m = policy_inputs(B=2, T=3)
     lp = lp.requires_grad_()
-    torch.library.opcheck(L._policy_fwd, (lp, old, adv, m, 0.8, 1.2, 3.0, False, "token-mean",
-                                          1, None, None, 3.0))
-    torch.library.opcheck(L._policy_fwd, (lp, old, adv[:, 0].contiguous(), m, 0.9, 1.1, None,
-                                          True, "seq-mean-token-mean", 2, 4.0, None, 3.0))
+    torch.library.opcheck(L._policy.op, (lp, old, adv, m, 0.8, 1.2, 3.0, False, "token-mean",
+                                          1, None, None, 3.0, None, "triton"))
+    torch.library.opcheck(L._policy.op, (lp, old, adv[:, 0].contiguous(), m, 0.9, 1.1, None,
+                                          True, "seq-mean-token-mean", 2, 4.0, None, 3.0, None,
+                                          "triton"))
     v, vo, ret, vm = value_inputs(B=2, T=3)
-    torch.library.opcheck(L._value_fwd, (v.requires_grad_(), vo, ret, vm, 0.2, "token-sum", 1,
-                                         None, None, 3.0))
+    torch.library.opcheck(L._value.op, (v.requires_grad_(), vo, ret, vm, 0.2, "token-sum", 1,
+                                         None, None, 3.0, None, "triton"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,15 +6,21 @@ The first test that needs the extension builds it (about a minute, once per mach
 is cached in $TORCH_EXTENSIONS_DIR).
 """
 
+import importlib
 import warnings
 
 import pytest
 import torch
 
 import fastrlhf as fr
-from fastrlhf import _backend, _native
+from fastrlhf import backend as _backend
+from fastrlhf import native as _native
+from fastrlhf.ops import logprobs as LP
+from fastrlhf.ops import losses as L
 from fastrlhf import reference as ref
 from helpers import TRITON_OK, assert_close
+
+G = importlib.import_module("fastrlhf.ops.gae")  # the module (fastrlhf.ops.gae is the function)
 
 CPU = torch.device("cpu")
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
@@ -487,7 +493,7 @@ def _fused_loss(*args, **kwargs):
 
 
 def _fused_native_available():
-    """fastrlhf.ops.fused_loss dispatches backend="native" to fastrlhf._native."""
+    """fastrlhf.ops.fused_loss dispatches backend="native" to fastrlhf.native."""
     try:
         from fastrlhf.ops.fused_loss import fused_ppo_loss
         fused_ppo_loss(torch.zeros(1, 1, 3), torch.zeros(1, 1, dtype=torch.long),
@@ -617,17 +623,18 @@ def test_opcheck_native_ops(native):
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
     logits, tok = _logits((3,), 20, torch.float32, seed=1)
     x = logits.clone().requires_grad_(True)
-    torch.library.opcheck(_native._tl_fwd, (x, tok, 1.0, -100), test_utils=tests)
-    torch.library.opcheck(_native._te_fwd, (x, 0.5), test_utils=tests)
+    torch.library.opcheck(LP._token_logprobs.op, (x, tok, 1.0, -100, "native"), test_utils=tests)
+    torch.library.opcheck(LP._token_entropy.op, (x, 0.5, "native"), test_utils=tests)
     r, v, m = _gae_inputs(2, 6, torch.float32, seed=1)
-    torch.library.opcheck(_native._gae_op, (r, v, m, None, 1.0, 0.95, False), test_utils=tests)
+    torch.library.opcheck(G._gae.op, (r, v, m, None, 1.0, 0.95, 6, False, "native"),
+                          test_utils=tests)
     lp, old, adv, mk = _loss_inputs(2, 6, torch.float32, seed=1)
     lpg = lp.clone().requires_grad_(True)
-    torch.library.opcheck(_native._policy_fwd, (lpg, old, adv, mk, 0.8, 1.2, None, False,
-                                                "token-mean", 1, None, None, 6.0),
+    torch.library.opcheck(L._policy.op, (lpg, old, adv, mk, 0.8, 1.2, None, False,
+                                         "token-mean", 1, None, None, 6.0, None, "native"),
                           test_utils=tests)
-    torch.library.opcheck(_native._value_fwd, (lpg, old, adv, mk, 0.5, "token-sum", 1, None,
-                                               None, 6.0), test_utils=tests)
+    torch.library.opcheck(L._value.op, (lpg, old, adv, mk, 0.5, "token-sum", 1, None,
+                                        None, 6.0, None, "native"), test_utils=tests)
 
 
 def test_torch_compile_fullgraph(native):

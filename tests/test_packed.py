@@ -9,7 +9,8 @@ import torch
 from helpers import DEVICE, assert_close, backends
 
 import fastrlhf.ops.losses as L
-from fastrlhf import _backend, reference
+from fastrlhf import backend as _backend
+from fastrlhf import reference
 from fastrlhf.ops.fused_loss import fused_ppo_loss
 from fastrlhf.ops.gae import gae
 
@@ -381,9 +382,9 @@ def test_native_backend_refuses_cu_seqlens_and_auto_falls_back(op, monkeypatch):
 def test_auto_uses_native_without_cu_seqlens(monkeypatch):
     """Guard: the packed fallback only applies to packed calls (auto still picks native)."""
     seen = []
-    from fastrlhf import _native
-    real = _native.ppo_value_loss
-    monkeypatch.setattr(_native, "ppo_value_loss", lambda *a: seen.append(1) or real(*a))
+    from fastrlhf import native
+    real = native.value_fwd
+    monkeypatch.setattr(native, "value_fwd", lambda *a: seen.append(1) or real(*a))
     x = torch.randn(2, 5, dtype=F64)
     L.ppo_value_loss(x, x, x, x > 0)
     assert seen, "backend='auto' did not use the native backend for padded input"

@@ -13,18 +13,16 @@ import os
 import torch
 from torch import Tensor
 
-from .. import _backend, reference
-from ._common import FLOAT_DTYPES, check_same_device, check_shape, check_tensor
+from .. import reference
+from ..tables import BACKENDS, FLOAT_DTYPES, GROUP_ADV_KINDS, ID_DTYPES, acc_dtype
+from .common import check_bool, check_same_device, check_shape, check_tensor
 
 __all__ = ["group_advantages", "GROUP_ADV_KINDS"]
-
-GROUP_ADV_KINDS = ("grpo", "dr_grpo", "rloo")
-_ID_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def _vectorized(scores: Tensor, group_ids: Tensor, kind: str, eps: float, norm_by_std: bool
                 ) -> Tensor:
-    acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(scores)
     x = scores.to(acc)
     if x.numel() == 0:
         return x.clone()
@@ -90,7 +88,7 @@ def group_advantages(scores: Tensor, group_ids: Tensor, *, kind: str = "grpo", e
     check_tensor(op, "scores", scores, dtypes=FLOAT_DTYPES)
     if scores.dim() != 1:
         raise ValueError(f"{op}: scores must be 1-D [B], got shape {tuple(scores.shape)}")
-    check_tensor(op, "group_ids", group_ids, dtypes=_ID_DTYPES)
+    check_tensor(op, "group_ids", group_ids, dtypes=ID_DTYPES)
     check_shape(op, "group_ids", group_ids, scores.shape, "the shape of scores")
     check_same_device(op, "scores", scores, group_ids=group_ids)
     if not isinstance(kind, str) or kind not in GROUP_ADV_KINDS:
@@ -101,16 +99,15 @@ def group_advantages(scores: Tensor, group_ids: Tensor, *, kind: str = "grpo", e
     eps = float(eps)
     if not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps}")
-    if not isinstance(norm_by_std, bool):
-        raise TypeError(f"{op}: norm_by_std must be a bool, got {type(norm_by_std).__name__}")
+    check_bool(op, "norm_by_std", norm_by_std)
     if backend is None:
         backend = "auto"
-    if not isinstance(backend, str) or backend not in _backend.BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {_backend.BACKENDS}, got {backend!r}")
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         env = os.environ.get("FASTRLHF_BACKEND", "").strip().lower()
-        if env and env not in _backend.BACKENDS:
-            raise ValueError(f"FASTRLHF_BACKEND must be one of {_backend.BACKENDS}, got {env!r}")
+        if env and env not in BACKENDS:
+            raise ValueError(f"FASTRLHF_BACKEND must be one of {BACKENDS}, got {env!r}")
         backend = env or "auto"
     if backend == "reference":
         return reference.group_advantages(scores, group_ids, kind, eps, norm_by_std)

@@ -15,33 +15,22 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from .. import _backend, config, reference
-from ._common import (FLOAT_DTYPES, INT_DTYPES, check_finite_float, check_int,
-                      check_positive_float, check_same_device,
-                      check_shape, check_tensor, rows_layout)
-from .kl import _canonical_kind, kl_penalty
-from .logprobs import _check_token_range as _logprobs_check_token_range
-from .losses import (RATIO_LEVELS, _check_advantages, _check_agg, _check_bt, _check_clips,
-                     _check_packed,
-                     agg_loss, ppo_policy_loss)
-from .masked import check_mask
+from .. import config, reference
+from ..backend import resolve as resolve_backend
+from ..tables import FLOAT_DTYPES, INT_DTYPES, acc_dtype
+from .common import (check_bool, check_fused_loss_args, check_int, check_positive_float,
+                     check_same_device, check_shape, check_tensor, check_token_range,
+                     checked_tokens, rows_layout)
+from .logprobs import vocab_parallel_token_logprobs
+from .losses import compose_ppo_loss
+from .parallel import (NO_IGNORE, check_full_vocab, check_group, combine_softmax_stats,
+                       copy_to_group, slice_start, split_tokens, zero_rows_where)
+from .registry import Op, launchers
 
 __all__ = ["linear_token_logprobs", "fused_linear_ppo_loss"]
-
-
-def _kernels():
-    from ..kernels import fused_linear as k  # lazy: TRITON_INTERPRET may be set after import
-    return k
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_token_range(op: str, tokens: Tensor, V: int, ignore_index: int) -> None:
-    _logprobs_check_token_range(tokens, V, ignore_index, op)
 
 
 def _weight_view(weight: Tensor) -> Tensor:
@@ -49,40 +38,48 @@ def _weight_view(weight: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.library ops (Triton backend)
+# launch (the Triton launchers of kernels.fused_linear; no other backend implements them)
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastrlhf::linear_token_logprobs", mutates_args=())
-def _lin_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor,
-             temperature: float, ignore_index: int) -> Tuple[Tensor, Tensor, Tensor]:
-    _check_token_range("linear_token_logprobs", tokens, weight.shape[0], ignore_index)
+def linear_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor,
+                 temperature: float, ignore_index: int, backend: str):
+    """``(logp, entropy, lse [..., 2])`` of the logits ``hidden @ weight.T + bias`` (no check)."""
     h, dims, strides = rows_layout(hidden)
     tok = tokens.reshape(-1).contiguous()
     b = None if bias is None else bias.contiguous()
-    logp, ent, lse = _kernels().linear_logprobs_fwd(h, dims, strides, _weight_view(weight), b,
-                                                    tok, 1.0 / temperature, ignore_index)
+    logp, ent, lse = launchers(backend, "fused_linear").linear_logprobs_fwd(
+        h, dims, strides, _weight_view(weight), b, tok, 1.0 / temperature, ignore_index)
     lead = hidden.shape[:-1]
     return logp.view(lead), ent.view(lead), lse.view(*lead, 2)
 
 
-@_lin_fwd.register_fake
-def _(hidden, weight, bias, tokens, temperature, ignore_index):
-    acc = _acc(hidden.dtype)
+# ---------------------------------------------------------------------------------------------
+# custom ops: forward, backward, autograd formula
+# ---------------------------------------------------------------------------------------------
+
+def _lin_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor,
+              temperature: float, ignore_index: int, backend: str
+              ) -> Tuple[Tensor, Tensor, Tensor]:
+    check_token_range("linear_token_logprobs", tokens, weight.shape[0], ignore_index)
+    return linear_stats(hidden, weight, bias, tokens, temperature, ignore_index, backend)
+
+
+def _lin_fake(hidden, weight, bias, tokens, temperature, ignore_index, backend):
+    acc = acc_dtype(hidden)
     lead = hidden.shape[:-1]
     return (hidden.new_empty(lead, dtype=acc), hidden.new_empty(lead, dtype=acc),
             hidden.new_empty((*lead, 2), dtype=acc))
 
 
-@torch.library.custom_op("fastrlhf::linear_token_logprobs_bwd", mutates_args=())
-def _lin_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor,
-             dlogp: Optional[Tensor], dent: Optional[Tensor], lse: Tensor, ent: Tensor,
-             temperature: float, ignore_index: int, need_dh: bool, need_dw: bool,
-             need_db: bool) -> Tuple[Tensor, Tensor, Tensor]:
+def _lin_bwd_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor,
+                  dlogp: Optional[Tensor], dent: Optional[Tensor], lse: Tensor, ent: Tensor,
+                  temperature: float, ignore_index: int, need_dh: bool, need_dw: bool,
+                  need_db: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """(dhidden, dweight, dbias); a gradient that is not needed comes back with 0 elements."""
     h, dims, strides = rows_layout(hidden)
     flat = lambda t: None if t is None else t.reshape(-1).contiguous()  # noqa: E731
     need_db = need_db and bias is not None
-    dh, dw, db = _kernels().linear_logprobs_bwd(
+    dh, dw, db = launchers(backend, "fused_linear").linear_logprobs_bwd(
         h, dims, strides, _weight_view(weight), None if bias is None else bias.contiguous(),
         flat(tokens), flat(dlogp), flat(dent), lse.reshape(-1, 2).contiguous(), flat(ent),
         1.0 / temperature, ignore_index, need_dh, need_dw, need_db)
@@ -91,21 +88,24 @@ def _lin_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Ten
             db if db is not None else (weight if bias is None else bias).new_zeros(0))
 
 
-@_lin_bwd.register_fake
-def _(hidden, weight, bias, tokens, dlogp, dent, lse, ent, temperature, ignore_index, need_dh,
-      need_dw, need_db):
+def _lin_bwd_fake(hidden, weight, bias, tokens, dlogp, dent, lse, ent, temperature, ignore_index,
+                  need_dh, need_dw, need_db, backend):
     need_db = need_db and bias is not None
     return (hidden.new_empty(hidden.shape if need_dh else (0,)),
             weight.new_empty(weight.shape if need_dw else (0,)),
             (bias if need_db else weight).new_empty(bias.shape if need_db else (0,)))
 
 
+_lin_bwd = Op("linear_token_logprobs_bwd", _lin_bwd_impl, _lin_bwd_fake)
+
+
 def _lin_setup(ctx, inputs, output):
-    hidden, weight, bias, tokens, temperature, ignore_index = inputs
+    hidden, weight, bias, tokens, temperature, ignore_index, backend = inputs
     _, ent, lse = output
     ctx.save_for_backward(hidden, weight, bias, tokens, lse, ent)
     ctx.temperature = temperature
     ctx.ignore_index = ignore_index
+    ctx.backend = backend
     ctx.mark_non_differentiable(lse)
     # An output nobody differentiates (often the entropy, logged only) then arrives as None and
     # its term is left out of the backward kernel instead of being multiplied by zeros.
@@ -117,14 +117,88 @@ def _lin_backward(ctx, dlogp, dent, dlse):
     need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
     need_db = need_db and bias is not None
     if (dlogp is None and dent is None) or not (need_dh or need_dw or need_db):
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     dh, dw, db = _lin_bwd(hidden, weight, bias, tokens, dlogp, dent, lse, ent, ctx.temperature,
-                          ctx.ignore_index, need_dh, need_dw, need_db)
+                          ctx.ignore_index, need_dh, need_dw, need_db, ctx.backend)
     return (dh if need_dh else None, dw if need_dw else None, db if need_db else None,
-            None, None, None)
+            None, None, None, None)
 
 
-_lin_fwd.register_autograd(_lin_backward, setup_context=_lin_setup)
+_linear_token_logprobs = Op("linear_token_logprobs", _lin_impl, _lin_fake, setup=_lin_setup,
+                            backward=_lin_backward)
+
+
+# ---------------------------------------------------------------------------------------------
+# vocab parallelism: weight (and bias) hold this rank's rows [V_r, H] of the lm_head
+# ---------------------------------------------------------------------------------------------
+#
+# The fused lm_head forward already merges per-vocab-split partials into (logp_r, H_r, M_r,
+# log S_r) of its weight rows; those are combined across ranks as any sharded softmax
+# (fastrlhf.ops.parallel.combine_softmax_stats).  The backward is local for dW / db of the
+# slice; dhidden is a partial sum over the slice's vocab rows on every rank and is summed with
+# one all-reduce of [N, H] (the usual tensor-parallel cost of a vocab-parallel lm_head:
+# Megatron's copy_to_tensor_model_parallel_region does the same all-reduce).
+
+class _VocabParallelLinear(torch.autograd.Function):
+    """Triton path: the fused lm_head kernels on the slice, partials combined across ranks."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, temperature, ignore_index, start, group,
+                backend):
+        V_r = weight.shape[0]
+        ignored, in_slice, tokens_local = split_tokens(tokens, ignore_index, start, V_r)
+        lp_r, H_r, lse = linear_stats(hidden, weight, bias, tokens_local, temperature, -1,
+                                      backend)
+        logp, H, M, logS = combine_softmax_stats(lp_r, H_r, lse[..., 0], lse[..., 1], in_slice,
+                                                 ignored, group)
+        ctx.save_for_backward(hidden, weight, bias, tokens_local, ignored, M, logS, H)
+        ctx.temperature = temperature
+        ctx.group = group
+        ctx.backend = backend
+        ctx.mark_non_differentiable(M)
+        ctx.set_materialize_grads(False)
+        return logp, H
+
+    @staticmethod
+    def backward(ctx, dlogp, dent):
+        hidden, weight, bias, onehot, ignored, M, logS, H = ctx.saved_tensors
+        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+        need_db = need_db and bias is not None
+        if dlogp is None and dent is None:
+            return (None,) * 9
+        dlogp = zero_rows_where(dlogp, ignored)
+        lse = torch.stack([M, logS], dim=-1)
+        # onehot is -1 off the slice (matches no column); no id equals NO_IGNORE, and dlogp is
+        # already zero where the token was ignored.
+        dh, dw, db = _lin_bwd(hidden, weight, bias, onehot, dlogp, dent, lse, H,
+                              ctx.temperature, NO_IGNORE, need_dh, need_dw, need_db, ctx.backend)
+        if need_dh:
+            # dhidden: this slice's partial sum over its vocab rows; the full gradient is the sum
+            # over the ranks (one all-reduce of [N, H], in hidden's dtype).
+            dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=ctx.group)
+        return (dh if need_dh else None, dw if need_dw else None, db if need_db else None,
+                None, None, None, None, None, None)
+
+
+def vocab_parallel_linear_token_logprobs(hidden, weight, tokens, bias, temperature, ignore_index,
+                                         process_group, vocab_start_index, backend,
+                                         op="linear_token_logprobs"):
+    """(logp, entropy) over the full vocab; ``weight`` / ``bias`` hold this rank's rows."""
+    group = check_group(op, process_group)
+    V_r = weight.shape[0]
+    start = slice_start(op, group, V_r, vocab_start_index)
+    if config.check_tokens_enabled():
+        check_full_vocab(op, group, V_r, tokens, ignore_index)
+    if backend == "triton":
+        return _VocabParallelLinear.apply(hidden, weight, bias, tokens, temperature,
+                                          ignore_index, start, group, backend)
+    # reference / native: the slice's logits in plain torch (autograd gives the local dlogits,
+    # dW, db; the all-reduce of dhidden is copy_to_group's backward).
+    h = copy_to_group(hidden, group) if hidden.requires_grad else hidden
+    logits = reference.linear_logits(h, weight, bias)
+    with config.check_tokens(False):  # checked above against the full vocab
+        return vocab_parallel_token_logprobs(logits, tokens, temperature, ignore_index, group,
+                                             start, "reference", False, op=op)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +254,7 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
         return_entropy: also return ``H = -sum_j p_j log p_j`` per position.
         ignore_index: positions with this token id give logp = 0 and no gradient through logp
             (their entropy is still computed).
-        backend: ``"auto" | "triton" | "reference"`` (see :mod:`fastrlhf._backend`).
+        backend: ``"auto" | "triton" | "reference"`` (see :mod:`fastrlhf.backend`).
         process_group: vocab parallelism (tensor-parallel lm_head): ``weight`` (and ``bias``)
             hold only this rank's rows ``[vocab_start_index, vocab_start_index + V_local)`` of
             the vocab, ``hidden`` is the same on every rank and ``tokens`` are full-vocab ids.
@@ -192,7 +266,7 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
             vocab-parallel lm_head; do not also wrap ``hidden`` in Megatron's
             ``copy_to_tensor_model_parallel_region``, which would sum it twice).  The reference
             backend forms the slice's ``[N, V_local]`` logits.  See
-            :mod:`fastrlhf.ops._vocab_parallel`.
+            :mod:`fastrlhf.ops.parallel`.
         vocab_start_index: first vocab id of this rank's rows (default ``rank * V_local``).
 
     Returns:
@@ -217,20 +291,21 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
     op = "linear_token_logprobs"
     temperature, ignore_index = check_linear_args(op, hidden, weight, tokens, bias, temperature,
                                                   ignore_index)
-    which = _backend.resolve(backend, hidden.device, op=op)
+    check_bool(op, "return_entropy", return_entropy)
+    which = resolve_backend(backend, hidden.device, op=op)
     if process_group is not None:
-        from ._vocab_parallel import vocab_parallel_linear_token_logprobs
         logp, ent = vocab_parallel_linear_token_logprobs(
             hidden, weight, tokens, bias, temperature, ignore_index, process_group,
-            vocab_start_index, which == "triton", config.check_tokens_enabled(), op=op)
+            vocab_start_index, which, op=op)
         return (logp, ent) if return_entropy else logp
     if vocab_start_index is not None:
         raise ValueError(f"{op}: vocab_start_index is only meaningful with process_group")
     if which == "reference":
-        _check_token_range(op, tokens, weight.shape[0], ignore_index)
+        tokens = checked_tokens(op, tokens, weight.shape[0], ignore_index)
         return reference.linear_token_logprobs(hidden, weight, tokens, bias, temperature,
                                                return_entropy, ignore_index)
-    logp, ent, _ = _lin_fwd(hidden, weight, bias, tokens, temperature, ignore_index)
+    logp, ent, _ = _linear_token_logprobs(hidden, weight, bias, tokens, temperature, ignore_index,
+                                          which)
     return (logp, ent) if return_entropy else logp
 
 
@@ -298,62 +373,35 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_lo
     if hidden.dim() != 3:
         raise ValueError(f"{op}: hidden must be 3-D [B, T, H], got shape {tuple(hidden.shape)}")
     B, T, _ = hidden.shape
-    _check_bt(op, "old_logp", old_logp, (B, T))
-    n_seqs, _ = _check_packed(op, cu_seqlens, "hidden", hidden)
-    _check_advantages(op, advantages, (B, T), n_seqs)
-    check_mask(op, mask, (B, T), "the leading shape of hidden")
-    if ref_logp is not None:
-        _check_bt(op, "ref_logp", ref_logp, (B, T))
-    check_same_device(op, "hidden", hidden, old_logp=old_logp, advantages=advantages, mask=mask,
-                      ref_logp=ref_logp)
-    kl_coef = check_finite_float(op, "kl_coef", kl_coef)
-    entropy_coef = check_finite_float(op, "entropy_coef", entropy_coef)
-    kl_kind = _canonical_kind(op, kl_kind)
-    if ref_logp is None and kl_coef != 0.0:
-        raise ValueError(f"{op}: kl_coef={kl_coef} needs ref_logp (the reference policy's "
-                         "log-probs of the tokens)")
-    clip_low, clip_high, dual_clip = _check_clips(op, clip_low, clip_high, dual_clip)
-    if not isinstance(ratio_level, str) or ratio_level not in RATIO_LEVELS:
-        raise ValueError(f"{op}: ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"{op}: inplace_backward must be a bool, got "
-                        f"{type(inplace_backward).__name__}")
-    kw = _check_agg(op, agg, T, agg_kwargs)
+    args = check_fused_loss_args(
+        op, B, T, tokens, old_logp, advantages, mask, ref_logp, kl_coef, kl_kind, entropy_coef,
+        clip_low, clip_high, dual_clip, ratio_level, inplace_backward, agg, agg_kwargs,
+        cu_seqlens, "hidden", hidden, "the leading shape of hidden")
+    kl_coef, entropy_coef, kl_kind = args["kl_coef"], args["entropy_coef"], args["kl_kind"]
+    clip_low, clip_high, dual_clip = args["clip_low"], args["clip_high"], args["dual_clip"]
+    kw = args["agg_kw"]
     if cu_seqlens is not None:
         kw = {**kw, "cu_seqlens": cu_seqlens}  # every loss op below aggregates per segment
-    which = _backend.resolve(backend, hidden.device, op=op)
-    acc = _acc(hidden.dtype)
+    which = resolve_backend(backend, hidden.device, op=op)
+    acc = acc_dtype(hidden)
     old_logp, advantages = old_logp.detach().to(acc), advantages.detach().to(acc)
     ref_logp = None if ref_logp is None else ref_logp.detach().to(acc)
     if process_group is not None:
-        from ._vocab_parallel import compose_ppo_loss, vocab_parallel_linear_token_logprobs
         logp, ent = vocab_parallel_linear_token_logprobs(
             hidden, weight, tokens, bias, temperature, ignore_index, process_group,
-            vocab_start_index, which == "triton", config.check_tokens_enabled(), op=op)
-        return compose_ppo_loss(logp, ent, old_logp, advantages, mask, ref_logp, kl_coef,
-                                kl_kind, entropy_coef, clip_low, clip_high, dual_clip, agg,
-                                ratio_level, which, kw)
-    if vocab_start_index is not None:
+            vocab_start_index, which, op=op)
+    elif vocab_start_index is not None:
         raise ValueError(f"{op}: vocab_start_index is only meaningful with process_group")
-    if which == "reference":
-        _check_token_range(op, tokens, weight.shape[0], ignore_index)
+    elif which == "reference":
+        tokens = checked_tokens(op, tokens, weight.shape[0], ignore_index)
         return reference.fused_linear_ppo_loss(
             hidden, weight, tokens, old_logp, advantages, mask, bias, ref_logp=ref_logp,
             kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low,
             clip_high=clip_high, dual_clip=dual_clip, temperature=temperature, agg=agg,
             ratio_level=ratio_level, ignore_index=ignore_index, **kw)
-    logp, ent, _ = _lin_fwd(hidden, weight, bias, tokens, temperature, ignore_index)
-    loss, pg = ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=clip_low,
-                               clip_high=clip_high, dual_clip=dual_clip, agg=agg,
-                               ratio_level=ratio_level, backend=which, **kw)
-    if ref_logp is not None:
-        kl = kl_penalty(logp, ref_logp, kl_kind, backend=which)
-        loss = loss + kl_coef * agg_loss(kl, mask, agg, **kw)
     else:
-        kl = torch.zeros_like(logp)
-    loss = loss - entropy_coef * agg_loss(ent, mask, agg, **kw)
-    ent_d, kl_d = ent.detach(), kl.detach()
-    stats = {"logp": logp.detach(), "entropy": ent_d, "kl": kl_d, **pg,
-             "entropy_mean": reference.masked_mean(ent_d, mask),
-             "kl_mean": reference.masked_mean(kl_d, mask)}
-    return loss, stats
+        logp, ent, _ = _linear_token_logprobs(hidden, weight, bias, tokens, temperature,
+                                              ignore_index, which)
+    return compose_ppo_loss(logp, ent, old_logp, advantages, mask, ref_logp, kl_coef, kl_kind,
+                            entropy_coef, clip_low, clip_high, dual_clip, agg, ratio_level,
+                            which, kw)

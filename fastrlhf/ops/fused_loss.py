@@ -19,6 +19,12 @@ buffer itself as the gradient.  A repeated backward (``retain_graph=True``) resc
 buffer by ``g_new / g_old``, so a gradient returned by an earlier backward (e.g. by
 ``torch.autograd.grad``) changes with it; after a backward with upstream gradient 0 the buffer
 holds zeros and a later backward gives NaN.
+
+Both ops have a ``backend`` argument: ``"triton"`` runs :mod:`fastrlhf.kernels.fused_loss` (and
+the log-prob pass of :mod:`fastrlhf.kernels.logprobs` for GSPO), ``"native"`` the C++ loop of
+``csrc/fused_loss.cpp`` through :mod:`fastrlhf.native`; the op, its checks and its autograd formula
+are the same.  The vocab-parallel mode is the composition of the vocab-parallel
+:func:`fastrlhf.ops.logprobs.token_logprobs` with :func:`fastrlhf.ops.losses.compose_ppo_loss`.
 """
 
 from __future__ import annotations
@@ -28,57 +34,68 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import config, reference
-from ._common import (FLOAT_DTYPES, INT_DTYPES, check_finite_float, check_int,
-                      check_positive_float, check_same_device,
-                      check_shape, check_tensor, contiguous_row_strides, rows_layout)
-from .kl import _canonical_kind
-from .logprobs import _check_token_range as _logprobs_check_token_range
-from .losses import (RATIO_LEVELS, _check_advantages, _check_agg, _check_bt, _check_clips,
-                     _check_packed, _resolve)
-from .masked import check_mask
+from .. import reference
+from ..backend import resolve as resolve_backend
+from ..tables import FUSED_STATS, KL_CODES, MASKED_EPS, acc_dtype
+from .common import (check_fused_loss_args, check_logits, check_positive_float, check_int,
+                     check_token_range, checked_tokens, contiguous_row_strides, rows_layout)
+from .logprobs import inplace_ok, logprobs_stats, vocab_parallel_token_logprobs
+from .losses import compose_ppo_loss
+from .registry import Op, launchers
 
 __all__ = ["fused_ppo_loss", "FUSED_STATS"]
 
 OP = "fused_ppo_loss"
-# Keys of the stats dict: per-token [B, T] tensors, then 0-dim scalars.
-FUSED_STATS = ("logp", "entropy", "kl", "clipfrac", "clipfrac_lower", "approx_kl", "entropy_mean",
-               "kl_mean")
-_EPS = reference.MASKED_EPS
-
-
-def _kernels():
-    from ..kernels import fused_loss as k  # lazy: TRITON_INTERPRET may be set after import
-    return k
-
-
-def _check_token_range(tokens: Tensor, V: int, ignore_index: int) -> None:
-    _logprobs_check_token_range(tokens, V, ignore_index, OP)
 
 
 # ---------------------------------------------------------------------------------------------
-# the forward (shared by both ops)
+# the forward (one implementation, both backends underneath)
 # ---------------------------------------------------------------------------------------------
 
 def _forward(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
              ref_logp: Optional[Tensor], coef: Tensor, kl_coef: float, kl_kind: str,
              entropy_coef: float, lo: float, hi: float, dual_clip: Optional[float],
              temperature: float, seq: bool, ignore_index: int, write_grad: bool, inplace: bool,
-             cu_seqlens: Optional[Tensor] = None):
+             cu_seqlens: Optional[Tensor], backend: str):
     """Returns (loss [], stats [5], per_token [3, B, T], dlogits or None).
 
-    Packed layout (``cu_seqlens``, ``B = 1``): ``coef`` is per segment ``[S]``; the per-token
-    weights, per-sequence advantages and GSPO ratios are gathered to ``[total]`` vectors through
-    the tokens' segment ids (O(total); the logits are read in place as always)."""
-    k = _kernels()
+    Packed layout (``cu_seqlens``, ``B = 1``, Triton only): ``coef`` is per segment ``[S]``; the
+    per-token weights, per-sequence advantages and GSPO ratios are gathered to ``[total]``
+    vectors through the tokens' segment ids (O(total); the logits are read in place as
+    always)."""
     B, T, V = logits.shape
     acc = coef.dtype
-    _check_token_range(tokens, V, ignore_index)
+    check_token_range(OP, tokens, V, ignore_index)
     lg, dims, strides = rows_layout(logits)
-    if inplace and write_grad and lg.data_ptr() != logits.data_ptr():
-        raise RuntimeError(f"{OP}: in-place gradient needs logits with unit stride on the vocab")
-    m = mask.to(acc)
+    dl, ostrides = None, strides
+    if write_grad:
+        if inplace:
+            dl = lg
+        else:
+            dl = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+            ostrides = contiguous_row_strides(dims, V)
     flat = lambda t: t.to(acc).reshape(-1).contiguous()  # noqa: E731  (O(B T) copies at most)
+    m = mask.to(acc)
+    base_kind = kl_kind.rstrip("+")
+    kl_val = KL_CODES[base_kind]
+    kl_grad = KL_CODES["k2"] if kl_kind.endswith("+") else kl_val
+    tok = tokens.reshape(-1).contiguous()
+    old = flat(old_logp)
+    ref = None if ref_logp is None else flat(ref_logp)
+    inv_temp = 1.0 / temperature
+    scalars = dict(inv_temp=inv_temp, ignore_index=ignore_index, lo=lo, hi=hi, dual=dual_clip,
+                   kl_coef=kl_coef, kl_val=kl_val, kl_grad=kl_grad, ent_coef=entropy_coef,
+                   write_grad=write_grad)
+    if backend == "native":  # the C++ loop does the rows' sums and statistics itself
+        adv = advantages.to(acc).reshape(-1).contiguous()
+        loss, stats, aux = launchers(backend, "fused_loss").fused_loss_fwd(
+            lg, dl, dims, strides, ostrides, V, B, T, tok, old, adv, ref, flat(m),
+            coef.to(acc).contiguous(), seq=seq, **scalars)
+        if inplace and write_grad:
+            torch.autograd.graph.increment_version(logits)
+        return loss, stats, aux.view(7, B, T)[1:4].clone(), dl
+
+    k = launchers(backend, "fused_loss")
     seg = None if cu_seqlens is None else reference.segment_ids(cu_seqlens, T)
 
     def row_sums(x):  # [B, T] -> per row [B], or per segment [S] (packed)
@@ -90,42 +107,23 @@ def _forward(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tenso
         return (x.unsqueeze(-1).expand(B, T) if seg is None else x[seg]).reshape(-1).contiguous()
 
     w = per_token(coef) * m.reshape(-1)
-    tok = tokens.reshape(-1).contiguous()
-    old = flat(old_logp)
     adv_row = advantages.dim() == 1 and seg is None
     adv = flat(advantages) if advantages.dim() == 2 or adv_row else per_token(advantages.to(acc))
-    ref = None if ref_logp is None else flat(ref_logp)
-    inv_temp = 1.0 / temperature
     # the kernel finds the row of token n as n // k_rows; packed: every [N] vector is per token
     k_rows = T if seg is None else 1
     seq_lr = lse = lp_in = ent_in = None
     if seq:
         # GSPO pass 1: logp / entropy / logsumexp of every token, then the rows' mean log-ratio
         # (verl: sum_t m (logp - old) / max(sum_t m, 1), NaN outside the mask ignored).
-        from ..kernels import logprobs as klp
-        lp_in, ent_in, lse = klp.logprobs_fwd(lg, dims, strides, V, tok, inv_temp, ignore_index,
-                                              True)
+        lp_in, ent_in, lse = logprobs_stats(logits, tokens, temperature, ignore_index, backend)
+        lp_in, ent_in, lse = lp_in.reshape(-1), ent_in.reshape(-1), lse.reshape(-1, 2)
         d = lp_in.view(B, T) - old.view(B, T)
         seq_lr = (row_sums(torch.where(m != 0, d, torch.zeros_like(d)) * m)
                   / row_sums(m).clamp(min=1)).contiguous()
         if seg is not None:
             seq_lr = per_token(seq_lr)
-    dl, ostrides = None, strides
-    if write_grad:
-        if inplace:
-            dl = lg
-        else:
-            dl = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-            ostrides = contiguous_row_strides(dims, V)
-    codes = k.KL_KINDS
-    base_kind = kl_kind.rstrip("+")
-    kl_val = codes[base_kind]
-    kl_grad = codes["k2"] if kl_kind.endswith("+") else kl_val
-    aux = k.fused_loss_fwd(
-        lg, dl, dims, strides, ostrides, V, k_rows, tok, old, adv, ref, w, seq_lr, lse, lp_in,
-        ent_in, inv_temp=inv_temp, ignore_index=ignore_index, lo=lo, hi=hi, dual=dual_clip,
-        kl_coef=kl_coef, kl_val=kl_val, kl_grad=kl_grad, ent_coef=entropy_coef,
-        write_grad=write_grad, adv_row=adv_row)
+    aux = k.fused_loss_fwd(lg, dl, dims, strides, ostrides, V, k_rows, tok, old, adv, ref, w,
+                           seq_lr, lse, lp_in, ent_in, adv_row=adv_row, **scalars)
     if inplace and write_grad:
         torch.autograd.graph.increment_version(logits)
     aux = aux.view(k.N_AUX, B, T)
@@ -137,111 +135,112 @@ def _forward(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tenso
     L, lp, ent, kl, clipped, lower, akl = aux.unbind(0)
     sums = row_sums(terms(L))
     loss = torch.where(coef != 0, coef * sums, torch.zeros_like(sums)).sum()
-    den = m.sum() + _EPS
+    den = m.sum() + MASKED_EPS
     stats = torch.stack([terms(x).sum() for x in (clipped, lower, akl, ent, kl)]) / den
-    per_token = aux[1:4].clone()
+    return loss, stats, aux[1:4].clone(), dl
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops: the fused loss (gradient into a fresh buffer, or over the logits) and its backward
+# ---------------------------------------------------------------------------------------------
+
+def _fused_impl(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tensor,
+                mask: Tensor, ref_logp: Optional[Tensor], coef: Tensor, kl_coef: float,
+                kl_kind: str, entropy_coef: float, lo: float, hi: float,
+                dual_clip: Optional[float], temperature: float, seq: bool, ignore_index: int,
+                write_grad: bool, cu_seqlens: Optional[Tensor], backend: str
+                ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    loss, stats, per_token, dl = _forward(
+        logits, tokens, old_logp, advantages, mask, ref_logp, coef, kl_coef, kl_kind,
+        entropy_coef, lo, hi, dual_clip, temperature, seq, ignore_index, write_grad, False,
+        cu_seqlens, backend)
+    if dl is None:
+        dl = logits.new_empty((0,))
     return loss, stats, per_token, dl
 
 
-def _fake_outputs(logits, tokens, coef):
+def _fake_outputs(logits, coef):
     B, T, _ = logits.shape
     acc = coef.dtype
     return (logits.new_empty((), dtype=acc), logits.new_empty((5,), dtype=acc),
             logits.new_empty((3, B, T), dtype=acc))
 
 
-# ---------------------------------------------------------------------------------------------
-# torch.library ops (Triton backend)
-# ---------------------------------------------------------------------------------------------
-
-@torch.library.custom_op("fastrlhf::fused_ppo_loss", mutates_args=())
-def _fused(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-           ref_logp: Optional[Tensor], coef: Tensor, kl_coef: float, kl_kind: str,
-           entropy_coef: float, lo: float, hi: float, dual_clip: Optional[float],
-           temperature: float, seq: bool, ignore_index: int, write_grad: bool,
-           cu_seqlens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    loss, stats, per_token, dl = _forward(
-        logits, tokens, old_logp, advantages, mask, ref_logp, coef, kl_coef, kl_kind,
-        entropy_coef, lo, hi, dual_clip, temperature, seq, ignore_index, write_grad, False,
-        cu_seqlens)
-    if dl is None:
-        dl = logits.new_empty((0,))
-    return loss, stats, per_token, dl
-
-
-@_fused.register_fake
-def _(logits, tokens, old_logp, advantages, mask, ref_logp, coef, kl_coef, kl_kind, entropy_coef,
-      lo, hi, dual_clip, temperature, seq, ignore_index, write_grad, cu_seqlens=None):
+def _fused_fake(logits, tokens, old_logp, advantages, mask, ref_logp, coef, kl_coef, kl_kind,
+                entropy_coef, lo, hi, dual_clip, temperature, seq, ignore_index, write_grad,
+                cu_seqlens, backend):
     dl = logits.new_empty(logits.shape if write_grad else (0,))
-    return (*_fake_outputs(logits, tokens, coef), dl)
+    return (*_fake_outputs(logits, coef), dl)
 
 
-@torch.library.custom_op("fastrlhf::fused_ppo_loss_ib", mutates_args=())
-def _fused_ib(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-              ref_logp: Optional[Tensor], coef: Tensor, kl_coef: float, kl_kind: str,
-              entropy_coef: float, lo: float, hi: float, dual_clip: Optional[float],
-              temperature: float, seq: bool, ignore_index: int, write_grad: bool,
-              cu_seqlens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+def _fused_ib_impl(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tensor,
+                   mask: Tensor, ref_logp: Optional[Tensor], coef: Tensor, kl_coef: float,
+                   kl_kind: str, entropy_coef: float, lo: float, hi: float,
+                   dual_clip: Optional[float], temperature: float, seq: bool, ignore_index: int,
+                   write_grad: bool, cu_seqlens: Optional[Tensor], backend: str
+                   ) -> Tuple[Tensor, Tensor, Tensor]:
     # Writes d loss / d logits over ``logits`` when write_grad (see the module docstring).
     loss, stats, per_token, _ = _forward(
         logits, tokens, old_logp, advantages, mask, ref_logp, coef, kl_coef, kl_kind,
         entropy_coef, lo, hi, dual_clip, temperature, seq, ignore_index, write_grad, True,
-        cu_seqlens)
+        cu_seqlens, backend)
     return loss, stats, per_token
 
 
-@_fused_ib.register_fake
-def _(logits, tokens, old_logp, advantages, mask, ref_logp, coef, kl_coef, kl_kind, entropy_coef,
-      lo, hi, dual_clip, temperature, seq, ignore_index, write_grad, cu_seqlens=None):
-    return _fake_outputs(logits, tokens, coef)
+def _fused_ib_fake(logits, tokens, old_logp, advantages, mask, ref_logp, coef, kl_coef, kl_kind,
+                   entropy_coef, lo, hi, dual_clip, temperature, seq, ignore_index, write_grad,
+                   cu_seqlens, backend):
+    return _fake_outputs(logits, coef)
 
 
-def _rescale(grad: Tensor, applied: Tensor, g: Tensor) -> None:
+def _rescale(grad: Tensor, applied: Tensor, g: Tensor, backend: str) -> None:
     """Make ``grad`` hold the gradient for upstream gradient ``g``: ``grad *= g / applied`` and
     ``applied = g`` (so a repeated backward rescales correctly); nothing of ``grad`` is touched
-    when the factor is exactly 1 (checked on the device).  Writes through ``.data``: no autograd
-    version bump of its own."""
+    when the factor is exactly 1 (checked on the device by the Triton launcher, on the host by
+    the native path).  Writes through ``.data``: no autograd version bump of its own."""
     factor = g.detach().to(applied.dtype).reshape(()) / applied
     applied.data.copy_(g.detach().reshape(()))
     lg, dims, strides = rows_layout(grad)
-    if lg.data_ptr() != grad.data_ptr() or lg.stride() != grad.stride():
-        grad.data.mul_(factor.to(grad.dtype))
+    if backend == "native" or lg.data_ptr() != grad.data_ptr() or lg.stride() != grad.stride():
+        if backend != "native" or float(factor) != 1.0:
+            grad.data.mul_(factor.to(grad.dtype))
         return
-    _kernels().scale_rows(lg, dims, strides, grad.shape[-1], factor)
+    launchers(backend, "fused_loss").scale_rows(lg, dims, strides, grad.shape[-1], factor)
 
 
-@torch.library.custom_op("fastrlhf::fused_ppo_loss_scale_", mutates_args=("grad", "applied"))
-def _scale_(grad: Tensor, applied: Tensor, g: Tensor) -> None:
-    """The traceable form of :func:`_rescale` (used under torch.compile)."""
-    _rescale(grad, applied, g)
+def _scale_impl(grad: Tensor, applied: Tensor, g: Tensor, backend: str) -> None:
+    _rescale(grad, applied, g, backend)
 
 
-@_scale_.register_fake
-def _(grad, applied, g):
+def _scale_fake(grad, applied, g, backend):
     return None
 
 
-_N_INPUTS = 18
+# The traceable form of _rescale (under torch.compile).
+_scale_ = Op("fused_ppo_loss_scale_", _scale_impl, _scale_fake, mutates_args=("grad", "applied"))
+
+_N_INPUTS = 19
 _WRITE_GRAD = 16  # index of write_grad among the op's inputs
 
 
-def _save(ctx, write_grad, buf, coef):
+def _save(ctx, inputs, buf):
     # Only the loss is differentiable; without this autograd would hand backward a zero-filled
     # tensor for every other output -- one of them is the [.., V]-sized gradient buffer.
     ctx.set_materialize_grads(False)
-    ctx.write_grad = write_grad
+    write_grad, coef = inputs[_WRITE_GRAD], inputs[6]
+    ctx.backend = inputs[-1]
     # the upstream-gradient factor currently applied to ``buf`` (1: as the forward stored it)
     applied = torch.ones((), dtype=coef.dtype, device=coef.device) if write_grad else None
     ctx.save_for_backward(buf if write_grad else None, applied)
 
 
 def _setup(ctx, inputs, output):
-    _save(ctx, inputs[_WRITE_GRAD], output[3], inputs[6])
+    _save(ctx, inputs, output[3])
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _setup_ib(ctx, inputs, output):
-    _save(ctx, inputs[_WRITE_GRAD], inputs[0], inputs[6])
+    _save(ctx, inputs, inputs[0])
     ctx.mark_non_differentiable(*output[1:])
 
 
@@ -252,32 +251,20 @@ def _backward(ctx, gloss, *_):
     if type(buf) is Tensor and not torch.compiler.is_compiling():
         # Eager: scale without bumping the version counters of the saved tensors, so that a
         # repeated backward (retain_graph=True, gradcheck) can still unpack them.
-        _rescale(buf, applied, gloss)
+        _rescale(buf, applied, gloss, ctx.backend)
     else:
-        _scale_(buf, applied, gloss)
+        _scale_(buf, applied, gloss, ctx.backend)
     return (buf,) + (None,) * (_N_INPUTS - 1)
 
 
-_fused.register_autograd(_backward, setup_context=_setup)
-_fused_ib.register_autograd(_backward, setup_context=_setup_ib)
+_fused = Op("fused_ppo_loss", _fused_impl, _fused_fake, setup=_setup, backward=_backward)
+_fused_ib = Op("fused_ppo_loss_ib", _fused_ib_impl, _fused_ib_fake, setup=_setup_ib,
+               backward=_backward)
 
 
 # ---------------------------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------------------------
-
-def _native_op():
-    """``fastrlhf._native.fused_ppo_loss_op`` when the native module provides it, else None."""
-    try:
-        from .. import _native
-    except ImportError:
-        return None
-    return getattr(_native, "fused_ppo_loss_op", None)
-
-
-def _check_coef(name: str, v) -> float:
-    return check_finite_float(OP, name, v)
-
 
 def fused_ppo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tensor,
                    mask: Tensor, *, ref_logp: Optional[Tensor] = None, kl_coef: float = 0.0,
@@ -321,10 +308,11 @@ def fused_ppo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages:
             ``global_batch_size``, ``loss_scale_factor``).
         inplace_backward: write the gradient over ``logits`` in the forward (no ``[B, T, V]``
             allocation).  The caller promises not to read ``logits`` after this call (eager
-            autograd raises if another op saved them for its backward).  Triton backend only;
-            falls back to a fresh buffer when ``logits`` has a non-unit vocab stride.
+            autograd raises if another op saved them for its backward).  Triton and native
+            backends; falls back to a fresh buffer when ``logits`` cannot take the gradient in
+            place (a non-unit vocab stride, an expanded or self-overlapping view).
         ignore_index: see ``tokens``.
-        backend: ``"auto" | "triton" | "native" | "reference"`` (see :mod:`fastrlhf._backend`).
+        backend: ``"auto" | "triton" | "native" | "reference"`` (see :mod:`fastrlhf.backend`).
         process_group, vocab_start_index: vocab parallelism, as :func:`token_logprobs`:
             ``logits`` hold this rank's vocab slice, ``tokens`` are full-vocab ids; every rank
             returns the same loss and stats, and its slice's gradient.  This path is the
@@ -333,7 +321,7 @@ def fused_ppo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages:
             the backward (``inplace_backward``: over ``logits``, Triton backend) -- not the
             single fused sweep, because the per-token loss derivatives need the global
             log-prob and entropy, known only after the all-reduce.  Communication: ``N`` + ``3N``
-            floats.  See :mod:`fastrlhf.ops._vocab_parallel`.
+            floats.  See :mod:`fastrlhf.ops.parallel`.
         cu_seqlens: optional int32 / int64 ``[S+1]`` for packed sequences: ``logits``
             ``[1, total, V]``, the per-token inputs ``[1, total]``, ``advantages`` ``[1, total]``
             or ``[S]``; the segments ``cu[s]:cu[s+1]`` are the sequences (GSPO ratio, seq-mode
@@ -374,71 +362,49 @@ def fused_ppo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages:
     rows and batches give 0, never NaN.  Registered with ``torch.library``: traceable by
     ``torch.compile(fullgraph=True)``.
     """
-    check_tensor(OP, "logits", logits, dtypes=FLOAT_DTYPES)
-    if logits.dim() != 3:
-        raise ValueError(f"{OP}: logits must be 3-D [B, T, V], got shape {tuple(logits.shape)}")
+    check_logits(OP, logits, dim=3)
     B, T, V = logits.shape
-    if V == 0:
-        raise ValueError(f"{OP}: logits must have a non-empty vocab (last) dim, got shape "
-                         f"{tuple(logits.shape)}")
-    check_tensor(OP, "tokens", tokens, dtypes=INT_DTYPES)
-    check_shape(OP, "tokens", tokens, (B, T), "the leading shape of logits")
-    _check_bt(OP, "old_logp", old_logp, (B, T))
-    n_seqs, _ = _check_packed(OP, cu_seqlens, "logits", logits)
-    _check_advantages(OP, advantages, (B, T), n_seqs)
-    check_mask(OP, mask, (B, T), "the leading shape of logits")
-    if ref_logp is not None:
-        _check_bt(OP, "ref_logp", ref_logp, (B, T))
-    check_same_device(OP, "logits", logits, tokens=tokens, old_logp=old_logp,
-                      advantages=advantages, mask=mask, ref_logp=ref_logp)
-    kl_coef = _check_coef("kl_coef", kl_coef)
-    entropy_coef = _check_coef("entropy_coef", entropy_coef)
-    kl_kind = _canonical_kind(OP, kl_kind)
-    if ref_logp is None and kl_coef != 0.0:
-        raise ValueError(f"{OP}: kl_coef={kl_coef} needs ref_logp (the reference policy's "
-                         "log-probs of the tokens)")
-    clip_low, clip_high, dual_clip = _check_clips(OP, clip_low, clip_high, dual_clip)
+    args = check_fused_loss_args(
+        OP, B, T, tokens, old_logp, advantages, mask, ref_logp, kl_coef, kl_kind, entropy_coef,
+        clip_low, clip_high, dual_clip, ratio_level, inplace_backward, agg, agg_kwargs,
+        cu_seqlens, "logits", logits, "the leading shape of logits")
+    kl_coef, entropy_coef, kl_kind = args["kl_coef"], args["entropy_coef"], args["kl_kind"]
+    clip_low, clip_high, dual_clip = args["clip_low"], args["clip_high"], args["dual_clip"]
+    kw = args["agg_kw"]
     temperature = check_positive_float(OP, "temperature", temperature)
-    if not isinstance(ratio_level, str) or ratio_level not in RATIO_LEVELS:
-        raise ValueError(f"{OP}: ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"{OP}: inplace_backward must be a bool, got "
-                        f"{type(inplace_backward).__name__}")
     ignore_index = check_int(OP, "ignore_index", ignore_index)
-    kw = _check_agg(OP, agg, T, agg_kwargs)
     packed = cu_seqlens is not None
-    # (Under torch.compile the native C++ path is never chosen: it is not traceable.)
-    native_ok = not torch.compiler.is_compiling() and _native_op() is not None
-    which = _resolve(OP, backend, logits.device, packed, native_ok=native_ok)
-    acc = reference.acc_dtype(logits.dtype)
+    if packed and backend == "native":
+        raise ValueError(f"{OP}: cu_seqlens (packed sequences) is not supported by the native "
+                         "backend; use backend='auto', 'triton' or 'reference'")
+    which = resolve_backend(backend, logits.device, op=OP, native_ok=not packed)
+    acc = acc_dtype(logits)
     old_logp, advantages = old_logp.detach(), advantages.detach()
     ref_logp = None if ref_logp is None else ref_logp.detach()
+    if packed:
+        kw = {**kw, "cu_seqlens": cu_seqlens}
     if process_group is not None:
-        from ._vocab_parallel import vocab_parallel_fused_ppo_loss
-        return vocab_parallel_fused_ppo_loss(
-            logits, tokens, old_logp, advantages, mask, ref_logp, kl_coef, kl_kind, entropy_coef,
-            clip_low, clip_high, dual_clip, temperature, agg, ratio_level, ignore_index, which,
-            inplace_backward, config.check_tokens_enabled(), process_group, vocab_start_index,
-            {**kw, "cu_seqlens": cu_seqlens} if packed else kw)
+        logp, ent = vocab_parallel_token_logprobs(
+            logits, tokens, temperature, ignore_index, process_group, vocab_start_index, which,
+            inplace_backward and which == "triton", keep=mask != 0, op=OP)
+        return compose_ppo_loss(logp, ent, old_logp, advantages, mask, ref_logp, kl_coef,
+                                kl_kind, entropy_coef, clip_low, clip_high, dual_clip, agg,
+                                ratio_level, which, kw)
     if vocab_start_index is not None:
         raise ValueError(f"{OP}: vocab_start_index is only meaningful with process_group")
     if which == "reference":
-        _check_token_range(tokens, V, ignore_index)
+        tokens = checked_tokens(OP, tokens, V, ignore_index)
         return reference.fused_ppo_loss(
             logits, tokens, old_logp, advantages, mask, ref_logp, kl_coef, kl_kind, entropy_coef,
-            clip_low, clip_high, dual_clip, temperature, agg, ratio_level, ignore_index, **kw,
-            cu_seqlens=cu_seqlens)
+            clip_low, clip_high, dual_clip, temperature, agg, ratio_level, ignore_index, **kw)
+    kw.pop("cu_seqlens", None)
     coef = reference.agg_row_weights(mask, agg, dtype=acc, cu_seqlens=cu_seqlens, **kw)
     write_grad = torch.is_grad_enabled() and logits.requires_grad
-    inplace = inplace_backward and (logits.stride(-1) == 1 or V == 1)
-    if which == "native":  # the C++ CPU counterpart: same op signature (fastrlhf/_native.py)
-        fn = _native_op()(inplace)
-    else:
-        fn = _fused_ib if inplace else _fused
-    args = (logits, tokens, old_logp, advantages, mask, ref_logp, coef, kl_coef, kl_kind,
-            entropy_coef, 1.0 - clip_low, 1.0 + clip_high, dual_clip, temperature,
-            ratio_level == "sequence", ignore_index, write_grad)
-    out = fn(*args, cu_seqlens.detach().contiguous()) if packed else fn(*args)
+    fn = _fused_ib if inplace_backward and inplace_ok(logits) else _fused
+    out = fn(logits, tokens, old_logp, advantages, mask, ref_logp, coef, kl_coef, kl_kind,
+             entropy_coef, 1.0 - clip_low, 1.0 + clip_high, dual_clip, temperature,
+             ratio_level == "sequence", ignore_index, write_grad,
+             cu_seqlens.detach().contiguous() if packed else None, which)
     loss, scal, per_token = out[0], out[1], out[2]
     stats = {"logp": per_token[0], "entropy": per_token[1], "kl": per_token[2],
              "clipfrac": scal[0], "clipfrac_lower": scal[1], "approx_kl": scal[2],

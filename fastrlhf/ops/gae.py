@@ -1,10 +1,11 @@
 """gae: generalized advantage estimation as a blocked reverse scan (verl semantics, not whitened).
 
 The public entry point checks its arguments, picks a backend and calls either the eager reference
-(:func:`fastrlhf.reference.gae`, a Python loop over T) or the registered ``torch.library`` op
-``fastrlhf::gae`` whose implementation launches the Triton kernel of
-:mod:`fastrlhf.kernels.gae` (one pass: every input element read once, every output written once).
-GAE is not differentiable: the op has no autograd formula and its outputs are detached.
+(:func:`fastrlhf.reference.gae`, a Python loop over T) or the custom op ``fastrlhf::gae``, whose
+implementation calls the ``gae_fwd`` launcher of the chosen backend: the Triton kernel of
+:mod:`fastrlhf.kernels.gae` (one pass: every input element read once, every output written once)
+or the C++ one (:mod:`fastrlhf.native`, ``csrc/gae.cpp``).  GAE is not differentiable: the op has
+no autograd formula and its outputs are detached.
 """
 
 from __future__ import annotations
@@ -14,37 +15,34 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _backend, reference
-from ._common import (FLOAT_DTYPES, check_cu_seqlens, check_same_device, check_shape,
-                      check_tensor)
+from .. import reference
+from ..backend import resolve as resolve_backend
+from ..tables import FLOAT_DTYPES, MASK_DTYPES, acc_dtype
+from .common import check_cu_seqlens, check_same_device, check_shape, check_tensor
+from .registry import Op, launchers
 
 __all__ = ["gae"]
 
-MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-               torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _kernels():
-    from ..kernels import gae as k  # lazy: TRITON_INTERPRET may be set after fastrlhf import
-    return k
-
 
 # ---------------------------------------------------------------------------------------------
-# torch.library op (Triton backend)
+# custom op (Triton and native launchers underneath)
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastrlhf::gae", mutates_args=())
-def _gae_op(rewards: Tensor, values: Tensor, mask: Tensor, cu_seqlens: Optional[Tensor],
-            gamma: float, lam: float, max_len: int, f64: bool) -> Tuple[Tensor, Tensor]:
+def _gae_impl(rewards: Tensor, values: Tensor, mask: Tensor, cu_seqlens: Optional[Tensor],
+              gamma: float, lam: float, max_len: int, f64: bool, backend: str
+              ) -> Tuple[Tensor, Tensor]:
     acc = torch.float64 if f64 else torch.float32
     m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    return _kernels().gae_fwd(rewards, values, m, gamma, lam, cu_seqlens, max_len, acc)
+    return launchers(backend, "gae").gae_fwd(rewards, values, m, gamma, lam, cu_seqlens, max_len,
+                                             acc)
 
 
-@_gae_op.register_fake
-def _(rewards, values, mask, cu_seqlens, gamma, lam, max_len, f64):
+def _gae_fake(rewards, values, mask, cu_seqlens, gamma, lam, max_len, f64, backend):
     acc = torch.float64 if f64 else torch.float32
     return rewards.new_empty(rewards.shape, dtype=acc), rewards.new_empty(rewards.shape, dtype=acc)
+
+
+_gae = Op("gae", _gae_impl, _gae_fake)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,7 +65,7 @@ def _check_unit(op: str, name: str, v) -> float:
 
 def _check_compute_dtype(op: str, compute_dtype, rewards: Tensor, values: Tensor) -> torch.dtype:
     if compute_dtype is None:
-        return torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
+        return acc_dtype(rewards, values)
     if not isinstance(compute_dtype, torch.dtype):
         raise TypeError(f"{op}: compute_dtype must be None, torch.float32 or torch.float64, got "
                         f"{type(compute_dtype).__name__}")
@@ -120,7 +118,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, la
             the host (one device sync).
         compute_dtype: ``None`` (float64 if rewards or values is float64, else float32),
             ``torch.float32`` or ``torch.float64`` (the float64 option for any input dtype).
-        backend: ``"auto" | "triton" | "native" | "reference"`` (see :mod:`fastrlhf._backend`).
+        backend: ``"auto" | "triton" | "native" | "reference"`` (see :mod:`fastrlhf.backend`).
 
     Returns:
         ``(advantages, returns)``: two fresh contiguous ``[B, T]`` tensors of ``compute_dtype``,
@@ -143,13 +141,10 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, la
         max_len = check_cu_seqlens(op, cu_seqlens, "rewards", rewards)
     else:
         max_len = rewards.shape[1]
-    which = _backend.resolve(backend, rewards.device, op=op, native_ok=True)
+    which = resolve_backend(backend, rewards.device, op=op, native_ok=True)
     rewards, values, mask = rewards.detach(), values.detach(), mask.detach()
     if which == "reference":
         return reference.gae(rewards, values, mask, gamma, lam, cu_seqlens, acc)
-    if which == "native":  # C++ CPU backend (fastrlhf/_native.py, csrc/gae.cpp)
-        from .. import _native
-        return _native.gae(rewards, values, mask, cu_seqlens, gamma, lam, acc)
     cu = cu_seqlens.detach() if cu_seqlens is not None else None
-    return _gae_op(rewards, values, mask, cu, gamma, lam, max_len, acc == torch.float64)
+    return _gae(rewards, values, mask, cu, gamma, lam, max_len, acc == torch.float64, which)
 

@@ -1,9 +1,11 @@
 """KL penalties: per-token estimators on sampled log-probs, and the exact full-vocabulary KL.
 
-Public entry points check their arguments, pick a backend and call either the eager reference
-(:mod:`fastrlhf.reference`) or the registered ``torch.library`` ops below
-(``fastrlhf::kl_penalty``, ``fastrlhf::full_kl`` and their backward ops), whose autograd formulas
-run the Triton backward kernels in :mod:`fastrlhf.kernels.kl`.
+The family in one place: the public functions (checks, backend choice, ``full_kl``'s
+vocab-parallel mode), one custom op each (``fastrlhf::kl_penalty``, ``fastrlhf::full_kl``, with
+their backward ops) with one autograd formula, whose implementations call the launchers of
+:mod:`fastrlhf.kernels.kl` (the only backend that implements them; the native backend has none,
+so CPU tensors use the reference).  The reference is :func:`fastrlhf.reference.kl_penalty` /
+``full_kl`` (and, per vocab slice, ``full_kl_partials`` / ``full_kl_grad``).
 """
 
 from __future__ import annotations
@@ -11,148 +13,141 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from .. import _backend, reference
-from ._common import (FLOAT_DTYPES, check_positive_float, check_same_device, check_shape,
-                      check_tensor, rows_layout)
+from .. import reference
+from ..backend import resolve as resolve_backend
+from ..tables import FLOAT_DTYPES, KL_CODES, KL_KINDS, acc_dtype
+from .common import (canonical_kl_kind, check_positive_float, check_same_device, check_shape,
+                     check_tensor, rows_layout)
+from .parallel import check_group, slice_start
+from .registry import Op, launchers
 
 __all__ = ["kl_penalty", "full_kl", "KL_KINDS"]
-
-# Accepted names -> canonical kind.  A trailing "+" selects the straight-through variant: the
-# forward value of the base estimator with the gradient of k2 (see kl_penalty's docstring).
-_BASE = {"k1": "k1", "kl": "k1", "abs": "abs", "k2": "k2", "mse": "k2", "k3": "k3",
-         "low_var_kl": "k3"}
-KL_KINDS = tuple(_BASE) + tuple(f"{k}+" for k in _BASE)
-
-
-def _kernels():
-    from ..kernels import kl as k  # lazy: TRITON_INTERPRET may be set after fastrlhf import
-    return k
-
-
-def _canonical_kind(op: str, kind) -> str:
-    if not isinstance(kind, str):
-        raise TypeError(f"{op}: kind must be a str, one of {KL_KINDS}, got {type(kind).__name__}")
-    plus = kind.endswith("+")
-    base = _BASE.get(kind[:-1] if plus else kind)
-    if base is None:
-        raise ValueError(f"{op}: unknown kind {kind!r}; valid kinds are {', '.join(KL_KINDS)}")
-    # k2 is its own straight-through variant.
-    return base + "+" if plus and base != "k2" else base
-
-
-# ---------------------------------------------------------------------------------------------
-# torch.library ops (Triton backend): kl_penalty
-# ---------------------------------------------------------------------------------------------
-
-def _acc(*dtypes) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1).contiguous()
 
 
-@torch.library.custom_op("fastrlhf::kl_penalty", mutates_args=())
-def _klp_fwd(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
-    k = _kernels()
-    out = k.kl_penalty_fwd(_flat(logp), _flat(ref_logp), k.KINDS[kind.rstrip("+")])
+# ---------------------------------------------------------------------------------------------
+# custom ops: kl_penalty
+# ---------------------------------------------------------------------------------------------
+
+def _klp_impl(logp: Tensor, ref_logp: Tensor, kind: str, backend: str) -> Tensor:
+    out = launchers(backend, "kl").kl_penalty_fwd(_flat(logp), _flat(ref_logp),
+                                                  KL_CODES[kind.rstrip("+")])
     return out.view(logp.shape)
 
 
-@_klp_fwd.register_fake
-def _(logp, ref_logp, kind):
-    return logp.new_empty(logp.shape, dtype=_acc(logp.dtype, ref_logp.dtype))
+def _klp_fake(logp, ref_logp, kind, backend):
+    return logp.new_empty(logp.shape, dtype=acc_dtype(logp, ref_logp))
 
 
-@torch.library.custom_op("fastrlhf::kl_penalty_bwd", mutates_args=())
-def _klp_bwd(grad: Tensor, logp: Tensor, ref_logp: Tensor, kind: str, need_dlogp: bool,
-             need_dref: bool) -> Tuple[Tensor, Tensor]:
-    k = _kernels()
+def _klp_bwd_impl(grad: Tensor, logp: Tensor, ref_logp: Tensor, kind: str, need_dlogp: bool,
+                  need_dref: bool, backend: str) -> Tuple[Tensor, Tensor]:
     # Straight-through kinds ("k1+", "k3+", ...) differentiate as k2.
-    code = k.KINDS["k2"] if kind.endswith("+") else k.KINDS[kind]
-    dx, dy = k.kl_penalty_bwd(_flat(grad), _flat(logp), _flat(ref_logp), code, need_dlogp,
-                              need_dref)
+    code = KL_CODES["k2"] if kind.endswith("+") else KL_CODES[kind]
+    dx, dy = launchers(backend, "kl").kl_penalty_bwd(_flat(grad), _flat(logp), _flat(ref_logp),
+                                                     code, need_dlogp, need_dref)
     return (dx.view(logp.shape) if need_dlogp else dx,
             dy.view(ref_logp.shape) if need_dref else dy)
 
 
-@_klp_bwd.register_fake
-def _(grad, logp, ref_logp, kind, need_dlogp, need_dref):
+def _klp_bwd_fake(grad, logp, ref_logp, kind, need_dlogp, need_dref, backend):
     dx = logp.new_empty(logp.shape if need_dlogp else (0,))
     dy = ref_logp.new_empty(ref_logp.shape if need_dref else (0,))
     return dx, dy
 
 
+_klp_bwd = Op("kl_penalty_bwd", _klp_bwd_impl, _klp_bwd_fake)
+
+
 def _klp_setup(ctx, inputs, output):
-    logp, ref_logp, kind = inputs
+    logp, ref_logp, kind, backend = inputs
     ctx.save_for_backward(logp, ref_logp)
     ctx.kind = kind
+    ctx.backend = backend
 
 
 def _klp_backward(ctx, grad):
     logp, ref_logp = ctx.saved_tensors
     need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_x or need_y):
-        return None, None, None
-    dx, dy = _klp_bwd(grad, logp, ref_logp, ctx.kind, need_x, need_y)
-    return (dx if need_x else None), (dy if need_y else None), None
+        return None, None, None, None
+    dx, dy = _klp_bwd(grad, logp, ref_logp, ctx.kind, need_x, need_y, ctx.backend)
+    return (dx if need_x else None), (dy if need_y else None), None, None
 
 
-_klp_fwd.register_autograd(_klp_backward, setup_context=_klp_setup)
+_kl_penalty = Op("kl_penalty", _klp_impl, _klp_fake, setup=_klp_setup, backward=_klp_backward)
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.library ops (Triton backend): full_kl
+# custom ops: full_kl
 # ---------------------------------------------------------------------------------------------
 
-def _layouts(logits: Tensor, ref_logits: Tensor):
+def full_kl_stats(logits: Tensor, ref_logits: Tensor, temperature: float, backend: str,
+                  partial: bool = False):
+    """The backend's forward: ``(kl [...], stats [4, ...])``; ``partial=True`` (one vocab slice):
+    ``(E [...], stats [6, ...])`` as :func:`fastrlhf.reference.full_kl_partials`."""
+    V = logits.shape[-1]
     x, xd, xs = rows_layout(logits)
     y, yd, ys = rows_layout(ref_logits)
-    return x, xd, xs, y, yd, ys
+    kl, stats = launchers(backend, "kl").full_kl_fwd(x, xd, xs, y, yd, ys, V, 1.0 / temperature,
+                                                     partial=partial)
+    lead = tuple(logits.shape[:-1])
+    return kl.view(lead), stats.view((stats.shape[0],) + lead)
 
 
-@torch.library.custom_op("fastrlhf::full_kl", mutates_args=())
-def _fkl_fwd(logits: Tensor, ref_logits: Tensor, temperature: float) -> Tuple[Tensor, Tensor]:
+def full_kl_grad(grad: Tensor, logits: Tensor, ref_logits: Tensor, kl: Tensor, stats: Tensor,
+                 temperature: float, need_dlogits: bool, need_dref: bool, backend: str):
+    """The backend's backward from the rows' ``stats`` ``[4, ...]`` and KL: ``(dx, dy)`` (a
+    0-element tensor where not needed)."""
     V = logits.shape[-1]
-    x, xd, xs, y, yd, ys = _layouts(logits, ref_logits)
-    kl, stats = _kernels().full_kl_fwd(x, xd, xs, y, yd, ys, V, 1.0 / temperature)
-    lead = logits.shape[:-1]
-    return kl.view(lead), stats.view((4,) + tuple(lead))
-
-
-@_fkl_fwd.register_fake
-def _(logits, ref_logits, temperature):
-    acc = _acc(logits.dtype, ref_logits.dtype)
-    lead = logits.shape[:-1]
-    return logits.new_empty(lead, dtype=acc), logits.new_empty((4, *lead), dtype=acc)
-
-
-@torch.library.custom_op("fastrlhf::full_kl_bwd", mutates_args=())
-def _fkl_bwd(grad: Tensor, logits: Tensor, ref_logits: Tensor, kl: Tensor, stats: Tensor,
-             temperature: float, need_dlogits: bool, need_dref: bool) -> Tuple[Tensor, Tensor]:
-    V = logits.shape[-1]
-    x, xd, xs, y, yd, ys = _layouts(logits, ref_logits)
-    dx, dy = _kernels().full_kl_bwd(x, xd, xs, y, yd, ys, V, _flat(grad), _flat(kl),
-                                    stats.reshape(4, -1).contiguous(), 1.0 / temperature,
-                                    need_dlogits, need_dref)
+    x, xd, xs = rows_layout(logits)
+    y, yd, ys = rows_layout(ref_logits)
+    dx, dy = launchers(backend, "kl").full_kl_bwd(x, xd, xs, y, yd, ys, V, _flat(grad),
+                                                  _flat(kl), stats.reshape(4, -1).contiguous(),
+                                                  1.0 / temperature, need_dlogits, need_dref)
     return (dx.view(logits.shape) if need_dlogits else dx,
             dy.view(ref_logits.shape) if need_dref else dy)
 
 
-@_fkl_bwd.register_fake
-def _(grad, logits, ref_logits, kl, stats, temperature, need_dlogits, need_dref):
+def _fkl_impl(logits: Tensor, ref_logits: Tensor, temperature: float, backend: str
+              ) -> Tuple[Tensor, Tensor]:
+    return full_kl_stats(logits, ref_logits, temperature, backend)
+
+
+def _fkl_fake(logits, ref_logits, temperature, backend):
+    acc = acc_dtype(logits, ref_logits)
+    lead = logits.shape[:-1]
+    return logits.new_empty(lead, dtype=acc), logits.new_empty((4, *lead), dtype=acc)
+
+
+def _fkl_bwd_impl(grad: Tensor, logits: Tensor, ref_logits: Tensor, kl: Tensor, stats: Tensor,
+                  temperature: float, need_dlogits: bool, need_dref: bool, backend: str
+                  ) -> Tuple[Tensor, Tensor]:
+    return full_kl_grad(grad, logits, ref_logits, kl, stats, temperature, need_dlogits, need_dref,
+                        backend)
+
+
+def _fkl_bwd_fake(grad, logits, ref_logits, kl, stats, temperature, need_dlogits, need_dref,
+                  backend):
     dx = logits.new_empty(logits.shape if need_dlogits else (0,))
     dy = ref_logits.new_empty(ref_logits.shape if need_dref else (0,))
     return dx, dy
 
 
+_fkl_bwd = Op("full_kl_bwd", _fkl_bwd_impl, _fkl_bwd_fake)
+
+
 def _fkl_setup(ctx, inputs, output):
-    logits, ref_logits, temperature = inputs
+    logits, ref_logits, temperature, backend = inputs
     kl, stats = output
     ctx.save_for_backward(logits, ref_logits, kl, stats)
     ctx.temperature = temperature
+    ctx.backend = backend
     ctx.mark_non_differentiable(stats)
 
 
@@ -160,12 +155,90 @@ def _fkl_backward(ctx, grad, dstats):
     logits, ref_logits, kl, stats = ctx.saved_tensors
     need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if grad is None or not (need_x or need_y):
-        return None, None, None
-    dx, dy = _fkl_bwd(grad, logits, ref_logits, kl, stats, ctx.temperature, need_x, need_y)
-    return (dx if need_x else None), (dy if need_y else None), None
+        return None, None, None, None
+    dx, dy = _fkl_bwd(grad, logits, ref_logits, kl, stats, ctx.temperature, need_x, need_y,
+                      ctx.backend)
+    return (dx if need_x else None), (dy if need_y else None), None, None
 
 
-_fkl_fwd.register_autograd(_fkl_backward, setup_context=_fkl_setup)
+_full_kl = Op("full_kl", _fkl_impl, _fkl_fake, setup=_fkl_setup, backward=_fkl_backward)
+
+
+# ---------------------------------------------------------------------------------------------
+# vocab parallelism for full_kl: each rank holds the same slice of both logits
+# ---------------------------------------------------------------------------------------------
+#
+# Per row and slice: both distributions' (M_r, log S_r), the p-weighted
+# E_r = sum_j p^r_j ((x_j - Mx_r) - (y_j - My_r)) relative to the slice maxima, and two flags
+# (a q_j = 0 under p_j > 0; a NaN / +inf).  One MAX all-reduce of [4, N] (both maxima, both
+# flags), one SUM of [3, N]:
+#
+#     ax_r = Sx_r e^(Mx_r - Mx),  ay_r = Sy_r e^(My_r - My),  Sx = sum ax_r,  Sy = sum ay_r
+#     KL   = sum_r ax_r (E_r + (Mx_r - Mx) - (My_r - My)) / Sx - log Sx + log Sy
+#
+# The backward is the unsharded one, run on the slice with the global (M, log S) of both rows
+# and the global KL: local, no communication.
+
+def _combine_kl(E, st, group):
+    """Global (KL, stats [4, ...] = (Mx, log Sx, My, log Sy)) from the slice partials."""
+    Mx_r, lsx_r, My_r, lsy_r, qz_r, bad_r = st.unbind(0)
+    mx = torch.stack([Mx_r, My_r, qz_r, bad_r])
+    dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
+    Mx, My, qz, bad = mx.unbind(0)
+    ninf = float("-inf")
+    zero = torch.zeros_like(E)
+    ax = torch.where(lsx_r == ninf, zero, torch.exp(lsx_r + (Mx_r - Mx)))
+    ay = torch.where(lsy_r == ninf, zero, torch.exp(lsy_r + (My_r - My)))
+    # slices with p mass and no flag (a flagged row's value is decided by the flag below)
+    ok = (lsx_r > ninf) & (qz_r == 0) & (bad_r == 0)
+    tx = torch.where(ok, ax * (E + (Mx_r - Mx) - (My_r - My)), zero)
+    sums = torch.stack([ax, ay, tx])
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    Sx, Sy, Tt = sums.unbind(0)
+    lsx, lsy = Sx.log(), Sy.log()
+    kl = Tt / Sx - lsx + lsy
+    kl = torch.where(qz > 0, torch.full_like(kl, float("inf")), kl)
+    kl = torch.where((bad > 0) | (Mx == ninf) | (My == ninf), torch.full_like(kl, float("nan")),
+                     kl)
+    return kl, torch.stack([Mx, lsx, My, lsy])
+
+
+class _VocabParallelFullKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, ref_logits, temperature, group, backend):
+        with torch.no_grad():
+            if backend == "triton":
+                E, st = full_kl_stats(logits, ref_logits, temperature, backend, partial=True)
+            else:
+                E, st = reference.full_kl_partials(logits, ref_logits, temperature)
+        kl, stats = _combine_kl(E, st, group)
+        ctx.save_for_backward(logits, ref_logits, kl, stats)
+        ctx.temperature = temperature
+        ctx.backend = backend
+        return kl
+
+    @staticmethod
+    def backward(ctx, g):
+        logits, ref_logits, kl, stats = ctx.saved_tensors
+        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_x or need_y):
+            return None, None, None, None, None
+        if ctx.backend == "triton":
+            dx, dy = full_kl_grad(g.contiguous(), logits, ref_logits, kl, stats.contiguous(),
+                                  ctx.temperature, need_x, need_y, ctx.backend)
+        else:
+            dx, dy = reference.full_kl_grad(g, logits, ref_logits, kl, stats, ctx.temperature,
+                                            need_x, need_y)
+        return (dx if need_x else None), (dy if need_y else None), None, None, None
+
+
+def vocab_parallel_full_kl(logits, ref_logits, temperature, process_group, vocab_start_index,
+                           backend):
+    """KL over the full vocab from each rank's slice of both logits (equal slices on both)."""
+    op = "full_kl"
+    group = check_group(op, process_group)
+    slice_start(op, group, logits.shape[-1], vocab_start_index)  # validated; KL needs no ids
+    return _VocabParallelFullKL.apply(logits, ref_logits, temperature, group, backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +269,7 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k1", *, backend: str
               are tested against verl 0.9.1 for all kinds.  ``"k2+"`` equals ``"k2"``.
 
             Anything else raises ValueError listing the valid kinds.
-        backend: ``"auto" | "triton" | "reference"`` (see :mod:`fastrlhf._backend`).
+        backend: ``"auto" | "triton" | "reference"`` (see :mod:`fastrlhf.backend`).
 
     Returns:
         The estimate, shape of ``logp``, float32 (float64 if either input is float64).  No
@@ -212,11 +285,11 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k1", *, backend: str
     check_tensor(op, "ref_logp", ref_logp, dtypes=FLOAT_DTYPES)
     check_shape(op, "ref_logp", ref_logp, logp.shape, "the shape of logp")
     check_same_device(op, "logp", logp, ref_logp=ref_logp)
-    canon = _canonical_kind(op, kind)
-    which = _backend.resolve(backend, logp.device, op=op)
+    canon = canonical_kl_kind(op, kind)
+    which = resolve_backend(backend, logp.device, op=op)
     if which == "reference":
         return reference.kl_penalty(logp, ref_logp, canon)
-    return _klp_fwd(logp, ref_logp, canon)
+    return _kl_penalty(logp, ref_logp, canon, which)
 
 
 def full_kl(logits: Tensor, ref_logits: Tensor, *, temperature: float = 1.0,
@@ -236,7 +309,7 @@ def full_kl(logits: Tensor, ref_logits: Tensor, *, temperature: float = 1.0,
             log-sum-exps, p-weighted log-ratio and two flags are combined with two all-reduces
             (``[4, N]`` max, ``[3, N]`` sum, accumulation dtype), never the logits; every rank
             returns the full-vocab KL; the backward is local (no communication).  See
-            :mod:`fastrlhf.ops._vocab_parallel`.
+            the vocab-parallel section above.
         vocab_start_index: first vocab id of this rank's slice (default ``rank * V_local``);
             accepted for uniformity with the other vocab-parallel ops and validated, but the KL
             does not depend on it (no token ids are involved).
@@ -267,14 +340,13 @@ def full_kl(logits: Tensor, ref_logits: Tensor, *, temperature: float = 1.0,
                          f"{tuple(logits.shape)}")
     check_same_device(op, "logits", logits, ref_logits=ref_logits)
     temperature = check_positive_float(op, "temperature", temperature)
-    which = _backend.resolve(backend, logits.device, op=op)
+    which = resolve_backend(backend, logits.device, op=op)
     if process_group is not None:
-        from ._vocab_parallel import vocab_parallel_full_kl
         return vocab_parallel_full_kl(logits, ref_logits, temperature, process_group,
-                                      vocab_start_index, which == "triton")
+                                      vocab_start_index, which)
     if vocab_start_index is not None:
         raise ValueError(f"{op}: vocab_start_index is only meaningful with process_group")
     if which == "reference":
         return reference.full_kl(logits, ref_logits, temperature)
-    kl, _ = _fkl_fwd(logits, ref_logits, temperature)
+    kl, _ = _full_kl(logits, ref_logits, temperature, which)
     return kl

@@ -6,12 +6,16 @@
   clip) and ``compute_policy_loss_gspo`` (``ratio_level="sequence"``).
 * :func:`ppo_value_loss` -- verl ``compute_value_loss``.
 
-The Triton backend runs one fused kernel per loss (per-token terms, the masked row sums the
-aggregation needs and the statistics in a single pass, rows in parallel), a one-program finalize
-kernel that combines the ``[B]`` partials in a fixed order (deterministic, no atomics), and a
-backward kernel writing the input-sized gradient.  They are registered as ``torch.library`` ops
-(``fastrlhf::ppo_policy_loss`` & co.) so ``torch.compile`` traces them without graph breaks; in
-eager mode the same launchers run behind a plain ``autograd.Function`` (less dispatch overhead).
+Each loss is one custom op (``fastrlhf::ppo_policy_loss``, ``fastrlhf::ppo_value_loss``, with
+their backward ops) with one autograd formula; underneath, the Triton launchers
+(:mod:`fastrlhf.kernels.losses`: one fused kernel per loss -- per-token terms, the masked row sums
+the aggregation needs and the statistics in a single pass, rows in parallel -- a one-program
+finalize kernel that combines the ``[B]`` partials in a fixed order, deterministic, no atomics,
+and a backward kernel) or the native ones (:mod:`fastrlhf.native`, ``csrc/losses.cpp``).  In eager
+mode the same implementation and formula run behind a plain ``autograd.Function`` (less dispatch
+overhead, see :class:`fastrlhf.ops.registry.Op`); ``torch.compile`` traces the registered ops.
+The reference is :func:`fastrlhf.reference.ppo_policy_loss` / ``ppo_value_loss`` /
+``agg_loss``.  :func:`compose_ppo_loss` is the fused loss's definition on per-token log-probs.
 
 The aggregation is linear in the per-token loss with weights that depend on the mask only:
 ``agg_loss(L, m) = sum_b c_b sum_t where(m != 0, L, 0) m`` (:func:`agg_row_weights`), so
@@ -29,167 +33,158 @@ backend has no packed path (``backend="auto"`` then uses the Triton / reference 
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .. import _backend, reference
-from ._common import (FLOAT_DTYPES, check_cu_seqlens, check_positive_float, check_same_device,
-                      check_tensor)
-from .masked import check_backend_name, check_mask
+from .. import reference
+from ..backend import resolve as resolve_backend
+from ..tables import AGG_MODES, RATIO_LEVELS, acc_dtype
+from .common import (check_advantages, check_agg, check_backend_name, check_bt, check_clips,
+                     check_mask, check_packed, check_positive_float, check_ratio_level,
+                     check_same_device, check_tensor, denominator, row_view)
+from .kl import kl_penalty
+from .registry import Op, launchers
 
 __all__ = ["agg_loss", "ppo_policy_loss", "ppo_value_loss", "policy_loss_per_token",
-           "agg_row_weights", "AGG_MODES", "RATIO_LEVELS"]
-
-AGG_MODES = reference.AGG_MODES
-RATIO_LEVELS = ("token", "sequence")
-AGG_KWARGS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
+           "agg_row_weights", "compose_ppo_loss", "AGG_MODES", "RATIO_LEVELS"]
 
 
-def _kernels():
-    from ..kernels import losses as k  # lazy: TRITON_INTERPRET may be set after fastrlhf import
-    return k
-
-
-def _acc(*tensors) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-# ---------------------------------------------------------------------------------------------
-# argument checks
-# ---------------------------------------------------------------------------------------------
-
-def _check_mode(op: str, mode) -> str:
-    if not isinstance(mode, str) or mode not in AGG_MODES:
-        raise ValueError(f"{op}: unknown aggregation mode {mode!r}; expected one of "
-                         f"{', '.join(AGG_MODES)}")
-    return mode
-
-
-def _check_count(op: str, name: str, v):
-    """None, a number >= 0, or a one-element numeric tensor (used as is, no host sync)."""
-    if v is None:
-        return None
-    if isinstance(v, Tensor):
-        if v.numel() != 1:
-            raise ValueError(f"{op}: {name} must be a scalar, got a tensor of shape "
-                             f"{tuple(v.shape)}")
-        if v.dtype == torch.bool or v.is_complex():
-            raise TypeError(f"{op}: {name} must be a number, got a {v.dtype} tensor")
-        return v.reshape(())
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{op}: {name} must be a number or a scalar tensor, got "
-                        f"{type(v).__name__}")
-    v = float(v)
-    if not (v >= 0 and math.isfinite(v)):
-        raise ValueError(f"{op}: {name} must be a finite number >= 0, got {v}")
-    return v
-
-
-def _check_agg(op: str, mode, T: int, kwargs: dict) -> dict:
-    """Validate ``mode`` and verl's global-batch arguments; returns the normalized kwargs."""
-    mode = _check_mode(op, mode)
-    unknown = sorted(set(kwargs) - set(AGG_KWARGS))
-    if unknown:
-        raise TypeError(f"{op}: unexpected keyword argument(s) {', '.join(unknown)}; the "
-                        f"aggregation accepts {', '.join(AGG_KWARGS)}")
-    dp = kwargs.get("dp_size", 1)
-    if isinstance(dp, bool) or not isinstance(dp, numbers.Integral):
-        raise TypeError(f"{op}: dp_size must be an int, got {type(dp).__name__}")
-    if dp < 1:
-        raise ValueError(f"{op}: dp_size must be >= 1, got {dp}")
-    bnt = _check_count(op, "batch_num_tokens", kwargs.get("batch_num_tokens"))
-    gbs = _check_count(op, "global_batch_size", kwargs.get("global_batch_size"))
-    lsf = kwargs.get("loss_scale_factor")
-    if lsf is not None:
-        lsf = check_positive_float(op, "loss_scale_factor", lsf)
-    if dp > 1 and mode == "token-mean" and bnt is None:
-        raise ValueError(f"{op}: (global) batch_num_tokens is required when dp_size > 1 "
-                         f"(dp_size={dp}, mode={mode!r})")
-    if dp > 1 and mode.startswith("seq-") and gbs is None:
-        raise ValueError(f"{op}: global_batch_size is required when dp_size > 1 "
-                         f"(dp_size={dp}, mode={mode!r})")
-    return {"dp_size": int(dp), "batch_num_tokens": bnt, "global_batch_size": gbs,
-            "loss_scale_factor": lsf}
-
-
-def _check_bt(op: str, name: str, t, shape=None) -> Tensor:
-    check_tensor(op, name, t, dtypes=FLOAT_DTYPES)
-    if shape is None:
-        if t.dim() != 2:
-            raise ValueError(f"{op}: {name} must be 2-D [B, T], got shape {tuple(t.shape)}")
-    elif tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{op}: {name} must have shape {tuple(shape)} (the shape of the first "
-                         f"argument), got {tuple(t.shape)}")
-    return t
-
-
-def _check_advantages(op: str, adv, shape, n_seqs: Optional[int] = None) -> Tensor:
-    """``[B, T]`` per token or ``[B]`` per sequence; packed (``n_seqs = S``): ``[1, total]`` or
-    ``[S]``."""
-    check_tensor(op, "advantages", adv, dtypes=FLOAT_DTYPES)
-    n = shape[0] if n_seqs is None else n_seqs
-    if tuple(adv.shape) not in (tuple(shape), (n,)):
-        raise ValueError(f"{op}: advantages must have shape {tuple(shape)} (per token) or "
-                         f"({n},) (per sequence), got {tuple(adv.shape)}")
-    return adv
-
-
-def _check_packed(op: str, cu_seqlens, name: str, ref: Tensor):
-    """``(n_seqs, norm_len)``: ``(None, T)`` without ``cu_seqlens``; else the validated packed
-    layout's segment count ``S`` and longest segment ``Tmax`` (the default
-    ``loss_scale_factor``)."""
-    if cu_seqlens is None:
-        return None, ref.shape[1]
-    max_len = check_cu_seqlens(op, cu_seqlens, name, ref)
-    return cu_seqlens.numel() - 1, max_len
-
-
-def _resolve(op: str, backend, device, packed: bool, native_ok: bool = True) -> str:
-    """``_backend.resolve``; the native backend has no packed (``cu_seqlens``) path: ``auto``
-    (and ``FASTRLHF_BACKEND=native``) then picks triton / reference, ``"native"`` raises."""
+def _resolve(op: str, backend, device, packed: bool) -> str:
+    """:func:`fastrlhf.backend.resolve`; the native backend has no packed (``cu_seqlens``)
+    path: ``auto`` (and ``FASTRLHF_BACKEND=native``) then picks triton / reference, ``"native"``
+    raises."""
     if packed and backend == "native":
         raise ValueError(f"{op}: cu_seqlens (packed sequences) is not supported by the native "
                          "backend; use backend='auto', 'triton' or 'reference'")
-    return _backend.resolve(backend, device, op=op, native_ok=native_ok and not packed)
+    return resolve_backend(backend, device, op=op, native_ok=not packed)
 
 
-def _check_clips(op: str, clip_low, clip_high, dual_clip):
-    clip_low = check_positive_float(op, "clip_low", clip_low)
-    clip_high = clip_low if clip_high is None else check_positive_float(op, "clip_high",
-                                                                        clip_high)
-    if dual_clip is not None:
-        if isinstance(dual_clip, bool) or not isinstance(dual_clip, numbers.Real):
-            raise TypeError(f"{op}: dual_clip must be a float > 1 or None, got "
-                            f"{type(dual_clip).__name__}")
-        dual_clip = float(dual_clip)
-        if not (dual_clip > 1 and math.isfinite(dual_clip)):
-            raise ValueError(f"{op}: dual_clip must be a finite number > 1 (the lower bound of "
-                             f"the ratio for dual-clip PPO), got {dual_clip}")
-    return clip_low, clip_high, dual_clip
+def _n_rows(x: Tensor, cu_seqlens: Optional[Tensor]) -> int:
+    return x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
 
-def _row_view(t: Tensor) -> Tensor:
-    """Unit stride along T (what the kernels need); other strides are read in place."""
-    if t.dim() == 2 and t.shape[1] > 1 and t.stride(1) != 1:
-        return t.contiguous()
-    return t
+# ---------------------------------------------------------------------------------------------
+# custom ops (Triton and native launchers underneath): the policy loss
+# ---------------------------------------------------------------------------------------------
+
+def _policy_impl(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, lo: float,
+                 hi: float, dual_clip: Optional[float], seq: bool, mode: str, dp_size: int,
+                 denom: Optional[float], denom_t: Optional[Tensor], loss_scale_factor: float,
+                 cu_seqlens: Optional[Tensor], backend: str
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    acc = acc_dtype(logp, old_logp, advantages)
+    return launchers(backend, "losses").policy_fwd(
+        logp, old_logp, advantages, mask, lo, hi, dual_clip, seq, mode, dp_size, denom, denom_t,
+        loss_scale_factor, acc, cu_seqlens)
 
 
-def _cu_arg(cu: Optional[Tensor]) -> Optional[Tensor]:
-    return None if cu is None else cu.detach().contiguous()
+def _policy_fake(logp, old_logp, advantages, mask, lo, hi, dual_clip, seq, mode, dp_size, denom,
+                 denom_t, loss_scale_factor, cu_seqlens, backend):
+    acc = acc_dtype(logp, old_logp, advantages)
+    B = _n_rows(logp, cu_seqlens)
+    return (logp.new_empty((), dtype=acc), logp.new_empty((3,), dtype=acc),
+            logp.new_empty((B,), dtype=acc), logp.new_empty((B,), dtype=acc))
 
 
-def _denominator(mode: str, kw: dict, acc: torch.dtype, device):
-    """(denom as float or None, denom as a device tensor or None) for the finalize kernel."""
-    v = kw["batch_num_tokens"] if mode == "token-mean" else (
-        kw["global_batch_size"] if mode.startswith("seq-") else None)
-    if isinstance(v, Tensor):
-        return None, v.to(device=device, dtype=acc).reshape(1)
-    return v, None
+def _policy_bwd_impl(grad: Tensor, logp: Tensor, old_logp: Tensor, advantages: Tensor,
+                     mask: Tensor, coef: Tensor, seq_log_ratio: Tensor, lo: float, hi: float,
+                     dual_clip: Optional[float], seq: bool, cu_seqlens: Optional[Tensor],
+                     backend: str) -> Tensor:
+    return launchers(backend, "losses").policy_bwd(
+        grad.to(coef.dtype).reshape(()), logp, old_logp, advantages, mask, coef, seq_log_ratio,
+        lo, hi, dual_clip, seq, cu_seqlens)
+
+
+def _policy_bwd_fake(grad, logp, old_logp, advantages, mask, coef, seq_log_ratio, lo, hi,
+                     dual_clip, seq, cu_seqlens, backend):
+    return logp.new_empty(logp.shape)
+
+
+_policy_bwd = Op("ppo_policy_loss_bwd", _policy_bwd_impl, _policy_bwd_fake, fast_eager=True)
+
+
+def _policy_setup(ctx, inputs, output):
+    logp, old_logp, adv, mask, lo, hi, dual_clip, seq = inputs[:8]
+    cu, backend = inputs[13], inputs[14]
+    _, stats, coef, seqlr = output
+    ctx.save_for_backward(logp, old_logp, adv, mask, coef, seqlr, cu)
+    ctx.params = (lo, hi, dual_clip, seq)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(stats, coef, seqlr)
+
+
+def _policy_backward(ctx, gloss, gstats, gcoef, gseq):
+    logp, old_logp, adv, mask, coef, seqlr, cu = ctx.saved_tensors
+    dlogp = None
+    if gloss is not None and ctx.needs_input_grad[0]:
+        dlogp = _policy_bwd(gloss, logp, old_logp, adv, mask, coef, seqlr, *ctx.params, cu,
+                            ctx.backend)
+    return (dlogp,) + (None,) * 14
+
+
+_policy = Op("ppo_policy_loss", _policy_impl, _policy_fake, setup=_policy_setup,
+             backward=_policy_backward, fast_eager=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops: the value loss
+# ---------------------------------------------------------------------------------------------
+
+def _value_impl(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+                clip: Optional[float], mode: str, dp_size: int, denom: Optional[float],
+                denom_t: Optional[Tensor], loss_scale_factor: float,
+                cu_seqlens: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    acc = acc_dtype(values, old_values, returns)
+    return launchers(backend, "losses").value_fwd(
+        values, old_values, returns, mask, clip, mode, dp_size, denom, denom_t, loss_scale_factor,
+        acc, cu_seqlens)
+
+
+def _value_fake(values, old_values, returns, mask, clip, mode, dp_size, denom, denom_t,
+                loss_scale_factor, cu_seqlens, backend):
+    acc = acc_dtype(values, old_values, returns)
+    return (values.new_empty((), dtype=acc), values.new_empty((1,), dtype=acc),
+            values.new_empty((_n_rows(values, cu_seqlens),), dtype=acc))
+
+
+def _value_bwd_impl(grad: Tensor, values: Tensor, old_values: Tensor, returns: Tensor,
+                    mask: Tensor, coef: Tensor, clip: Optional[float],
+                    cu_seqlens: Optional[Tensor], backend: str) -> Tensor:
+    return launchers(backend, "losses").value_bwd(
+        grad.to(coef.dtype).reshape(()), values, old_values, returns, mask, coef, clip,
+        cu_seqlens)
+
+
+def _value_bwd_fake(grad, values, old_values, returns, mask, coef, clip, cu_seqlens, backend):
+    return values.new_empty(values.shape)
+
+
+_value_bwd = Op("ppo_value_loss_bwd", _value_bwd_impl, _value_bwd_fake, fast_eager=True)
+
+
+def _value_setup(ctx, inputs, output):
+    values, old_values, returns, mask, clip = inputs[:5]
+    cu, backend = inputs[10], inputs[11]
+    _, stats, coef = output
+    ctx.save_for_backward(values, old_values, returns, mask, coef, cu)
+    ctx.clip = clip
+    ctx.backend = backend
+    ctx.mark_non_differentiable(stats, coef)
+
+
+def _value_backward(ctx, gloss, gstats, gcoef):
+    values, old_values, returns, mask, coef, cu = ctx.saved_tensors
+    dv = None
+    if gloss is not None and ctx.needs_input_grad[0]:
+        dv = _value_bwd(gloss, values, old_values, returns, mask, coef, ctx.clip, cu,
+                        ctx.backend)
+    return (dv,) + (None,) * 11
+
+
+_value = Op("ppo_value_loss", _value_impl, _value_fake, setup=_value_setup,
+            backward=_value_backward, fast_eager=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,12 +225,12 @@ def agg_loss(per_token: Tensor, mask: Tensor, mode: str = "token-mean", *, dp_si
     multiply it by 0), and a zero denominator (fully masked batch) gives 0 instead of NaN.
     """
     op = "agg_loss"
-    _check_bt(op, "per_token", per_token)
+    check_bt(op, "per_token", per_token)
     check_mask(op, mask, per_token.shape, "the shape of per_token")
     check_same_device(op, "per_token", per_token, mask=mask)
     check_backend_name(op, backend)
-    _check_packed(op, cu_seqlens, "per_token", per_token)
-    kw = _check_agg(op, mode, per_token.shape[1], {
+    check_packed(op, cu_seqlens, "per_token", per_token)
+    kw = check_agg(op, mode, {
         "dp_size": dp_size, "batch_num_tokens": batch_num_tokens,
         "global_batch_size": global_batch_size, "loss_scale_factor": loss_scale_factor})
     return reference.agg_loss(per_token, mask, mode, **kw, cu_seqlens=cu_seqlens)
@@ -257,200 +252,9 @@ def agg_row_weights(mask: Tensor, mode: str = "token-mean", *, dtype: torch.dtyp
     if mask.dim() != 2:
         raise ValueError(f"{op}: mask must be 2-D [B, T], got shape {tuple(mask.shape)}")
     check_mask(op, mask, mask.shape)
-    _check_packed(op, cu_seqlens, "mask", mask)
-    kw = _check_agg(op, mode, mask.shape[1], agg_kwargs)
+    check_packed(op, cu_seqlens, "mask", mask)
+    kw = check_agg(op, mode, agg_kwargs)
     return reference.agg_row_weights(mask, mode, dtype=dtype, cu_seqlens=cu_seqlens, **kw)
-
-
-# ---------------------------------------------------------------------------------------------
-# torch.library ops (Triton backend): policy loss
-# ---------------------------------------------------------------------------------------------
-
-def _policy_fwd_impl(logp, old_logp, advantages, mask, lo, hi, dual_clip, seq, mode, dp_size,
-                     denom, denom_t, loss_scale_factor, cu_seqlens):
-    acc = _acc(logp, old_logp, advantages)
-    return _kernels().policy_fwd(logp, old_logp, advantages, mask, lo, hi, dual_clip, seq, mode,
-                                 dp_size, denom, denom_t, loss_scale_factor, acc, cu_seqlens)
-
-
-def _n_rows(x: Tensor, cu_seqlens: Optional[Tensor]) -> int:
-    return x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-
-
-@torch.library.custom_op("fastrlhf::ppo_policy_loss", mutates_args=())
-def _policy_fwd(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, lo: float,
-                hi: float, dual_clip: Optional[float], seq: bool, mode: str, dp_size: int,
-                denom: Optional[float], denom_t: Optional[Tensor], loss_scale_factor: float,
-                cu_seqlens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _policy_fwd_impl(logp, old_logp, advantages, mask, lo, hi, dual_clip, seq, mode,
-                            dp_size, denom, denom_t, loss_scale_factor, cu_seqlens)
-
-
-@_policy_fwd.register_fake
-def _(logp, old_logp, advantages, mask, lo, hi, dual_clip, seq, mode, dp_size, denom, denom_t,
-      loss_scale_factor, cu_seqlens=None):
-    acc = _acc(logp, old_logp, advantages)
-    B = _n_rows(logp, cu_seqlens)
-    return (logp.new_empty((), dtype=acc), logp.new_empty((3,), dtype=acc),
-            logp.new_empty((B,), dtype=acc), logp.new_empty((B,), dtype=acc))
-
-
-@torch.library.custom_op("fastrlhf::ppo_policy_loss_bwd", mutates_args=())
-def _policy_bwd(grad: Tensor, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                coef: Tensor, seq_log_ratio: Tensor, lo: float, hi: float,
-                dual_clip: Optional[float], seq: bool, cu_seqlens: Optional[Tensor] = None
-                ) -> Tensor:
-    return _kernels().policy_bwd(grad.to(coef.dtype).reshape(()), logp, old_logp, advantages,
-                                 mask, coef, seq_log_ratio, lo, hi, dual_clip, seq, cu_seqlens)
-
-
-@_policy_bwd.register_fake
-def _(grad, logp, old_logp, advantages, mask, coef, seq_log_ratio, lo, hi, dual_clip, seq,
-      cu_seqlens=None):
-    return logp.new_empty(logp.shape)
-
-
-def _policy_setup(ctx, inputs, output):
-    logp, old_logp, adv, mask, lo, hi, dual_clip, seq = inputs[:8]
-    cu = inputs[13] if len(inputs) > 13 else None
-    _, stats, coef, seqlr = output
-    ctx.save_for_backward(logp, old_logp, adv, mask, coef, seqlr, cu)
-    ctx.params = (lo, hi, dual_clip, seq)
-    ctx.mark_non_differentiable(stats, coef, seqlr)
-
-
-def _policy_backward(ctx, gloss, gstats, gcoef, gseq):
-    logp, old_logp, adv, mask, coef, seqlr, cu = ctx.saved_tensors
-    dlogp = None
-    if gloss is not None and ctx.needs_input_grad[0]:
-        dlogp = _policy_bwd(gloss, logp, old_logp, adv, mask, coef, seqlr, *ctx.params, cu)
-    return (dlogp,) + (None,) * 13
-
-
-_policy_fwd.register_autograd(_policy_backward, setup_context=_policy_setup)
-
-
-# ---------------------------------------------------------------------------------------------
-# torch.library ops (Triton backend): value loss
-# ---------------------------------------------------------------------------------------------
-
-def _value_fwd_impl(values, old_values, returns, mask, clip, mode, dp_size, denom, denom_t,
-                    loss_scale_factor, cu_seqlens):
-    acc = _acc(values, old_values, returns)
-    return _kernels().value_fwd(values, old_values, returns, mask, clip, mode, dp_size, denom,
-                                denom_t, loss_scale_factor, acc, cu_seqlens)
-
-
-@torch.library.custom_op("fastrlhf::ppo_value_loss", mutates_args=())
-def _value_fwd(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
-               clip: Optional[float], mode: str, dp_size: int, denom: Optional[float],
-               denom_t: Optional[Tensor], loss_scale_factor: float,
-               cu_seqlens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    return _value_fwd_impl(values, old_values, returns, mask, clip, mode, dp_size, denom,
-                           denom_t, loss_scale_factor, cu_seqlens)
-
-
-@_value_fwd.register_fake
-def _(values, old_values, returns, mask, clip, mode, dp_size, denom, denom_t, loss_scale_factor,
-      cu_seqlens=None):
-    acc = _acc(values, old_values, returns)
-    return (values.new_empty((), dtype=acc), values.new_empty((1,), dtype=acc),
-            values.new_empty((_n_rows(values, cu_seqlens),), dtype=acc))
-
-
-@torch.library.custom_op("fastrlhf::ppo_value_loss_bwd", mutates_args=())
-def _value_bwd(grad: Tensor, values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
-               coef: Tensor, clip: Optional[float], cu_seqlens: Optional[Tensor] = None
-               ) -> Tensor:
-    return _kernels().value_bwd(grad.to(coef.dtype).reshape(()), values, old_values, returns,
-                                mask, coef, clip, cu_seqlens)
-
-
-@_value_bwd.register_fake
-def _(grad, values, old_values, returns, mask, coef, clip, cu_seqlens=None):
-    return values.new_empty(values.shape)
-
-
-def _value_setup(ctx, inputs, output):
-    values, old_values, returns, mask, clip = inputs[:5]
-    _, stats, coef = output
-    cu = inputs[10] if len(inputs) > 10 else None
-    ctx.save_for_backward(values, old_values, returns, mask, coef, cu)
-    ctx.clip = clip
-    ctx.mark_non_differentiable(stats, coef)
-
-
-def _value_backward(ctx, gloss, gstats, gcoef):
-    values, old_values, returns, mask, coef, cu = ctx.saved_tensors
-    dv = None
-    if gloss is not None and ctx.needs_input_grad[0]:
-        dv = _value_bwd(gloss, values, old_values, returns, mask, coef, ctx.clip, cu)
-    return (dv,) + (None,) * 10
-
-
-_value_fwd.register_autograd(_value_backward, setup_context=_value_setup)
-
-
-# Eager fast path: the same launchers behind a plain autograd.Function.  A custom op costs a few
-# tens of microseconds of Python dispatch per forward + backward, comparable to the kernels
-# themselves at training sizes; under torch.compile the registered ops above are used instead.
-
-class _PolicyLossFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logp, old_logp, advantages, mask, lo, hi, dual_clip, seq, mode, dp_size,
-                denom, denom_t, loss_scale_factor, cu_seqlens):
-        loss, stats, coef, seqlr = _policy_fwd_impl(
-            logp, old_logp, advantages, mask, lo, hi, dual_clip, seq, mode, dp_size, denom,
-            denom_t, loss_scale_factor, cu_seqlens)
-        ctx.save_for_backward(logp, old_logp, advantages, mask, coef, seqlr, cu_seqlens)
-        ctx.params = (lo, hi, dual_clip, seq)
-        ctx.mark_non_differentiable(stats)
-        return loss, stats
-
-    @staticmethod
-    def backward(ctx, gloss, gstats):
-        logp, old_logp, adv, mask, coef, seqlr, cu = ctx.saved_tensors
-        dlogp = None
-        if gloss is not None and ctx.needs_input_grad[0]:
-            dlogp = _kernels().policy_bwd(gloss.to(coef.dtype).reshape(()), logp, old_logp, adv,
-                                          mask, coef, seqlr, *ctx.params, cu)
-        return (dlogp,) + (None,) * 13
-
-
-class _ValueLossFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, values, old_values, returns, mask, clip, mode, dp_size, denom, denom_t,
-                loss_scale_factor, cu_seqlens):
-        loss, stats, coef = _value_fwd_impl(values, old_values, returns, mask, clip, mode,
-                                            dp_size, denom, denom_t, loss_scale_factor,
-                                            cu_seqlens)
-        ctx.save_for_backward(values, old_values, returns, mask, coef, cu_seqlens)
-        ctx.clip = clip
-        ctx.mark_non_differentiable(stats)
-        return loss, stats
-
-    @staticmethod
-    def backward(ctx, gloss, gstats):
-        values, old_values, returns, mask, coef, cu = ctx.saved_tensors
-        dv = None
-        if gloss is not None and ctx.needs_input_grad[0]:
-            dv = _kernels().value_bwd(gloss.to(coef.dtype).reshape(()), values, old_values,
-                                      returns, mask, coef, ctx.clip, cu)
-        return (dv,) + (None,) * 10
-
-
-def _run_policy(*args):
-    if torch.compiler.is_compiling():
-        loss, stats, _, _ = _policy_fwd(*args)
-        return loss, stats
-    return _PolicyLossFn.apply(*args)
-
-
-def _run_value(*args):
-    if torch.compiler.is_compiling():
-        loss, stats, _ = _value_fwd(*args)
-        return loss, stats
-    return _ValueLossFn.apply(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,7 +291,7 @@ def ppo_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
             segment).  Loss, stats and gradient equal the padded ``[S, Tmax]`` layout.
             Validated on the host (one sync).  Not supported by the native backend (``"auto"``
             then uses the Triton / reference path; ``backend="native"`` raises ValueError).
-        backend: ``"auto" | "triton" | "native" | "reference"`` (see :mod:`fastrlhf._backend`).
+        backend: ``"auto" | "triton" | "native" | "reference"`` (see :mod:`fastrlhf.backend`).
 
     Formula, per token (``A`` the advantage, ``m`` the mask):
 
@@ -514,33 +318,27 @@ def ppo_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
     sequence ratio, and an empty batch gives 0 instead of NaN.
     """
     op = "ppo_policy_loss"
-    _check_bt(op, "logp", logp)
-    _check_bt(op, "old_logp", old_logp, logp.shape)
-    n_seqs, norm_len = _check_packed(op, cu_seqlens, "logp", logp)
-    _check_advantages(op, advantages, logp.shape, n_seqs)
+    check_bt(op, "logp", logp)
+    check_bt(op, "old_logp", old_logp, logp.shape)
+    n_seqs, norm_len = check_packed(op, cu_seqlens, "logp", logp)
+    check_advantages(op, advantages, logp.shape, n_seqs)
     check_mask(op, mask, logp.shape, "the shape of logp")
     check_same_device(op, "logp", logp, old_logp=old_logp, advantages=advantages, mask=mask)
-    clip_low, clip_high, dual_clip = _check_clips(op, clip_low, clip_high, dual_clip)
-    if not isinstance(ratio_level, str) or ratio_level not in RATIO_LEVELS:
-        raise ValueError(f"{op}: ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
-    kw = _check_agg(op, agg, logp.shape[1], agg_kwargs)
+    clip_low, clip_high, dual_clip = check_clips(op, clip_low, clip_high, dual_clip)
+    check_ratio_level(op, ratio_level)
+    kw = check_agg(op, agg, agg_kwargs)
     which = _resolve(op, backend, logp.device, cu_seqlens is not None)
     if which == "reference":
         return reference.ppo_policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high,
                                          dual_clip, agg, ratio_level, **kw,
                                          cu_seqlens=cu_seqlens)
-    acc = _acc(logp, old_logp, advantages)
-    denom, denom_t = _denominator(agg, kw, acc, logp.device)
+    acc = acc_dtype(logp, old_logp, advantages)
+    denom, denom_t = denominator(agg, kw, acc, logp.device)
     lsf = kw["loss_scale_factor"] if kw["loss_scale_factor"] is not None else float(norm_len)
-    if which == "native":  # C++ CPU backend (fastrlhf/_native.py, csrc/losses.cpp)
-        from .. import _native
-        return _native.ppo_policy_loss(logp, old_logp, advantages, mask, 1.0 - clip_low,
-                                       1.0 + clip_high, dual_clip, ratio_level == "sequence",
-                                       agg, kw["dp_size"], denom, denom_t, lsf)
-    loss, stats = _run_policy(
-        _row_view(logp), _row_view(old_logp.detach()), _row_view(advantages.detach()),
-        _row_view(mask), 1.0 - clip_low, 1.0 + clip_high, dual_clip, ratio_level == "sequence",
-        agg, kw["dp_size"], denom, denom_t, lsf, _cu_arg(cu_seqlens))
+    loss, stats, _, _ = _policy(
+        row_view(logp), row_view(old_logp.detach()), row_view(advantages.detach()),
+        row_view(mask), 1.0 - clip_low, 1.0 + clip_high, dual_clip, ratio_level == "sequence",
+        agg, kw["dp_size"], denom, denom_t, lsf, _cu_arg(cu_seqlens), which)
     return loss, {"clipfrac": stats[0], "clipfrac_lower": stats[1], "approx_kl": stats[2]}
 
 
@@ -570,29 +368,26 @@ def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Te
     stats detached.  Masking as :func:`ppo_policy_loss`.
     """
     op = "ppo_value_loss"
-    _check_bt(op, "values", values)
-    _check_bt(op, "old_values", old_values, values.shape)
-    _check_bt(op, "returns", returns, values.shape)
+    check_bt(op, "values", values)
+    check_bt(op, "old_values", old_values, values.shape)
+    check_bt(op, "returns", returns, values.shape)
     check_mask(op, mask, values.shape, "the shape of values")
     check_same_device(op, "values", values, old_values=old_values, returns=returns, mask=mask)
-    _, norm_len = _check_packed(op, cu_seqlens, "values", values)
+    _, norm_len = check_packed(op, cu_seqlens, "values", values)
     if clip is not None:
         clip = check_positive_float(op, "clip", clip)
-    kw = _check_agg(op, agg, values.shape[1], agg_kwargs)
+    kw = check_agg(op, agg, agg_kwargs)
     which = _resolve(op, backend, values.device, cu_seqlens is not None)
     if which == "reference":
         return reference.ppo_value_loss(values, old_values, returns, mask, clip, agg, **kw,
                                         cu_seqlens=cu_seqlens)
-    acc = _acc(values, old_values, returns)
-    denom, denom_t = _denominator(agg, kw, acc, values.device)
+    acc = acc_dtype(values, old_values, returns)
+    denom, denom_t = denominator(agg, kw, acc, values.device)
     lsf = kw["loss_scale_factor"] if kw["loss_scale_factor"] is not None else float(norm_len)
-    if which == "native":  # C++ CPU backend (fastrlhf/_native.py, csrc/losses.cpp)
-        from .. import _native
-        return _native.ppo_value_loss(values, old_values, returns, mask, clip, agg,
-                                      kw["dp_size"], denom, denom_t, lsf)
-    loss, stats = _run_value(
-        _row_view(values), _row_view(old_values.detach()), _row_view(returns.detach()),
-        _row_view(mask), clip, agg, kw["dp_size"], denom, denom_t, lsf, _cu_arg(cu_seqlens))
+    loss, stats, _ = _value(
+        row_view(values), row_view(old_values.detach()), row_view(returns.detach()),
+        row_view(mask), clip, agg, kw["dp_size"], denom, denom_t, lsf, _cu_arg(cu_seqlens),
+        which)
     return loss, {"clipfrac": stats[0]}
 
 
@@ -615,18 +410,47 @@ def policy_loss_per_token(logp: Tensor, old_logp: Tensor, advantages: Tensor,
     ``clipped*`` bool); see :func:`fastrlhf.reference.policy_loss_per_token`.
     """
     op = "policy_loss_per_token"
-    _check_bt(op, "logp", logp)
-    _check_bt(op, "old_logp", old_logp, logp.shape)
-    n_seqs, _ = _check_packed(op, cu_seqlens, "logp", logp)
-    _check_advantages(op, advantages, logp.shape, n_seqs)
-    if not isinstance(ratio_level, str) or ratio_level not in RATIO_LEVELS:
-        raise ValueError(f"{op}: ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
+    check_bt(op, "logp", logp)
+    check_bt(op, "old_logp", old_logp, logp.shape)
+    n_seqs, _ = check_packed(op, cu_seqlens, "logp", logp)
+    check_advantages(op, advantages, logp.shape, n_seqs)
+    check_ratio_level(op, ratio_level)
     if mask is not None:
         check_mask(op, mask, logp.shape, "the shape of logp")
     elif ratio_level == "sequence":
         raise ValueError(f"{op}: ratio_level='sequence' needs the mask (the sequence ratio is "
                          "a masked mean over the row)")
-    clip_low, clip_high, dual_clip = _check_clips(op, clip_low, clip_high, dual_clip)
+    clip_low, clip_high, dual_clip = check_clips(op, clip_low, clip_high, dual_clip)
     return reference.policy_loss_per_token(logp.detach(), old_logp.detach(), advantages.detach(),
                                            mask, clip_low, clip_high, dual_clip, ratio_level,
                                            cu_seqlens)
+
+
+def _cu_arg(cu: Optional[Tensor]) -> Optional[Tensor]:
+    return None if cu is None else cu.detach().contiguous()
+
+
+def compose_ppo_loss(logp, ent, old_logp, advantages, mask, ref_logp, kl_coef, kl_kind,
+                     entropy_coef, clip_low, clip_high, dual_clip, agg, ratio_level, backend,
+                     kw):
+    """``fused_ppo_loss``'s definition on per-token ``logp`` / ``ent`` (O(B T) work), for the
+    paths that produce the log-probs separately (vocab parallelism, ``fused_linear_ppo_loss``):
+    returns ``(loss, stats)`` with the keys of :data:`fastrlhf.tables.FUSED_STATS`.  ``kw``: the
+    normalized aggregation kwargs (and ``cu_seqlens`` when packed)."""
+    acc = logp.dtype
+    old, adv = old_logp.detach().to(acc), advantages.detach().to(acc)
+    loss, pg = ppo_policy_loss(logp, old, adv, mask, clip_low=clip_low, clip_high=clip_high,
+                               dual_clip=dual_clip, agg=agg, ratio_level=ratio_level,
+                               backend=backend, **kw)
+    if ref_logp is not None:  # kl_penalty has no native backend: reference on CPU
+        kl = kl_penalty(logp, ref_logp.detach().to(acc), kl_kind,
+                        backend="triton" if backend == "triton" else "reference")
+        loss = loss + kl_coef * agg_loss(kl, mask, agg, **kw)
+    else:
+        kl = torch.zeros_like(logp)
+    loss = loss - entropy_coef * agg_loss(ent, mask, agg, **kw)
+    ent_d, kl_d = ent.detach(), kl.detach()
+    stats = {"logp": logp.detach(), "entropy": ent_d, "kl": kl_d, **pg,
+             "entropy_mean": reference.masked_mean(ent_d, mask),
+             "kl_mean": reference.masked_mean(kl_d, mask)}
+    return loss, stats

@@ -19,22 +19,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _backend, reference
-from ._common import FLOAT_DTYPES, check_same_device, check_tensor
+from .. import reference
+from ..tables import FLOAT_DTYPES
+from .common import check_backend_name, check_bool, check_mask, check_same_device, check_tensor
 
 __all__ = ["masked_sum", "masked_mean", "masked_var", "masked_whiten"]
-
-MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-               torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def check_mask(op: str, mask, shape, what: str = "the shape of x") -> Tensor:
-    """``mask`` is a bool / integer / floating tensor of exactly ``shape``."""
-    check_tensor(op, "mask", mask, dtypes=MASK_DTYPES)
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"{op}: mask must have shape {tuple(shape)} ({what}), got "
-                         f"{tuple(mask.shape)}")
-    return mask
 
 
 def _check_dim(op: str, dim, ndim: int):
@@ -47,12 +36,6 @@ def _check_dim(op: str, dim, ndim: int):
         if not -max(ndim, 1) <= d < max(ndim, 1):
             raise ValueError(f"{op}: dim {d} is out of range for a tensor with {ndim} dim(s)")
     return tuple(dims) if isinstance(dim, (tuple, list)) else dim
-
-
-def check_backend_name(op: str, backend) -> None:
-    """Plain-PyTorch ops accept ``backend`` for API uniformity: only the name is checked."""
-    if backend is not None and (not isinstance(backend, str) or backend not in _backend.BACKENDS):
-        raise ValueError(f"{op}: backend must be one of {_backend.BACKENDS}, got {backend!r}")
 
 
 def _check(op: str, x, mask, backend) -> None:
@@ -104,8 +87,7 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, *, backend: str =
     """
     op = "masked_var"
     _check(op, x, mask, backend)
-    if not isinstance(unbiased, bool):
-        raise TypeError(f"{op}: unbiased must be a bool, got {type(unbiased).__name__}")
+    check_bool(op, "unbiased", unbiased)
     return reference.masked_var(x, mask, unbiased)
 
 
@@ -122,6 +104,5 @@ def masked_whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True,
     """
     op = "masked_whiten"
     _check(op, x, mask, backend)
-    if not isinstance(shift_mean, bool):
-        raise TypeError(f"{op}: shift_mean must be a bool, got {type(shift_mean).__name__}")
+    check_bool(op, "shift_mean", shift_mean)
     return reference.masked_whiten(x, mask, shift_mean)

@@ -14,11 +14,11 @@ __all__ = ["TrainConfig", "train", "main"]
 
 def train(cfg, *, resume=None):
     """See :func:`fastrlhf.trainer.ppo.train` (imported lazily: it pulls in transformers)."""
-    from .ppo import train as _train
+    from .ppo import train as _train  # lazy: importing the config stays light
     return _train(cfg, resume=resume)
 
 
 def main(argv):
     """``fastrlhf train`` entry point; see :func:`fastrlhf.trainer.cli.main`."""
-    from .cli import main as _main
+    from .cli import main as _main  # lazy: importing the config stays light
     return _main(argv)

@@ -86,7 +86,7 @@ def _run_dir_of(resume: str) -> str:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Merge defaults < checkpoint config < --config file < flags; raises ValueError."""
-    from .checkpoint import find_checkpoint
+    from .checkpoint import find_checkpoint  # lazy: argument errors before torch.distributed
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     merged = {}
@@ -123,7 +123,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
             # Triton kernels on CPU tensors run in Triton's interpreter (slow, for testing).
             os.environ["TRITON_INTERPRET"] = "1"
-    from .ppo import train
+    from .ppo import train  # lazy: argument errors before the trainer's heavy imports
 
     try:
         train(cfg, resume=getattr(args, "resume", None))

@@ -267,7 +267,7 @@ class TrainConfig:
         need(self.vocab_parallel == 1 or self.parallel == "ddp", "vocab_parallel",
              f"1 with parallel={self.parallel!r} (vocab parallelism combines with ddp only)")
         if self.fused_loss:
-            import fastrlhf
+            import fastrlhf  # lazy: the config module stays importable on its own
             need(hasattr(fastrlhf, "fused_ppo_loss"), "fused_loss",
                  "False: this fastrlhf build has no fused_ppo_loss")
         if self.model is not None:

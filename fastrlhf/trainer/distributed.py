@@ -40,6 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .vocab_parallel import grad_norm_sq, sync_grads, vocab_shard
+
 __all__ = ["Runtime", "PeakMemory", "setup_runtime", "wrap_model", "unwrap", "grad_sync",
            "finish_grad_sync", "clip_grad_norm"]
 
@@ -218,7 +220,6 @@ def wrap_model(model: nn.Module, rt: Runtime, *, trainable: bool) -> nn.Module:
     """
     if not rt.distributed:
         return model
-    from .vocab_parallel import vocab_shard
     if vocab_shard(model) is not None:    # vocab-sharded policy: see finish_grad_sync
         return model
     if rt.parallel == "fsdp2":
@@ -271,7 +272,6 @@ def grad_sync(models: Sequence[nn.Module], enabled: bool):
 def finish_grad_sync(model: nn.Module, rt: Runtime) -> None:
     """Synchronise the gradients a wrapper did not: those of a vocab-sharded policy (after its
     last backward of the step).  DDP / FSDP2 / single-process models: nothing to do."""
-    from .vocab_parallel import sync_grads, vocab_shard
     if rt.distributed and vocab_shard(model) is not None:
         sync_grads(model, rt.world, rt.dp_world, rt.dp_group)
 
@@ -285,7 +285,6 @@ def clip_grad_norm(model: nn.Module, max_norm: float, rt: Runtime) -> torch.Tens
     plus the slices summed over the tensor-parallel group, so every rank of the group computes
     the norm of the full gradient and scales by the same factor.
     """
-    from .vocab_parallel import grad_norm_sq, vocab_shard
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return torch.zeros(())

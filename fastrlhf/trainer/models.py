@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .distributed import Runtime
 from .task import EOS, PAD
+from .vocab_parallel import sample_tokens, vocab_shard
 
 __all__ = ["build_policy", "ScalarModel", "reward_model_from", "disable_dropout", "freeze",
            "generate", "response_mask", "model_inputs", "policy_logits", "position_values",
@@ -263,7 +264,6 @@ def generate(policy: nn.Module, queries: Tensor, max_new_tokens: int, temperatur
     code works for every architecture and under FSDP2.  Stops early once every sequence on
     every rank has produced EOS (the ranks agree, so collective forwards stay in step).
     """
-    from .vocab_parallel import sample_tokens, vocab_shard
     shard = vocab_shard(policy)
     # only the last position's logits: [B, 1, V] per step instead of [B, t, V]
     last_only = ({"logits_to_keep": 1}

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # identity forward, all-reduce of the gradient in the backward: the ops' own lm_head uses it too
-from ..ops._vocab_parallel import _CopyToGroup
+from ..ops.parallel import CopyToGroup
 
 __all__ = ["VocabShard", "vocab_range", "VocabParallelEmbedding", "VocabParallelLMHead",
            "shard_vocab", "vocab_shard", "op_kwargs", "sample_tokens", "gumbel_scores",
@@ -152,7 +152,7 @@ class VocabParallelLMHead(nn.Module):
         self.in_features, self.out_features = weight.shape[1], shard.rows
 
     def forward(self, hidden: Tensor) -> Tensor:
-        return F.linear(_CopyToGroup.apply(hidden, self.shard.group), self.weight, self.bias)
+        return F.linear(CopyToGroup.apply(hidden, self.shard.group), self.weight, self.bias)
 
     def extra_repr(self) -> str:
         s = self.shard

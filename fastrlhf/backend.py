@@ -15,20 +15,19 @@ import sys
 
 import torch
 
-BACKENDS = ("auto", "triton", "native", "reference")
+from . import native
+from .tables import BACKENDS
+
+__all__ = ["BACKENDS", "resolve", "native_available", "interpret_env"]
 
 
-def _interpret_env() -> bool:
+def interpret_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def native_available() -> bool:
     """True when the C++ CPU extension (csrc/) is built and loadable."""
-    try:
-        from . import _native  # noqa: F401  (present once the native backend lands)
-    except ImportError:
-        return False
-    return bool(getattr(_native, "available", lambda: False)())
+    return native.available()
 
 
 def resolve(backend: str | None, device: torch.device, *, op: str, native_ok: bool = False) -> str:
@@ -55,7 +54,7 @@ def resolve(backend: str | None, device: torch.device, *, op: str, native_ok: bo
         return "reference"
     if backend == "triton":
         if device.type == "cpu":
-            if not _interpret_env():
+            if not interpret_env():
                 raise RuntimeError(
                     f"{op}: backend='triton' on CPU tensors needs Triton's interpreter: set "
                     "TRITON_INTERPRET=1 before triton is imported (or use backend='reference')")
