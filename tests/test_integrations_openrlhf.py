@@ -34,7 +34,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 import fastrlhf  # noqa: E402
 import fastrlhf.integrations.openrlhf as O  # noqa: E402
-from fastrlhf.integrations._patch import UntestedVersionWarning  # noqa: E402
+from fastrlhf.integrations import UntestedVersionWarning  # noqa: E402
 
 ORIG = {n: getattr(L, n) for n in O._LOSS}
 ORIG.update({n: getattr(U, n) for n in O._UTILS})

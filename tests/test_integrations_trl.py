@@ -30,7 +30,7 @@ TU = import_or_skip("trl.trainer.utils", "trl (with accelerate, datasets)")
 GT = import_or_skip("trl.trainer.grpo_trainer", "trl's GRPOTrainer")
 
 import fastrlhf.integrations.trl as T  # noqa: E402
-from fastrlhf.integrations._patch import UntestedVersionWarning  # noqa: E402
+from fastrlhf.integrations import UntestedVersionWarning  # noqa: E402
 
 ORIG = {n: getattr(TU, n) for n in T._UTILS}
 ORIG_COMPUTE_LOSS = GT.GRPOTrainer.__dict__["_compute_loss"]

@@ -19,7 +19,7 @@ C = import_or_skip("verl.trainer.ppo.core_algos", "verl (with ray, tensordict, o
 F = import_or_skip("verl.utils.torch_functional", "verl")
 
 import fastrlhf.integrations.verl as V  # noqa: E402
-from fastrlhf.integrations._patch import UntestedVersionWarning  # noqa: E402
+from fastrlhf.integrations import UntestedVersionWarning  # noqa: E402
 
 # verl's own functions, captured before any test patches anything.
 ORIG = {n: getattr(C, n) for n in V._CORE}

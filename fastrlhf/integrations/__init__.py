@@ -15,6 +15,6 @@ when the package is missing and warns with :class:`UntestedVersionWarning` on a 
 adapter was not tested with.
 """
 
-from ._patch import UntestedVersionWarning
+from .patching import UntestedVersionWarning
 
 __all__ = ["UntestedVersionWarning"]

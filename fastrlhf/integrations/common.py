@@ -4,18 +4,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
-from .. import ops
-
-MASKED_EPS = 1e-8  # verl / OpenRLHF: seq-mean-token-mean denominator
-
-
-def float_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
-    """float64 if any given tensor is float64, else float32 (fastrlhf's accumulation rule)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) \
-        else torch.float32
+from ..tables import AGG_MODES, MASKED_EPS, acc_dtype
 
 
 def weighted_agg(mask: Tensor, weights: Optional[Tensor], mode: str, *, dp_size: int = 1,
@@ -30,7 +21,7 @@ def weighted_agg(mask: Tensor, weights: Optional[Tensor], mode: str, *, dp_size:
     exactly what multiplying the per-token loss by them does upstream.  ``weights`` must be
     non-negative (importance ratios, 0/1 filters); ``None`` means 1.
     """
-    acc = float_dtype(weights)
+    acc = acc_dtype(weights)
     m = mask.to(acc)
     w = m if weights is None else m * weights.to(acc).expand_as(m)
     kw = {"dp_size": dp_size, "loss_scale_factor": loss_scale_factor}
@@ -39,7 +30,7 @@ def weighted_agg(mask: Tensor, weights: Optional[Tensor], mode: str, *, dp_size:
         return w, mode, kw
     if mode == "token-sum":
         return w, mode, kw
-    if mode not in ops.AGG_MODES:
+    if mode not in AGG_MODES:
         raise ValueError(f"Invalid loss_agg_mode: {mode}")
     n_b = m.sum(-1, keepdim=True)
     kw["global_batch_size"] = ((n_b > 0).sum() if global_batch_size is None

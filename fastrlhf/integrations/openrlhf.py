@@ -47,8 +47,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import ops
-from ._common import MASKED_EPS, float_dtype
-from ._patch import Patcher, swap_all, upstream
+from ..tables import acc_dtype
+from .common import weighted_agg
+from .patching import Adapter, MethodSwap, Patcher, PatchTable
 
 __all__ = ["PolicyLoss", "ValueLoss", "compute_approx_kl", "log_probs_from_logits",
            "compute_entropy", "get_advantages_and_returns", "patch", "unpatch", "is_patched",
@@ -83,18 +84,11 @@ def _aggregation(mask: Tensor, weights: Optional[Tensor], token_level_loss: bool
     it a plain masked mean).  Sequence level: ``sum_b [n_b > 0] sum_t(L m w) / (n_b + 1e-8) / G
     * dp`` with ``G = global_batch_size`` (else the number of non-empty rows, no ``dp``).
     """
-    acc = float_dtype(weights)
-    m = mask.to(acc)
-    w = m if weights is None else m * weights.to(acc)
-    if token_level_loss:
-        if batch_num_tokens is None:
-            return w, "token-mean", {"batch_num_tokens": m.sum()}
-        return w, "token-mean", {"batch_num_tokens": batch_num_tokens, "dp_size": dp_size}
-    n_b = m.sum(-1, keepdim=True)
-    w = w / (n_b + MASKED_EPS)
-    if global_batch_size is None:
-        return w, "seq-mean-token-sum", {"global_batch_size": (n_b > 0).sum()}
-    return w, "seq-mean-token-sum", {"global_batch_size": global_batch_size, "dp_size": dp_size}
+    # verl's seq-mean-token-mean / token-mean, with dp_size applied only with the global count.
+    mode = "token-mean" if token_level_loss else "seq-mean-token-mean"
+    count = batch_num_tokens if token_level_loss else global_batch_size
+    return weighted_agg(mask, weights, mode, dp_size=dp_size if count is not None else 1,
+                        batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
 
 
 def _masked_mean(x: Tensor, mask: Tensor, dim=None) -> Tensor:
@@ -212,7 +206,7 @@ class PolicyLoss(nn.Module):
             s = (((log_probs - base.detach()) * mask).sum(-1)
                  / mask.sum(-1).clamp(min=1)).unsqueeze(-1)
             lp_in = s.expand_as(log_probs)
-            old_in = torch.zeros_like(lp_in, dtype=float_dtype(lp_in))
+            old_in = torch.zeros_like(lp_in, dtype=acc_dtype(lp_in))
         weights = vllm_kl = filter_ratio = None
         if self.is_correction_level != "off" and self.policy_loss_type == "ppo":
             weights, vllm_kl, filter_ratio = self._is_correction(old, rollout_log_probs, mask)
@@ -339,6 +333,13 @@ _UTILS = ("compute_approx_kl", "log_probs_from_logits", "compute_entropy")
 _EXPERIENCE = "openrlhf.trainer.ppo_utils.experience_maker"
 
 
+_adapter = Adapter(_patcher, PatchTable(
+    swaps={"openrlhf.models.loss": _LOSS, "openrlhf.models.utils": _UTILS},
+    methods=(MethodSwap(_EXPERIENCE, "RemoteExperienceMaker", "get_advantages_and_returns",
+                        "_get_advantages_and_returns_method", optional=True, reason="GAE"),)),
+    globals())
+
+
 def patch() -> list:
     """Swap the fastrlhf versions into the installed OpenRLHF; returns the patched locations.
 
@@ -350,30 +351,13 @@ def patch() -> list:
     imported; if only the experience maker cannot (it needs Ray and vLLM), GAE is left unpatched
     with a warning.
     """
-    import warnings
-
-    loss_mod = _patcher.require("openrlhf.models.loss")
-    utils_mod = _patcher.require("openrlhf.models.utils")
-    _patcher.check_version()
-    ours = globals()
-    pairs = [(upstream(loss_mod, n, ours[n], _patcher), ours[n]) for n in _LOSS]
-    pairs += [(upstream(utils_mod, n, ours[n], _patcher), ours[n]) for n in _UTILS]
-    swap_all(_patcher, pairs)
-    try:
-        em = _patcher.require(_EXPERIENCE)
-    except ImportError as e:
-        warnings.warn(f"fastrlhf.integrations.openrlhf: GAE not patched: {e}", RuntimeWarning,
-                      stacklevel=2)
-    else:
-        _patcher.swap_attr(em.RemoteExperienceMaker, "get_advantages_and_returns",
-                           _get_advantages_and_returns_method)
-    return _patcher.locations()
+    return _adapter.patch()
 
 
 def unpatch() -> int:
     """Restore every original :func:`patch` replaced; returns how many locations were restored."""
-    return _patcher.restore()
+    return _adapter.unpatch()
 
 
 def is_patched() -> bool:
-    return _patcher.active
+    return _adapter.is_patched()

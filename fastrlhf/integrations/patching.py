@@ -11,6 +11,10 @@ Modules imported *after* patching pick up our objects anyway (they read the patc
 attribute at import time).  What cannot be reached: references captured before patching inside
 other objects (an instance attribute holding ``torch.compile(fn)``, a ``functools.partial``, a
 default argument) -- hence "call ``patch()`` before building the trainer / workers".
+
+Each adapter declares *what* it replaces in one :class:`PatchTable` (names swapped everywhere,
+registry entries, class methods); :class:`Adapter` turns the table into the adapter's
+``patch()`` / ``unpatch()`` / ``is_patched()``, so the three adapters share one skeleton.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import importlib
 import importlib.metadata
 import sys
 import warnings
-from typing import Any, Callable, Dict, List, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-__all__ = ["Patcher", "UntestedVersionWarning"]
+__all__ = ["Patcher", "UntestedVersionWarning", "PatchTable", "MethodSwap", "Adapter"]
 
 
 class UntestedVersionWarning(UserWarning):
@@ -180,3 +185,79 @@ def upstream(module, name: str, ours: Callable, patcher: Patcher):
             if not is_attr and container is module.__dict__ and key == name:
                 return original
     return value
+
+
+@dataclass(frozen=True)
+class MethodSwap:
+    """Replace ``module.cls.attr`` by the adapter's object named ``ours``.  ``optional``: when the
+    module cannot be imported, warn (``reason`` says what stays unpatched) instead of raising."""
+    module: str
+    cls: str
+    attr: str
+    ours: str
+    optional: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class PatchTable:
+    """What one adapter replaces in its trainer package.
+
+    ``swaps``: upstream module -> names that the adapter defines under the same names; each is
+    replaced in its module and in every imported module that bound it.  ``registries``:
+    ``(module, registry attribute, {key: name})``, dict entries that held the upstream object of
+    ``name`` (from ``swaps``).  ``methods``: class attributes to replace."""
+    swaps: Mapping[str, Tuple[str, ...]]
+    registries: Tuple[Tuple[str, str, Mapping[str, str]], ...] = ()
+    methods: Tuple[MethodSwap, ...] = field(default_factory=tuple)
+
+
+class Adapter:
+    """``patch`` / ``unpatch`` / ``is_patched`` of one adapter, driven by its :class:`PatchTable`.
+
+    ``ours``: the adapter module's namespace (its replacements, by upstream name).
+    ``on_patch``: optional hook called with ``{module name: module}`` of every imported upstream
+    module after the swaps (e.g. to remember a module the replacements call back into)."""
+
+    def __init__(self, patcher: Patcher, table: PatchTable, ours: Mapping[str, Any],
+                 on_patch: Optional[Callable[[Dict[str, Any]], None]] = None):
+        self.patcher = patcher
+        self.table = table
+        self.ours = ours
+        self.on_patch = on_patch
+
+    def patch(self) -> list:
+        p, t = self.patcher, self.table
+        # Every module that must import does so before anything is replaced.
+        required = list(t.swaps) + [m.module for m in t.methods if not m.optional]
+        mods = {name: p.require(name) for name in dict.fromkeys(required)}
+        p.check_version()
+        original = {}
+        for mod_name, names in t.swaps.items():
+            for n in names:
+                original[n] = upstream(mods[mod_name], n, self.ours[n], p)
+        swap_all(p, [(original[n], self.ours[n]) for n in original])
+        for mod_name, attr, entries in t.registries:
+            registry = getattr(mods[mod_name], attr)
+            for key, name in entries.items():
+                p.swap_in_dict(registry, key, original[name], self.ours[name])
+        for m in t.methods:
+            try:
+                mod = mods[m.module] if m.module in mods else p.require(m.module)
+            except ImportError as e:
+                if not m.optional:
+                    raise
+                warnings.warn(f"{p.integration}: {m.reason or m.cls + '.' + m.attr} not patched: "
+                              f"{e}", RuntimeWarning, stacklevel=3)
+                continue
+            mods[m.module] = mod
+            p.swap_attr(getattr(mod, m.cls), m.attr, self.ours[m.ours])
+        if self.on_patch is not None:
+            self.on_patch(mods)
+        return p.locations()
+
+    def unpatch(self) -> int:
+        return self.patcher.restore()
+
+    def is_patched(self) -> bool:
+        return self.patcher.active

@@ -37,8 +37,8 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ._common import float_dtype
-from ._patch import Patcher, swap_all, upstream
+from ..tables import acc_dtype
+from .patching import Adapter, MethodSwap, Patcher, PatchTable
 
 __all__ = ["selective_log_softmax", "entropy_from_logits", "selective_log_softmax_and_entropy",
            "grpo_loss", "GRPOLossOutput", "GRPO_LOSS_TYPES", "patch", "unpatch", "is_patched",
@@ -86,7 +86,7 @@ def selective_log_softmax(
     cols = [ops.token_logprobs(logits, idx[..., k].contiguous(), temperature=temperature)
             for k in range(idx.shape[-1])]
     if not cols:
-        return torch.zeros(index.shape, dtype=float_dtype(logits), device=logits.device)
+        return torch.zeros(index.shape, dtype=acc_dtype(logits), device=logits.device)
     return torch.stack(cols, dim=-1)
 
 
@@ -181,7 +181,7 @@ def grpo_loss(per_token_logps: Tensor, old_per_token_logps: Tensor, advantages: 
         raise ValueError(f"grpo_loss: per_token_logps must be (B, T), got "
                          f"{tuple(per_token_logps.shape)}")
     B, T = per_token_logps.shape
-    acc = float_dtype(per_token_logps, old_per_token_logps)
+    acc = acc_dtype(per_token_logps, old_per_token_logps)
     m = mask.to(acc)
     adv = advantages.detach()
     if adv.dim() == 2 and adv.shape[1] == 1:
@@ -373,6 +373,17 @@ def _grpo_compute_loss(self, model, inputs):
 _UTILS = ("selective_log_softmax", "entropy_from_logits", "selective_log_softmax_and_entropy")
 
 
+def _remember_grpo(mods) -> None:
+    _STATE["grpo_module"] = mods["trl.trainer.grpo_trainer"]
+
+
+_adapter = Adapter(_patcher, PatchTable(
+    swaps={"trl.trainer.utils": _UTILS},
+    methods=(MethodSwap("trl.trainer.grpo_trainer", "GRPOTrainer", "_compute_loss",
+                        "_grpo_compute_loss"),)),
+    globals(), on_patch=_remember_grpo)
+
+
 def patch() -> list:
     """Swap the fastrlhf versions into the installed TRL; returns the patched locations.
 
@@ -381,20 +392,13 @@ def patch() -> list:
     bound them by name, and ``GRPOTrainer._compute_loss``.  Idempotent.  Raises ImportError when
     TRL is not installed; warns on an untested version.
     """
-    utils_mod = _patcher.require("trl.trainer.utils")
-    grpo = _patcher.require("trl.trainer.grpo_trainer")
-    _patcher.check_version()
-    ours = globals()
-    swap_all(_patcher, [(upstream(utils_mod, n, ours[n], _patcher), ours[n]) for n in _UTILS])
-    _STATE["grpo_module"] = grpo
-    _patcher.swap_attr(grpo.GRPOTrainer, "_compute_loss", _grpo_compute_loss)
-    return _patcher.locations()
+    return _adapter.patch()
 
 
 def unpatch() -> int:
     """Restore every original :func:`patch` replaced; returns how many locations were restored."""
-    return _patcher.restore()
+    return _adapter.unpatch()
 
 
 def is_patched() -> bool:
-    return _patcher.active
+    return _adapter.is_patched()

@@ -46,8 +46,9 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ._common import float_dtype, weighted_agg
-from ._patch import Patcher, swap_all, upstream
+from ..tables import acc_dtype
+from .common import weighted_agg
+from .patching import Adapter, Patcher, PatchTable
 
 __all__ = ["compute_gae_advantage_return", "compute_policy_loss", "compute_policy_loss_vanilla",
            "compute_policy_loss_gspo", "compute_value_loss", "kl_penalty", "agg_loss",
@@ -242,7 +243,7 @@ def _policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mod
                     / response_mask.sum(-1).clamp(min=1)
                 keep = (s <= 10.0).unsqueeze(-1)
                 s = s.clamp(min=-20.0, max=10.0).unsqueeze(-1)
-                old = log_prob.detach().to(float_dtype(log_prob)) - s
+                old = log_prob.detach().to(acc_dtype(log_prob)) - s
             lp = torch.where(keep, log_prob, log_prob.detach())
             kw["ratio_level"] = "token"
         loss, _ = ops.ppo_policy_loss(lp, old, advantages, w, agg=mode, **kw, **agg_kw)
@@ -332,6 +333,13 @@ _POLICY_REGISTRY = {"vanilla": "compute_policy_loss_vanilla", "gspo": "compute_p
 _ADV_REGISTRY = {"gae": "compute_gae_advantage_return"}
 
 
+_adapter = Adapter(_patcher, PatchTable(
+    swaps={"verl.trainer.ppo.core_algos": _CORE, "verl.utils.torch_functional": _TF},
+    registries=(("verl.trainer.ppo.core_algos", "POLICY_LOSS_REGISTRY", _POLICY_REGISTRY),
+                ("verl.trainer.ppo.core_algos", "ADV_ESTIMATOR_REGISTRY", _ADV_REGISTRY))),
+    globals())
+
+
 def patch() -> list:
     """Swap the fastrlhf versions into the installed verl; returns the patched locations.
 
@@ -340,27 +348,16 @@ def patch() -> list:
     ``POLICY_LOSS_REGISTRY`` (``"vanilla"``, ``"gspo"``) and ``ADV_ESTIMATOR_REGISTRY``
     (``"gae"``).  Idempotent (a second call only catches modules imported since).  Raises
     ImportError when verl (or what its loss modules import) is missing; warns
-    (:class:`~fastrlhf.integrations._patch.UntestedVersionWarning`) on an untested version.
+    (:class:`~fastrlhf.integrations.UntestedVersionWarning`) on an untested version.
     """
-    core = _patcher.require("verl.trainer.ppo.core_algos")
-    tf = _patcher.require("verl.utils.torch_functional")
-    _patcher.check_version()
-    ours = globals()
-    original = {n: upstream(core, n, ours[n], _patcher) for n in _CORE}
-    original.update({n: upstream(tf, n, ours[n], _patcher) for n in _TF})
-    swap_all(_patcher, [(original[n], ours[n]) for n in original])
-    for registry, names in ((core.POLICY_LOSS_REGISTRY, _POLICY_REGISTRY),
-                            (core.ADV_ESTIMATOR_REGISTRY, _ADV_REGISTRY)):
-        for key, name in names.items():
-            _patcher.swap_in_dict(registry, key, original[name], ours[name])
-    return _patcher.locations()
+    return _adapter.patch()
 
 
 def unpatch() -> int:
     """Restore every original :func:`patch` replaced; returns how many locations were restored.
     Idempotent; a location someone else re-patched since is left alone."""
-    return _patcher.restore()
+    return _adapter.unpatch()
 
 
 def is_patched() -> bool:
-    return _patcher.active
+    return _adapter.is_patched()
