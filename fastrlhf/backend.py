@@ -18,7 +18,7 @@ import torch
 from . import native
 from .tables import BACKENDS
 
-__all__ = ["BACKENDS", "resolve", "native_available", "interpret_env"]
+__all__ = ["BACKENDS", "requested", "resolve", "native_available", "interpret_env"]
 
 
 def interpret_env() -> bool:
@@ -30,8 +30,9 @@ def native_available() -> bool:
     return native.available()
 
 
-def resolve(backend: str | None, device: torch.device, *, op: str, native_ok: bool = False) -> str:
-    """Return the concrete backend for ``op`` on ``device``; raises ValueError on a bad name."""
+def requested(backend: str | None, *, op: str) -> str:
+    """The backend asked for: ``backend`` validated, with ``FASTRLHF_BACKEND`` replacing
+    ``"auto"`` (and None).  Raises ValueError on a bad name in either."""
     if backend is None:
         backend = "auto"
     if not isinstance(backend, str) or backend not in BACKENDS:
@@ -41,10 +42,18 @@ def resolve(backend: str | None, device: torch.device, *, op: str, native_ok: bo
         if env and env != "auto":
             if env not in BACKENDS:
                 raise ValueError(f"FASTRLHF_BACKEND must be one of {BACKENDS}, got {env!r}")
-            # A process-wide preference for "native" applies to the ops that have a native
-            # implementation; the others keep their automatic choice instead of failing.
-            if not (env == "native" and not native_ok):
-                backend = env
+            return env
+    return backend
+
+
+def resolve(backend: str | None, device: torch.device, *, op: str, native_ok: bool = False) -> str:
+    """Return the concrete backend for ``op`` on ``device``; raises ValueError on a bad name."""
+    explicit = backend not in (None, "auto")
+    backend = requested(backend, op=op)
+    # A process-wide preference (FASTRLHF_BACKEND) for "native" applies to the ops that have a
+    # native implementation; the others keep their automatic choice instead of failing.
+    if not explicit and backend == "native" and not native_ok:
+        backend = "auto"
     if backend == "auto":
         if device.type == "cuda":
             return "triton"

@@ -8,13 +8,13 @@ in :func:`fastrlhf.reference.group_advantages` is the specification.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor
 
 from .. import reference
-from ..tables import BACKENDS, FLOAT_DTYPES, GROUP_ADV_KINDS, ID_DTYPES, acc_dtype
+from ..backend import requested
+from ..tables import FLOAT_DTYPES, GROUP_ADV_KINDS, ID_DTYPES, acc_dtype
 from .common import check_bool, check_same_device, check_shape, check_tensor
 
 __all__ = ["group_advantages", "GROUP_ADV_KINDS"]
@@ -100,15 +100,6 @@ def group_advantages(scores: Tensor, group_ids: Tensor, *, kind: str = "grpo", e
     if not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps}")
     check_bool(op, "norm_by_std", norm_by_std)
-    if backend is None:
-        backend = "auto"
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        env = os.environ.get("FASTRLHF_BACKEND", "").strip().lower()
-        if env and env not in BACKENDS:
-            raise ValueError(f"FASTRLHF_BACKEND must be one of {BACKENDS}, got {env!r}")
-        backend = env or "auto"
-    if backend == "reference":
+    if requested(backend, op=op) == "reference":
         return reference.group_advantages(scores, group_ids, kind, eps, norm_by_std)
     return _vectorized(scores, group_ids, kind, eps, norm_by_std)

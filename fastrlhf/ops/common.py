@@ -366,10 +366,11 @@ def check_ratio_level(op: str, ratio_level) -> str:
 def check_fused_loss_args(op: str, B: int, T: int, tokens, old_logp, advantages, mask, ref_logp,
                           kl_coef, kl_kind, entropy_coef, clip_low, clip_high, dual_clip,
                           ratio_level, inplace_backward, agg, agg_kwargs, cu_seqlens,
-                          packed_name: str, packed_ref: Tensor, lead: str) -> dict:
+                          packed_name: str, packed_ref: Tensor, lead: str):
     """The argument block shared by ``fused_ppo_loss`` and ``fused_linear_ppo_loss`` (everything
     but the logits / hidden states): per-token inputs of shape ``(B, T)``, coefficients, clips,
-    the KL kind and the aggregation.  Returns the normalized values as a dict."""
+    the KL kind and the aggregation.  Returns the normalized ``(kl_coef, entropy_coef, kl_kind,
+    clip_low, clip_high, dual_clip, agg_kwargs)``."""
     check_tensor(op, "tokens", tokens, dtypes=INT_DTYPES)
     check_shape(op, "tokens", tokens, (B, T), lead)
     check_bt(op, "old_logp", old_logp, (B, T))
@@ -390,8 +391,7 @@ def check_fused_loss_args(op: str, B: int, T: int, tokens, old_logp, advantages,
     check_ratio_level(op, ratio_level)
     check_bool(op, "inplace_backward", inplace_backward)
     kw = check_agg(op, agg, agg_kwargs)
-    return {"kl_coef": kl_coef, "entropy_coef": entropy_coef, "kl_kind": kl_kind,
-            "clip_low": clip_low, "clip_high": clip_high, "dual_clip": dual_clip, "agg_kw": kw}
+    return kl_coef, entropy_coef, kl_kind, clip_low, clip_high, dual_clip, kw
 
 
 def row_view(t: Tensor) -> Tensor:

@@ -373,13 +373,10 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_lo
     if hidden.dim() != 3:
         raise ValueError(f"{op}: hidden must be 3-D [B, T, H], got shape {tuple(hidden.shape)}")
     B, T, _ = hidden.shape
-    args = check_fused_loss_args(
+    kl_coef, entropy_coef, kl_kind, clip_low, clip_high, dual_clip, kw = check_fused_loss_args(
         op, B, T, tokens, old_logp, advantages, mask, ref_logp, kl_coef, kl_kind, entropy_coef,
         clip_low, clip_high, dual_clip, ratio_level, inplace_backward, agg, agg_kwargs,
         cu_seqlens, "hidden", hidden, "the leading shape of hidden")
-    kl_coef, entropy_coef, kl_kind = args["kl_coef"], args["entropy_coef"], args["kl_kind"]
-    clip_low, clip_high, dual_clip = args["clip_low"], args["clip_high"], args["dual_clip"]
-    kw = args["agg_kw"]
     if cu_seqlens is not None:
         kw = {**kw, "cu_seqlens": cu_seqlens}  # every loss op below aggregates per segment
     which = resolve_backend(backend, hidden.device, op=op)

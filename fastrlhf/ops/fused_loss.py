@@ -364,13 +364,10 @@ def fused_ppo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages:
     """
     check_logits(OP, logits, dim=3)
     B, T, V = logits.shape
-    args = check_fused_loss_args(
+    kl_coef, entropy_coef, kl_kind, clip_low, clip_high, dual_clip, kw = check_fused_loss_args(
         OP, B, T, tokens, old_logp, advantages, mask, ref_logp, kl_coef, kl_kind, entropy_coef,
         clip_low, clip_high, dual_clip, ratio_level, inplace_backward, agg, agg_kwargs,
         cu_seqlens, "logits", logits, "the leading shape of logits")
-    kl_coef, entropy_coef, kl_kind = args["kl_coef"], args["entropy_coef"], args["kl_kind"]
-    clip_low, clip_high, dual_clip = args["clip_low"], args["clip_high"], args["dual_clip"]
-    kw = args["agg_kw"]
     temperature = check_positive_float(OP, "temperature", temperature)
     ignore_index = check_int(OP, "ignore_index", ignore_index)
     packed = cu_seqlens is not None

@@ -55,10 +55,13 @@ def _klp_bwd_impl(grad: Tensor, logp: Tensor, ref_logp: Tensor, kind: str, need_
             dy.view(ref_logp.shape) if need_dref else dy)
 
 
+def _grad_fakes(x, y, need_x, need_y):
+    """Fake gradients of two inputs (0 elements where not needed)."""
+    return x.new_empty(x.shape if need_x else (0,)), y.new_empty(y.shape if need_y else (0,))
+
+
 def _klp_bwd_fake(grad, logp, ref_logp, kind, need_dlogp, need_dref, backend):
-    dx = logp.new_empty(logp.shape if need_dlogp else (0,))
-    dy = ref_logp.new_empty(ref_logp.shape if need_dref else (0,))
-    return dx, dy
+    return _grad_fakes(logp, ref_logp, need_dlogp, need_dref)
 
 
 _klp_bwd = Op("kl_penalty_bwd", _klp_bwd_impl, _klp_bwd_fake)
@@ -134,9 +137,7 @@ def _fkl_bwd_impl(grad: Tensor, logits: Tensor, ref_logits: Tensor, kl: Tensor, 
 
 def _fkl_bwd_fake(grad, logits, ref_logits, kl, stats, temperature, need_dlogits, need_dref,
                   backend):
-    dx = logits.new_empty(logits.shape if need_dlogits else (0,))
-    dy = ref_logits.new_empty(ref_logits.shape if need_dref else (0,))
-    return dx, dy
+    return _grad_fakes(logits, ref_logits, need_dlogits, need_dref)
 
 
 _fkl_bwd = Op("full_kl_bwd", _fkl_bwd_impl, _fkl_bwd_fake)
