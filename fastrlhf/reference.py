@@ -237,20 +237,49 @@ def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
                                    output_size=total)
 
 
+def segment_sum(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Sums of the consecutive segments ``x[cu[s]:cu[s+1]]`` of a 1-D ``x``: ``[S]`` (0 for an
+    empty segment), differentiable.  Deterministic on every device: each segment is summed in
+    order by one reduction (no atomics, unlike ``index_add_`` on CUDA), so repeated runs give
+    bitwise the same sums and gradients."""
+    cu = cu_seqlens.to(device=x.device, dtype=torch.int64)
+    return torch.segment_reduce(x, "sum", lengths=cu[1:] - cu[:-1], unsafe=True)
+
+
+class _SegmentBroadcast(torch.autograd.Function):
+    """``x[segment_ids]`` whose backward is :func:`segment_sum` (indexing's own backward
+    accumulates with atomics on CUDA)."""
+
+    @staticmethod
+    def forward(ctx, x, cu_seqlens, total):
+        ctx.save_for_backward(cu_seqlens)
+        return x[segment_ids(cu_seqlens, total)]
+
+    @staticmethod
+    def backward(ctx, g):
+        (cu,) = ctx.saved_tensors
+        return segment_sum(g, cu), None, None
+
+
+def segment_broadcast(x: torch.Tensor, cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Each segment's value of ``x`` ``[S]`` repeated over its columns: ``[total]``,
+    differentiable with a deterministic backward."""
+    return _SegmentBroadcast.apply(x, cu_seqlens.to(device=x.device, dtype=torch.int64), total)
+
+
 def _row_sums(x: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
     """Sum over the last dim of ``[B, T]`` (``[B]``), or over each segment of the packed
     ``[1, total]`` layout (``[S]``)."""
     if cu_seqlens is None:
         return x.sum(-1)
-    S = cu_seqlens.numel() - 1
-    return x.new_zeros(S).index_add(0, segment_ids(cu_seqlens, x.shape[-1]), x.reshape(-1))
+    return segment_sum(x.reshape(-1), cu_seqlens)
 
 
 def _per_token(x: torch.Tensor, like: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
     """A per-row ``[B]`` (per-segment ``[S]``) value broadcast to the tokens of ``like``."""
     if cu_seqlens is None:
         return x.unsqueeze(-1).expand_as(like)
-    return x[segment_ids(cu_seqlens, like.shape[-1])].reshape(like.shape)
+    return segment_broadcast(x, cu_seqlens, like.shape[-1]).reshape(like.shape)
 
 
 def _default_norm_len(per_token: torch.Tensor, cu_seqlens=None) -> int:

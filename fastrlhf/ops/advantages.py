@@ -1,7 +1,8 @@
 """Group-relative outcome advantages (GRPO, Dr. GRPO, RLOO), vectorized over groups.
 
-No kernel: a handful of scatter/gather ops over group ids (``torch.unique`` + ``index_add_``)
-on whatever device the scores live, with no Python loop over groups or samples.  The plain loop
+No kernel: a handful of sort / segment-sum / gather ops over group ids (``torch.unique``, a
+stable sort, :func:`fastrlhf.reference.segment_sum`) on whatever device the scores live, with no
+Python loop over groups or samples and no float atomics (bitwise repeatable on CUDA too).  The plain loop
 in :func:`fastrlhf.reference.group_advantages` is the specification.
 """
 
@@ -28,13 +29,22 @@ def _vectorized(scores: Tensor, group_ids: Tensor, kind: str, eps: float, norm_b
         return x.clone()
     uniq, inv = torch.unique(group_ids, return_inverse=True)
     G = uniq.numel()
-    cnt = torch.bincount(inv, minlength=G).to(acc)
-    mean_g = torch.zeros(G, dtype=acc, device=x.device).index_add_(0, inv, x) / cnt
+    counts = torch.bincount(inv, minlength=G)
+    cnt = counts.to(acc)
+    # Group sums over the samples sorted by group: consecutive segments, summed in a fixed order
+    # (deterministic on CUDA, where index_add_ uses float atomics).
+    order = torch.argsort(inv, stable=True)
+    cu = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+    def group_sums(v):
+        return reference.segment_sum(v[order], cu)
+
+    mean_g = group_sums(x) / cnt
     single = cnt == 1
     n = cnt[inv]
     if kind == "grpo" and norm_by_std:
         dev = x - mean_g[inv]
-        ss = torch.zeros(G, dtype=acc, device=x.device).index_add_(0, inv, dev * dev)
+        ss = group_sums(dev * dev)
         std_g = torch.sqrt(ss / (cnt - 1).clamp_min(1))
         # verl: a group of size 1 has mean 0 and std 1.
         mean_g = torch.where(single, torch.zeros_like(mean_g), mean_g)

@@ -98,10 +98,10 @@ def _forward(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tenso
     k = launchers(backend, "fused_loss")
     seg = None if cu_seqlens is None else reference.segment_ids(cu_seqlens, T)
 
-    def row_sums(x):  # [B, T] -> per row [B], or per segment [S] (packed)
+    def row_sums(x):  # [B, T] -> per row [B], or per segment [S] (packed; deterministic)
         if seg is None:
             return x.sum(-1)
-        return x.new_zeros(coef.shape[0]).index_add_(0, seg, x.reshape(-1))
+        return reference.segment_sum(x.reshape(-1), cu_seqlens)
 
     def per_token(x):  # [B] / [S] -> [B * T]
         return (x.unsqueeze(-1).expand(B, T) if seg is None else x[seg]).reshape(-1).contiguous()
