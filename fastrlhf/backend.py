@@ -54,6 +54,10 @@ def resolve(backend: str | None, device: torch.device, *, op: str, native_ok: bo
     # native implementation; the others keep their automatic choice instead of failing.
     if not explicit and backend == "native" and not native_ok:
         backend = "auto"
+    if device.type == "meta" and backend in ("auto", "reference"):
+        # Shapes only: the eager reference propagates meta tensors (no kernel, no data check);
+        # an explicit "triton" / "native" raises below, naming the device.
+        return "reference"
     if backend == "auto":
         if device.type == "cuda":
             return "triton"

@@ -160,12 +160,14 @@ def check_bool(op: str, name: str, v) -> bool:
 
 
 def check_mask(op: str, mask, shape, what: str = "the shape of x") -> Tensor:
-    """``mask`` is a bool / integer / floating tensor of exactly ``shape``."""
+    """``mask`` is a bool / integer / floating tensor of exactly ``shape``.  Returns it detached:
+    a mask (a float mask weighting tokens included) is data, never differentiated, on every
+    backend."""
     check_tensor(op, "mask", mask, dtypes=MASK_DTYPES)
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{op}: mask must have shape {tuple(shape)} ({what}), got "
                          f"{tuple(mask.shape)}")
-    return mask
+    return mask.detach()
 
 
 def check_logits(op: str, logits, *, dim: Optional[int] = None) -> Tensor:
@@ -203,8 +205,8 @@ def check_token_range(op: str, tokens: Tensor, V: int, ignore_index: int,
     Call it where the data is concrete: in eager code or inside a custom op's implementation
     (under ``torch.compile`` the ops run it in their kernels' launcher; see
     :func:`checked_tokens` for the eager-reference path)."""
-    if not config.check_tokens_enabled() or tokens.numel() == 0:
-        return
+    if not config.check_tokens_enabled() or tokens.numel() == 0 or tokens.is_meta:
+        return  # (meta tensors carry no data to check)
     bad = ((tokens < 0) | (tokens >= V)) & (tokens != ignore_index)
     if bool(bad.any()):
         _raise_bad_token(op, tokens, bad, V, ignore_index, what)
@@ -370,13 +372,13 @@ def check_fused_loss_args(op: str, B: int, T: int, tokens, old_logp, advantages,
     """The argument block shared by ``fused_ppo_loss`` and ``fused_linear_ppo_loss`` (everything
     but the logits / hidden states): per-token inputs of shape ``(B, T)``, coefficients, clips,
     the KL kind and the aggregation.  Returns the normalized ``(kl_coef, entropy_coef, kl_kind,
-    clip_low, clip_high, dual_clip, agg_kwargs)``."""
+    clip_low, clip_high, dual_clip, agg_kwargs, mask)`` (the mask detached)."""
     check_tensor(op, "tokens", tokens, dtypes=INT_DTYPES)
     check_shape(op, "tokens", tokens, (B, T), lead)
     check_bt(op, "old_logp", old_logp, (B, T))
     n_seqs, _ = check_packed(op, cu_seqlens, packed_name, packed_ref)
     check_advantages(op, advantages, (B, T), n_seqs)
-    check_mask(op, mask, (B, T), lead)
+    mask = check_mask(op, mask, (B, T), lead)
     if ref_logp is not None:
         check_bt(op, "ref_logp", ref_logp, (B, T))
     check_same_device(op, packed_name, packed_ref, tokens=tokens, old_logp=old_logp,
@@ -391,7 +393,7 @@ def check_fused_loss_args(op: str, B: int, T: int, tokens, old_logp, advantages,
     check_ratio_level(op, ratio_level)
     check_bool(op, "inplace_backward", inplace_backward)
     kw = check_agg(op, agg, agg_kwargs)
-    return kl_coef, entropy_coef, kl_kind, clip_low, clip_high, dual_clip, kw
+    return kl_coef, entropy_coef, kl_kind, clip_low, clip_high, dual_clip, kw, mask
 
 
 def row_view(t: Tensor) -> Tensor:

@@ -373,7 +373,8 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_lo
     if hidden.dim() != 3:
         raise ValueError(f"{op}: hidden must be 3-D [B, T, H], got shape {tuple(hidden.shape)}")
     B, T, _ = hidden.shape
-    kl_coef, entropy_coef, kl_kind, clip_low, clip_high, dual_clip, kw = check_fused_loss_args(
+    (kl_coef, entropy_coef, kl_kind, clip_low, clip_high, dual_clip, kw,
+     mask) = check_fused_loss_args(
         op, B, T, tokens, old_logp, advantages, mask, ref_logp, kl_coef, kl_kind, entropy_coef,
         clip_low, clip_high, dual_clip, ratio_level, inplace_backward, agg, agg_kwargs,
         cu_seqlens, "hidden", hidden, "the leading shape of hidden")

@@ -364,7 +364,8 @@ def fused_ppo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages:
     """
     check_logits(OP, logits, dim=3)
     B, T, V = logits.shape
-    kl_coef, entropy_coef, kl_kind, clip_low, clip_high, dual_clip, kw = check_fused_loss_args(
+    (kl_coef, entropy_coef, kl_kind, clip_low, clip_high, dual_clip, kw,
+     mask) = check_fused_loss_args(
         OP, B, T, tokens, old_logp, advantages, mask, ref_logp, kl_coef, kl_kind, entropy_coef,
         clip_low, clip_high, dual_clip, ratio_level, inplace_backward, agg, agg_kwargs,
         cu_seqlens, "logits", logits, "the leading shape of logits")

@@ -226,7 +226,7 @@ def agg_loss(per_token: Tensor, mask: Tensor, mode: str = "token-mean", *, dp_si
     """
     op = "agg_loss"
     check_bt(op, "per_token", per_token)
-    check_mask(op, mask, per_token.shape, "the shape of per_token")
+    mask = check_mask(op, mask, per_token.shape, "the shape of per_token")
     check_same_device(op, "per_token", per_token, mask=mask)
     check_backend_name(op, backend)
     check_packed(op, cu_seqlens, "per_token", per_token)
@@ -251,7 +251,7 @@ def agg_row_weights(mask: Tensor, mode: str = "token-mean", *, dtype: torch.dtyp
     check_tensor(op, "mask", mask)
     if mask.dim() != 2:
         raise ValueError(f"{op}: mask must be 2-D [B, T], got shape {tuple(mask.shape)}")
-    check_mask(op, mask, mask.shape)
+    mask = check_mask(op, mask, mask.shape)
     check_packed(op, cu_seqlens, "mask", mask)
     kw = check_agg(op, mode, agg_kwargs)
     return reference.agg_row_weights(mask, mode, dtype=dtype, cu_seqlens=cu_seqlens, **kw)
@@ -322,7 +322,7 @@ def ppo_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
     check_bt(op, "old_logp", old_logp, logp.shape)
     n_seqs, norm_len = check_packed(op, cu_seqlens, "logp", logp)
     check_advantages(op, advantages, logp.shape, n_seqs)
-    check_mask(op, mask, logp.shape, "the shape of logp")
+    mask = check_mask(op, mask, logp.shape, "the shape of logp")
     check_same_device(op, "logp", logp, old_logp=old_logp, advantages=advantages, mask=mask)
     clip_low, clip_high, dual_clip = check_clips(op, clip_low, clip_high, dual_clip)
     check_ratio_level(op, ratio_level)
@@ -371,7 +371,7 @@ def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Te
     check_bt(op, "values", values)
     check_bt(op, "old_values", old_values, values.shape)
     check_bt(op, "returns", returns, values.shape)
-    check_mask(op, mask, values.shape, "the shape of values")
+    mask = check_mask(op, mask, values.shape, "the shape of values")
     check_same_device(op, "values", values, old_values=old_values, returns=returns, mask=mask)
     _, norm_len = check_packed(op, cu_seqlens, "values", values)
     if clip is not None:
@@ -416,7 +416,7 @@ def policy_loss_per_token(logp: Tensor, old_logp: Tensor, advantages: Tensor,
     check_advantages(op, advantages, logp.shape, n_seqs)
     check_ratio_level(op, ratio_level)
     if mask is not None:
-        check_mask(op, mask, logp.shape, "the shape of logp")
+        mask = check_mask(op, mask, logp.shape, "the shape of logp")
     elif ratio_level == "sequence":
         raise ValueError(f"{op}: ratio_level='sequence' needs the mask (the sequence ratio is "
                          "a masked mean over the row)")

@@ -38,11 +38,13 @@ def _check_dim(op: str, dim, ndim: int):
     return tuple(dims) if isinstance(dim, (tuple, list)) else dim
 
 
-def _check(op: str, x, mask, backend) -> None:
+def _check(op: str, x, mask, backend) -> Tensor:
+    """Validate; returns the mask detached (a mask is never differentiated)."""
     check_tensor(op, "x", x, dtypes=FLOAT_DTYPES)
-    check_mask(op, mask, x.shape)
+    mask = check_mask(op, mask, x.shape)
     check_same_device(op, "x", x, mask=mask)
     check_backend_name(op, backend)
+    return mask
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim=None, *, backend: str = "auto") -> Tensor:
@@ -57,7 +59,7 @@ def masked_sum(x: Tensor, mask: Tensor, dim=None, *, backend: str = "auto") -> T
     selected.  NaN outside the mask is ignored.  Differentiable w.r.t. ``x``.
     """
     op = "masked_sum"
-    _check(op, x, mask, backend)
+    mask = _check(op, x, mask, backend)
     return reference.masked_sum(x, mask, _check_dim(op, dim, x.dim()))
 
 
@@ -69,7 +71,7 @@ def masked_mean(x: Tensor, mask: Tensor, dim=None, *, backend: str = "auto"
     ``dim``) gives exactly 0, never NaN.  Differentiable w.r.t. ``x``.
     """
     op = "masked_mean"
-    _check(op, x, mask, backend)
+    mask = _check(op, x, mask, backend)
     return reference.masked_mean(x, mask, _check_dim(op, dim, x.dim()))
 
 
@@ -86,7 +88,7 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, *, backend: str =
     Float32 result (float64 for float64 ``x``).  Differentiable w.r.t. ``x``.
     """
     op = "masked_var"
-    _check(op, x, mask, backend)
+    mask = _check(op, x, mask, backend)
     check_bool(op, "unbiased", unbiased)
     return reference.masked_var(x, mask, unbiased)
 
@@ -103,6 +105,6 @@ def masked_whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True,
     Differentiable w.r.t. ``x``.
     """
     op = "masked_whiten"
-    _check(op, x, mask, backend)
+    mask = _check(op, x, mask, backend)
     check_bool(op, "shift_mean", shift_mean)
     return reference.masked_whiten(x, mask, shift_mean)

@@ -87,11 +87,21 @@ class Op:
         self.fast_eager = fast_eager
 
     def __call__(self, *args):
-        if self.fast_eager and not torch.compiler.is_compiling():
+        if self.fast_eager and _plain_eager(args):
             if self._function is not None:
                 return self._function.apply(*args)
             return self.impl(*args)
         return self.op(*args)
+
+
+def _plain_eager(args) -> bool:
+    """Eager execution on ordinary tensors: not inside ``torch.compile`` and no tensor subclass
+    (fake, functional or proxy tensors of a tracer such as AOTAutograd or ``opcheck``), which
+    must see the registered op."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(type(a) is torch.Tensor or torch.nn.Parameter is type(a)
+               for a in args if isinstance(a, torch.Tensor))
 
 
 def _forward_of(impl: Callable, setup: Callable) -> Callable:
