@@ -1,6 +1,6 @@
 // Python bindings of the native CPU backend (torch.utils.cpp_extension + pybind11).
 //
-// fastrlhf/_native.py allocates every output with torch.empty (so the test suite's NaN poisoning
+// fastrlhf/native.py allocates every output with torch.empty (so the test suite's NaN poisoning
 // sees them) and calls these functions, which only check what would otherwise be a memory error
 // (device, dtype, size and layout of the buffers) -- argument validation with user-facing
 // messages happens in fastrlhf.ops before we get here.  The GIL is released while they run.

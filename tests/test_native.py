@@ -1,4 +1,4 @@
-"""The native CPU backend (csrc/, fastrlhf/_native.py): every op against the float64 reference and
+"""The native CPU backend (csrc/, fastrlhf/native.py): every op against the float64 reference and
 against the Triton op (interpreter), gradients, gradcheck, bad input, thread-count determinism,
 and the graceful fallback when the extension cannot be built.
 
