@@ -38,6 +38,10 @@ def cdiv(a: int, b: int) -> int:
 
 # Whether the kernels in this process were decorated in interpreter mode (fixed at import time).
 INTERPRET_AT_IMPORT = interpreting()
+# Compiled kernels form ``z = l c - rc`` with one FMA (exact product, one rounding); the
+# interpreter has no fused multiply-add (numpy rounds the product), so there the same sums are
+# formed as ``(l - r) c`` with raw-logit references instead.  Both are exact relative to the max.
+FMA_REF = tl.constexpr(not INTERPRET_AT_IMPORT)
 
 
 @triton.jit
@@ -60,42 +64,248 @@ def row_offset(row, D1, D2, s0, s1, s2):
     return i0 * s0 + i1 * s1 + i2 * s2
 
 
-@triton.jit
-def row_softmax_stats(base, V, inv_temp, ACC: tl.constexpr, BLOCK_V: tl.constexpr):
-    """One streaming sweep over a row: ``(M, log S, H, bad)`` of ``softmax(x)``, ``x = row *
-    inv_temp``, with ``S = sum exp(x - M)``, ``H`` the entropy and ``bad`` = the row holds a NaN.
+# Natural <-> base-2 logarithms: the kernels exponentiate with exp2 (one MUFU.EX2 each, no
+# range fix-ups) and fold log2(e) into the scale they multiply by anyway.
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# Sub-blocks streamed per iteration of the statistics / gradient loops: every thread loads NSUB
+# 128-bit vectors before it uses any (NSUB x 16 bytes of loads in flight per thread).
+NSUB = 4
 
-    Every lane keeps its own running max ``m``, ``s = sum exp(x - m)`` and
-    ``t = sum exp(x - m) (x - m)`` (the entropy's sum, relative to the running max so that offsets
-    like +1e4 lose nothing), updated with a single ``exp`` per element; lanes merge once at the
-    end: ``H = log S - T / S``.  ``x == -inf`` (masked vocab, padding lanes) contributes nothing.
+
+def vec_of(dtype: torch.dtype) -> int:
+    """Elements per 128-bit access."""
+    return 16 // torch.empty((), dtype=dtype).element_size()
+
+
+def stream_block(dtype: torch.dtype, num_warps: int, nsub: int = NSUB) -> int:
+    """Elements of one loop iteration: every thread owns ``nsub`` 128-bit vectors."""
+    return nsub * vec_of(dtype) * num_warps * 32
+
+
+@triton.jit
+def max_nan(a, b):
+    """max that propagates NaN (one FMNMX.NAN; plain tl.maximum drops NaN on the GPU)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def sub_block_offsets(R: tl.constexpr, VEC: tl.constexpr):
+    """Offsets ``[R, VEC]`` of one sub-block: thread ``i`` owns the 128-bit vector ``(i, :)``
+    (a warp reads 512 contiguous bytes), so reductions over axis 1 never leave the thread."""
+    return tl.arange(0, R)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+
+
+@triton.jit
+def exp2_(z, ACC: tl.constexpr):
+    """``2 ** z``: one MUFU.EX2 (ex2.approx.ftz) in fp32; float64 goes through ``exp``."""
+    if ACC == tl.float64:
+        return tl.exp(z * 0.6931471805599453)
+    else:
+        return tl.exp2(z)
+
+
+@triton.jit
+def load_block(ptrs, cols, V, MASKED: tl.constexpr, EVICT: tl.constexpr):
+    if MASKED:
+        if EVICT:
+            x = tl.load(ptrs, mask=cols < V, other=float("-inf"), eviction_policy="evict_first")
+        else:
+            x = tl.load(ptrs, mask=cols < V, other=float("-inf"))
+    else:
+        if EVICT:
+            x = tl.load(ptrs, eviction_policy="evict_first")
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _stats_step(base, start, offs, V, c, m, rc, s, t, Q: tl.constexpr, MASKED: tl.constexpr,
+                ENT: tl.constexpr, ACC: tl.constexpr):
+    # four 128-bit vectors per thread, all loaded before any is used
+    x0 = load_block(base + start + offs, start + offs, V, MASKED, False).to(ACC)
+    x1 = load_block(base + (start + Q) + offs, start + Q + offs, V, MASKED, False).to(ACC)
+    x2 = load_block(base + (start + 2 * Q) + offs, start + 2 * Q + offs, V, MASKED, False).to(ACC)
+    x3 = load_block(base + (start + 3 * Q) + offs, start + 3 * Q + offs, V, MASKED, False).to(ACC)
+    # one running max per thread; a NaN anywhere makes it NaN, and with it the sums (alpha)
+    bm = max_nan(max_nan(tl.reduce(x0, 1, max_nan), tl.reduce(x1, 1, max_nan)),
+                 max_nan(tl.reduce(x2, 1, max_nan), tl.reduce(x3, 1, max_nan)))
+    m_new = max_nan(m, bm)
+    r_new = tl.where(m_new == float("-inf"), 0.0, m_new)     # finite reference
+    if FMA_REF:
+        rc_new = r_new * c                                   # base-2 reference
+        nr = -rc_new[:, None]
+        # z = l c - rc: one FMA; its rounding of rc is the same for every element of the
+        # thread (and is undone exactly at the end), so the sums stay exact relative to the max.
+        z0 = tl.fma(x0, c, nr)
+        z1 = tl.fma(x1, c, nr)
+        z2 = tl.fma(x2, c, nr)
+        z3 = tl.fma(x3, c, nr)
+        dr = rc - rc_new                                     # <= 0 (NaN in a NaN row)
+    else:
+        rc_new = r_new
+        nr = r_new[:, None]
+        z0 = (x0 - nr) * c
+        z1 = (x1 - nr) * c
+        z2 = (x2 - nr) * c
+        z3 = (x3 - nr) * c
+        dr = (rc - rc_new) * c
+    e0 = exp2_(z0, ACC)
+    e1 = exp2_(z1, ACC)
+    e2 = exp2_(z2, ACC)
+    e3 = exp2_(z3, ACC)
+    alpha = exp2_(dr, ACC)
+    if ENT:
+        # e z with e = 0 at z = -inf must be 0: the clamp leaves every term with e > 0 as is
+        tv = e0 * tl.maximum(z0, -1e30)
+        tv += e1 * tl.maximum(z1, -1e30)
+        tv += e2 * tl.maximum(z2, -1e30)
+        tv += e3 * tl.maximum(z3, -1e30)
+        t = alpha * (t + dr * s) + tl.sum(tv, axis=1)
+    s = alpha * s + tl.sum((e0 + e1) + (e2 + e3), axis=1)
+    return m_new, rc_new, s, t
+
+
+@triton.jit
+def row_softmax_stats(base, V, inv_temp, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+                      ENT: tl.constexpr = True):
+    """One streaming sweep over a row: ``(M, log S, H, bad)`` of ``softmax(x)``, ``x = row *
+    inv_temp``, with ``M = max x``, ``S = sum exp(x - M)``, ``H`` the entropy and ``bad`` = the
+    row holds a NaN or +inf (its statistics are then NaN).
+
+    Base-2 units: ``c = inv_temp * log2(e)``, ``z = l c - rc`` for the raw logits ``l``.  Every
+    thread keeps one running max ``m`` of the raw logits it has seen, its reference
+    ``rc = fl(m c)`` (0 while ``m = -inf``), ``s = sum 2^z`` and the entropy's
+    ``t = sum 2^z z`` (the interpreter, which has no FMA, uses ``z = (l - r) c``); per element that is a max, one FMA, one ``exp2`` and an add (plus a max
+    and an FMA for ``t``).  The sums are rescaled by ``2^(rc_old - rc_new)`` once per thread
+    per iteration and merged across threads once at the end.  All of them are relative to the
+    same rounded references, so nothing is lost to offsets like +1e4: the rounding of the
+    final reference, ``delta = M_raw c - fl(M_raw c)``, is formed exactly with an FMA and
+    removed from ``log S``.  ``H = ln S - ln2 T / S``.  ``l = -inf`` (masked vocab, padding)
+    contributes nothing.  ``ENT=False`` skips ``t`` (``H`` is then 0).
     """
+    VEC: tl.constexpr = 128 // base.dtype.element_ty.primitive_bitwidth
+    R: tl.constexpr = BLOCK_V // (4 * VEC)
+    Q: tl.constexpr = R * VEC
+    offs = sub_block_offsets(R, VEC)
+    c = inv_temp * 1.4426950408889634
+    m = tl.full([R], float("-inf"), ACC)
+    rc = tl.zeros([R], ACC)
+    s = tl.zeros([R], ACC)
+    t = tl.zeros([R], ACC)
+    v_full = V - V % BLOCK_V
+    for start in range(0, v_full, BLOCK_V):
+        m, rc, s, t = _stats_step(base, start, offs, V, c, m, rc, s, t, Q, False, ENT, ACC)
+    if v_full < V:
+        m, rc, s, t = _stats_step(base, v_full, offs, V, c, m, rc, s, t, Q, True, ENT, ACC)
+    M_raw = tl.reduce(m, 0, max_nan)
+    Rg = tl.where(M_raw == float("-inf"), 0.0, M_raw)
+    if FMA_REF:
+        RC = Rg * c
+        delta = tl.fma(Rg, c, -RC)   # exact: the rounding of the reference
+        dr = rc - RC
+    else:
+        delta = tl.zeros([], ACC)
+        dr = (rc - Rg) * c
+    w = tl.where(s == 0, 0.0, exp2_(dr, ACC))   # NaN sums stay NaN
+    S = tl.sum(s * w, axis=0)
+    ln_s = tl.log(S)
+    log_s = ln_s - delta * 0.6931471805599453
+    if ENT:
+        Tsum = tl.sum(tl.where(s == 0, 0.0, w * (t + dr * s)), axis=0)
+        ent = ln_s - (Tsum / S) * 0.6931471805599453
+    else:
+        ent = tl.zeros([], ACC)
+    bad = (S != S) | (M_raw != M_raw)
+    return M_raw * inv_temp, log_s, ent, bad
+
+
+@triton.jit
+def grad_value(x, Mr, c, L2, A, B, HAS_ENT: tl.constexpr, ACC: tl.constexpr):
+    """``p (A max(d, -1e18) + B)`` (``HAS_ENT``) or ``p B`` for raw logits ``x`` (in ``ACC``),
+    ``d = x - Mr``, ``p = 2^(d c - L2)``.  The clamp makes ``p = 0`` entries (``x = -inf``)
+    give exactly 0 and never touches an entry with ``p > 0``."""
+    d = x - Mr
+    p = exp2_(d * c - L2, ACC)
+    if HAS_ENT:
+        g = p * (A * tl.maximum(d, -1e18) + B)
+    else:
+        g = p * B
+    return g
+
+
+@triton.jit
+def grad_step(base, obase, start, offs, V, Mr, c, L2, A, B, Q: tl.constexpr,
+              MASKED: tl.constexpr, HAS_ENT: tl.constexpr, EVICT: tl.constexpr,
+              ACC: tl.constexpr):
+    """One iteration of a gradient sweep: four 128-bit vectors per thread loaded, then
+    ``grad_value`` of each stored (unmasked unless ``MASKED``, the tail)."""
+    OT = obase.dtype.element_ty
+    c0 = start + offs
+    c1 = start + Q + offs
+    c2 = start + 2 * Q + offs
+    c3 = start + 3 * Q + offs
+    x0 = load_block(base + c0, c0, V, MASKED, EVICT).to(ACC)
+    x1 = load_block(base + c1, c1, V, MASKED, EVICT).to(ACC)
+    x2 = load_block(base + c2, c2, V, MASKED, EVICT).to(ACC)
+    x3 = load_block(base + c3, c3, V, MASKED, EVICT).to(ACC)
+    g0 = grad_value(x0, Mr, c, L2, A, B, HAS_ENT, ACC).to(OT)
+    g1 = grad_value(x1, Mr, c, L2, A, B, HAS_ENT, ACC).to(OT)
+    g2 = grad_value(x2, Mr, c, L2, A, B, HAS_ENT, ACC).to(OT)
+    g3 = grad_value(x3, Mr, c, L2, A, B, HAS_ENT, ACC).to(OT)
+    if MASKED:
+        tl.store(obase + c0, g0, mask=c0 < V, eviction_policy="evict_first")
+        tl.store(obase + c1, g1, mask=c1 < V, eviction_policy="evict_first")
+        tl.store(obase + c2, g2, mask=c2 < V, eviction_policy="evict_first")
+        tl.store(obase + c3, g3, mask=c3 < V, eviction_policy="evict_first")
+    else:
+        tl.store(obase + c0, g0, eviction_policy="evict_first")
+        tl.store(obase + c1, g1, eviction_policy="evict_first")
+        tl.store(obase + c2, g2, eviction_policy="evict_first")
+        tl.store(obase + c3, g3, eviction_policy="evict_first")
+
+
+@triton.jit
+def grad_sweep(base, obase, V, tok, x_tok, tok_ok, M, log_s, g_lp, g_h, ent, inv_temp,
+               HAS_ENT: tl.constexpr, EVICT: tl.constexpr, ACC: tl.constexpr,
+               BLOCK_V: tl.constexpr):
+    """Write ``dlogits = (g_lp (onehot(tok) - p) - g_h p (log p + H)) / T`` over a row, with
+    ``p = exp(x - M - log S)``, ``x = l / T``.
+
+    The caller loads ``x_tok`` (the raw target logit) *and* places a barrier before calling, so
+    that with an in-place gradient no warp can overwrite the target logit before every warp has
+    read it.  The sweep writes ``-g_lp p + ...`` everywhere; after a barrier (all sweep stores
+    done) one thread rewrites the target entry with ``+ g_lp / T``: no per-element one-hot
+    compare.  Per element: subtract, FMA, exp2, multiply (+ max and FMA for the entropy)."""
+    VEC: tl.constexpr = 128 // base.dtype.element_ty.primitive_bitwidth
+    R: tl.constexpr = BLOCK_V // (4 * VEC)
+    Q: tl.constexpr = R * VEC
+    offs = sub_block_offsets(R, VEC)
+    c = inv_temp * 1.4426950408889634
+    Mr = M / inv_temp                 # raw-logit units (exact at T = 1)
+    L2 = log_s * 1.4426950408889634
+    # g = p (A d + B):  d / T - log S = log p,  -g_h / T (log p + H) - g_lp / T
+    A = -g_h * inv_temp * inv_temp
+    if HAS_ENT:
+        B = -g_h * inv_temp * (ent - log_s) - g_lp * inv_temp
+    else:
+        B = -g_lp * inv_temp
+    v_full = V - V % BLOCK_V
+    for start in range(0, v_full, BLOCK_V):
+        grad_step(base, obase, start, offs, V, Mr, c, L2, A, B, Q, False, HAS_ENT, EVICT, ACC)
+    if v_full < V:
+        grad_step(base, obase, v_full, offs, V, Mr, c, L2, A, B, Q, True, HAS_ENT, EVICT, ACC)
+    g_tok = grad_value(x_tok, Mr, c, L2, A, B, HAS_ENT, ACC) + g_lp * inv_temp
+    tl.debug_barrier()   # every sweep store lands before the target entry is rewritten
+    tl.store(obase + tl.where(tok_ok, tok, 0), g_tok.to(obase.dtype.element_ty), mask=tok_ok)
+
+
+@triton.jit
+def zero_row(obase, V, ACC: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Store zeros over a row (the gradient of a token that does not count)."""
     offs = tl.arange(0, BLOCK_V)
-    m = tl.full([BLOCK_V], float("-inf"), ACC)
-    s = tl.zeros([BLOCK_V], ACC)
-    t = tl.zeros([BLOCK_V], ACC)
-    nan_seen = tl.zeros([BLOCK_V], tl.int1)
+    z = tl.zeros([BLOCK_V], ACC).to(obase.dtype.element_ty)
     for start in range(0, V, BLOCK_V):
         cols = start + offs
-        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(ACC) * inv_temp
-        nan_seen = nan_seen | (x != x)
-        gt = x > m
-        # the larger of (x, m) becomes the max; the other side is scaled by exp(-|x - m|)
-        d = tl.exp(-tl.abs(x - m))
-        d = tl.where(x == float("-inf"), 0.0, d)
-        alpha = tl.where(gt, d, 1.0)
-        e = tl.where(gt, 1.0, d)
-        m_new = tl.where(gt, x, m)
-        shift = tl.where(s > 0, m - m_new, 0.0)
-        xm = tl.where(e > 0, x - m_new, 0.0)
-        t = alpha * (t + shift * s) + e * xm
-        s = s * alpha + e
-        m = m_new
-    M = tl.max(m, axis=0)
-    w = tl.where(s > 0, tl.exp(m - M), 0.0)
-    S = tl.sum(s * w, axis=0)
-    Tsum = tl.sum(tl.where(s > 0, w * (t + (m - M) * s), 0.0), axis=0)
-    log_s = tl.log(S)
-    ent = log_s - Tsum / S
-    bad = tl.max(nan_seen.to(tl.int32), axis=0) > 0
-    return M, log_s, ent, bad
+        tl.store(obase + cols, z, mask=cols < V, eviction_policy="evict_first")

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype_of, cdiv, interpreting, tl_dtype
+from ._utils import acc_dtype_of, cdiv, interpreting, max_nan, tl_dtype
 
 __all__ = ["linear_logprobs_fwd", "linear_logprobs_bwd", "dot_precision", "AOT_SPECS"]
 
@@ -54,6 +54,10 @@ __all__ = ["linear_logprobs_fwd", "linear_logprobs_bwd", "dot_precision", "AOT_S
 BLOCK_N, BLOCK_V, BLOCK_K = 128, 128, 64
 BLOCK_K_FP32 = 32  # same shared-memory bytes per stage as bf16 at BLOCK_K (and no spills)
 FP64_BLOCKS = (32, 64, 16)  # fp64 (FMA dot): 4 warps, no spills
+# fp32 under torch's default matmul precision ("highest" -> PREC="ieee"): exact fp32 products on
+# FMA units, not tensor cores; the tf32 tiles would need 255 registers and spill there.
+FP32_IEEE_BLOCKS = (64, 64, 16)
+FP32_IEEE_OPTS = {"num_warps": 4, "num_stages": 1}
 NUM_WARPS, NUM_STAGES = 8, 3
 GROUP_M = 8  # row tiles per group in the grouped (L2-friendly) order of the GEMM kernels
 INTERP_BLOCKS = (16, 32, 16)
@@ -149,7 +153,9 @@ def _fwd_kernel(
         x = _logits_tile(h_ptr, w_ptr, b_ptr, hoff, rmask, cols, cmask, H, w_stride, inv_temp,
                          HAS_BIAS, ACC, PREC, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
         x = tl.where(cmask[None, :], x, NEG)
-        m_new = tl.maximum(m, tl.max(x, axis=1))
+        # NaN-propagating max (tl.maximum / tl.max drop NaN on the GPU): a NaN logit makes the
+        # row's max, and with it every statistic of that row, NaN -- and no other row's
+        m_new = max_nan(m, tl.reduce(x, 1, max_nan))
         m_ref = tl.where(m_new == NEG, 0.0, m_new)     # rows with nothing finite yet
         alpha = tl.exp(m - m_ref)                      # m = -inf -> 0
         d = x - m_ref[:, None]
@@ -161,7 +167,7 @@ def _fwd_kernel(
         s = alpha * s + tl.sum(p, axis=1)
         m = m_new
         hit = cols[None, :] == tok[:, None]
-        xt = tl.maximum(xt, tl.max(tl.where(hit, x, NEG), axis=1))
+        xt = max_nan(xt, tl.reduce(tl.where(hit, x, NEG), 1, max_nan))
 
     base = part_ptr + split.to(tl.int64) * 4 * n_rows + rows
     tl.store(base, m, mask=rmask)
@@ -182,7 +188,7 @@ def _merge_kernel(
     M = tl.full([BLOCK_R], NEG, ACC)
     for i in range(n_splits):
         m_i = tl.load(part_ptr + i * 4 * n_rows + rows, mask=rmask, other=NEG)
-        M = tl.maximum(M, m_i)
+        M = max_nan(M, m_i)
     M_ref = tl.where(M == NEG, 0.0, M)
     S = tl.zeros([BLOCK_R], ACC)
     T = tl.zeros([BLOCK_R], ACC)
@@ -197,7 +203,7 @@ def _merge_kernel(
         w = tl.where(empty, 0.0, tl.exp(m_i - M_ref))
         S += w * s_i
         T += w * (t_i + tl.where(empty, 0.0, (m_i - M_ref) * s_i))
-        XT = tl.maximum(XT, x_i)
+        XT = max_nan(XT, x_i)
     log_s = tl.log(S)
     tl.store(lse_ptr + 2 * rows, M, mask=rmask)
     tl.store(lse_ptr + 2 * rows + 1, log_s, mask=rmask)
@@ -348,11 +354,17 @@ def _dw_kernel(
 # launchers
 # ---------------------------------------------------------------------------------------------
 
+def _ieee_fp32(dtype) -> bool:
+    return dtype == torch.float32 and dot_precision(dtype) == "ieee"
+
+
 def _blocks(dtype):
     if interpreting():
         return INTERP_BLOCKS
     if dtype == torch.float64:  # no fp64 tensor-core path: small FMA tiles (tests, mostly)
         return FP64_BLOCKS
+    if _ieee_fp32(dtype):
+        return FP32_IEEE_BLOCKS
     return BLOCK_N, BLOCK_V, (BLOCK_K if dtype in (torch.bfloat16, torch.float16) else BLOCK_K_FP32)
 
 
@@ -361,6 +373,8 @@ def _launch_opts(dtype):
         return {}
     if dtype == torch.float64:
         return {"num_warps": 4, "num_stages": 2}
+    if _ieee_fp32(dtype):
+        return dict(FP32_IEEE_OPTS)
     return {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
 
 
@@ -521,13 +535,21 @@ def _aot_specs():
     opts = dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     rows = {"n_rows": "i32", "V": "i32", "H": "i32", "D1": "i32", "D2": "i32",
             "s0": "i64", "s1": "i64", "s2": "i64", "w_stride": "i32"}
-    for dt in ("bf16", "fp32"):
-        prec = "tf32" if dt == "fp32" else "ieee"
+    base_opts = opts
+    for dt, prec in (("bf16", "ieee"), ("fp32", "tf32"), ("fp32", "ieee")):
         bk = BLOCK_K if dt == "bf16" else BLOCK_K_FP32
         blocks = dict(BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_K=bk)
+        BN, BV = BLOCK_N, BLOCK_V
+        opts = base_opts
+        tag = dt
+        if dt == "fp32" and prec == "ieee":  # torch's default fp32 matmul precision
+            BN, BV, bk = FP32_IEEE_BLOCKS
+            blocks = dict(BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=bk)
+            opts = dict(FP32_IEEE_OPTS)
+            tag = "fp32-ieee"
         for bias in (True, False):
             specs.append(dict(
-                name=f"fused_linear_fwd[{dt},bias={bias}]", fn=_fwd_kernel,
+                name=f"fused_linear_fwd[{tag},bias={bias}]", fn=_fwd_kernel,
                 signature={"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}",
                            "tok_ptr": "*i64", "part_ptr": "*fp32", **rows,
                            "n_splits": "i32", "v_per_split": "i32", "inv_temp": "fp32",
@@ -542,7 +564,7 @@ def _aot_specs():
         for bias, has_lp, has_ent in ((True, True, True), (False, True, False),
                                       (False, False, True)):
             specs.append(dict(
-                name=f"fused_linear_dlogits[{dt},bias={bias},dlogp={has_lp},dent={has_ent}]",
+                name=f"fused_linear_dlogits[{tag},bias={bias},dlogp={has_lp},dent={has_ent}]",
                 fn=_dlogits_kernel,
                 signature={"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}",
                            "tok_ptr": "*i64", "dlogp_ptr": "*fp32", "dent_ptr": "*fp32",
@@ -565,7 +587,7 @@ def _aot_specs():
                                                        else ())
         for accumulate, out in outs:
             specs.append(dict(
-                name=f"fused_linear_dh[{dt},accumulate={accumulate},out={out}]", fn=_dh_kernel,
+                name=f"fused_linear_dh[{tag},accumulate={accumulate},out={out}]", fn=_dh_kernel,
                 signature={"dl_ptr": f"*{dt}", "w_ptr": f"*{dt}", "acc_ptr": "*fp32",
                            "out_ptr": f"*{out}", "n_rows": "i32", "H": "i32", "c0": "i32",
                            "c_len": "i32", "ld_dl": "i32", "w_stride": "i32",
@@ -573,13 +595,13 @@ def _aot_specs():
                            "UPCAST": "constexpr", "BLOCK_M": "constexpr", "BLOCK_H": "constexpr",
                            "BLOCK_K": "constexpr", "GROUP": "constexpr"},
                 constexprs={"ACCUMULATE": accumulate, "ACC": tl.float32, "PREC": prec,
-                            "UPCAST": False, "BLOCK_M": BLOCK_N, "BLOCK_H": BLOCK_V,
+                            "UPCAST": False, "BLOCK_M": BN, "BLOCK_H": BV,
                             "BLOCK_K": bk, "GROUP": GROUP_M},
                 aligned=["dl_ptr", "w_ptr", "acc_ptr", "out_ptr", "H", "ld_dl", "w_stride"],
                 dot_operands=dt, **opts))
         for has_dw, bias in ((True, True), (True, False), (False, True)):
             specs.append(dict(
-                name=f"fused_linear_dw[{dt},dw={has_dw},bias={bias}]", fn=_dw_kernel,
+                name=f"fused_linear_dw[{tag},dw={has_dw},bias={bias}]", fn=_dw_kernel,
                 signature={"dl_ptr": f"*{dt}", "h_ptr": f"*{dt}", "dw_ptr": f"*{dt}",
                            "db_ptr": f"*{dt}", "n_rows": "i32", "H": "i32", "D1": "i32",
                            "D2": "i32", "s0": "i64", "s1": "i64", "s2": "i64", "c0": "i32",
@@ -588,7 +610,7 @@ def _aot_specs():
                            "PREC": "constexpr", "UPCAST": "constexpr", "BLOCK_V": "constexpr",
                            "BLOCK_H": "constexpr", "BLOCK_K": "constexpr", "GROUP": "constexpr"},
                 constexprs={"HAS_DW": has_dw, "HAS_BIAS": bias, "ACC": tl.float32, "PREC": prec,
-                            "UPCAST": False, "BLOCK_V": BLOCK_V, "BLOCK_H": BLOCK_V,
+                            "UPCAST": False, "BLOCK_V": BV, "BLOCK_H": BV,
                             "BLOCK_K": bk, "GROUP": GROUP_M},
                 aligned=["dl_ptr", "h_ptr", "dw_ptr", "db_ptr", "H", "s0", "s1", "s2", "ld_dl",
                          "dw_stride"],

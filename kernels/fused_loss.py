@@ -8,10 +8,10 @@ per-token inputs, which come in as contiguous ``[N]`` vectors (``advantages`` ma
 
 Each row (token) is handled by one program, in two sweeps over its vocab row:
 
-1. **statistics** -- every lane keeps a running max ``m``, ``s = sum exp(x - m)`` and the entropy's
-   ``t = sum exp(x - m) (x - m)``, one ``exp`` per element (the scheme of :mod:`.logprobs`); after
-   merging the lanes ``logp = (x_tok - M) - log S`` and ``H = log S - T_sum / S``
-   (``x = logits / T``).
+1. **statistics** -- :func:`._utils.row_softmax_stats`: every thread keeps one running max and,
+   relative to it, ``S`` and the entropy's ``T`` in base-2 units (one FMA, one ``exp2`` per
+   element; the scheme of :mod:`.logprobs`); after merging the threads
+   ``logp = (x_tok - M) - log S`` and ``H = log S - T_sum / S`` (``x = logits / T``).
 2. **per-token loss** (scalars): ``pg`` and ``d pg / d logp`` from
    :func:`.losses.policy_token_terms` (token ratio ``clamp(logp - old, -20, 20)``, or the GSPO
    sequence ratio passed in), the KL estimator and its derivative (:mod:`.kl`), and
@@ -22,9 +22,12 @@ Each row (token) is handled by one program, in two sweeps over its vocab row:
    with ``w = c_b * m_bt`` the aggregation weight of the token (``c`` from
    ``fastrlhf.reference.agg_row_weights``: the aggregated loss is ``sum_bt w L``), 0 for masked
    tokens, whose gradient row is then written as zeros without reading the logits again.
-3. **gradient** -- the row is swept again and ``dlogits = (g_lp (onehot - p) - g_H p (log p + H))
-   / T`` written (into a fresh buffer, or over the logits themselves: each element is read before
-   it is overwritten, by the same thread).
+3. **gradient** -- :func:`._utils.grad_sweep`: the row is swept again and
+   ``dlogits = (g_lp (onehot - p) - g_H p (log p + H)) / T`` written (into a fresh buffer, or
+   over the logits themselves: each element is read before it is overwritten, by the same
+   thread).  The target logit is read by every thread *before* a barrier that precedes the
+   sweep (in place, another warp's store could otherwise land on it first), and the one-hot
+   term is one store to the target entry after a second barrier.
 
 DRAM traffic: the second sweep re-reads the row it just streamed, so it should be served by L2.
 What decides that is the bytes brought into L2 between a row's first and second read, i.e. the
@@ -44,6 +47,10 @@ the logits are first swept by :func:`.logprobs.logprobs_fwd` (logp, entropy and 
 ``(M, log S)``), the host forms the sequence log-ratios, and this kernel then runs with
 ``HAS_LSE`` -- no statistics sweep, only the gradient sweep: two reads and one write.
 
+``fused_loss_grad`` is the gradient sweep alone, from saved per-row statistics (``lse``, entropy,
+the per-token coefficients) with the upstream gradient read from a device scalar: one read and
+one write of the logits, for a backward that owns the gradient pass.
+
 ``scale_rows`` multiplies the stored gradient by a factor in place (the upstream gradient, in
 backward); it returns without touching memory when the factor is exactly 1 (``loss.backward()``),
 checked on the device (no host synchronization).
@@ -55,17 +62,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype_of, interpreting, row_offset, row_softmax_stats, tl_dtype
+from ._utils import (acc_dtype_of, grad_sweep, interpreting, row_offset, row_softmax_stats,
+                     stream_block, tl_dtype, zero_row)
 from .kl import KINDS as KL_KINDS
 from .kl import _klp_dvdx, _klp_value
 from .losses import _to_acc, policy_token_terms
 
-__all__ = ["fused_loss_fwd", "scale_rows", "N_AUX", "AUX_ROWS", "KL_KINDS", "AOT_SPECS"]
+__all__ = ["fused_loss_fwd", "fused_loss_grad", "scale_rows", "N_AUX", "AUX_ROWS", "KL_KINDS", "AOT_SPECS"]
 
-# 8192 lanes over 16 warps = 16 elements per thread per sweep iteration: two 128-bit loads per
-# thread for bf16, four for fp32, and four running vectors (m, s, t, nan) of 16 registers each.
-BLOCK_V = 8192
+# 16 warps, every thread loads four 128-bit vectors per sweep iteration (bf16: 32 elements,
+# 16384 per block; fp32: 16, 8192 per block) and keeps one running max / sum / entropy sum.
 NUM_WARPS = 16
+BLOCK_V = stream_block(torch.bfloat16, NUM_WARPS)
+BLOCK_V_FP32 = stream_block(torch.float32, NUM_WARPS)
 BLOCK_V_INTERPRET = 64
 # scale kernel: a plain elementwise stream
 BLOCK_S = 4096
@@ -118,7 +127,7 @@ def _fused_loss_kernel(
             ent = tl.load(ent_in_ptr + r64).to(ACC)
             logp = tl.load(lp_in_ptr + r64).to(ACC)
         else:
-            M, log_s, ent, bad_row = row_softmax_stats(base, V, inv_temp, ACC, BLOCK_V)
+            M, log_s, ent, bad_row = row_softmax_stats(base, V, inv_temp, ACC, BLOCK_V, True)
             # Out-of-range ids read nothing and give NaN (the host check normally rejects them).
             x_tok = tl.load(base + tl.where(valid_tok, tok, 0)).to(ACC) * inv_temp
             logp = tl.where(valid_tok, (x_tok - M) - log_s, nan)
@@ -169,29 +178,59 @@ def _fused_loss_kernel(
             g_lp = tl.where(live & (ignored == 0), w * (dpg + kl_coef * dkl), 0.0)
             g_h = tl.where(live, -w * ent_coef, 0.0)
             obase = dlogits_ptr + row_offset(r64, D1, D2, o0, o1, o2)
-            # masked tokens (w = 0) read nothing: their gradient row is zeros
-            v_live = tl.where(live, V, 0)
-            offs = tl.arange(0, BLOCK_V)
-            for start in range(0, V, BLOCK_V):
-                cols = start + offs
-                cmask = cols < V
-                lmask = cols < v_live
-                if HAS_LSE:  # the row comes from DRAM again: no L2 reuse to protect
-                    x = tl.load(base + cols, mask=lmask, other=float("-inf"))
-                else:
-                    x = tl.load(base + cols, mask=lmask, other=float("-inf"),
-                                eviction_policy="evict_first")
-                x = x.to(ACC) * inv_temp
-                z = (x - M) - log_s
-                p = tl.exp(z)
-                g = -g_lp * p
-                if HAS_ENT:
-                    # d H / d x_j = -p_j (log p_j + H); p_j = 0 (x = -inf) contributes exactly 0
-                    g -= g_h * p * tl.where(p > 0, z + ent, 0.0)
-                g = tl.where(cols == tok, g + g_lp, g) * inv_temp
-                g = tl.where(live, g, 0.0)
-                tl.store(obase + cols, g.to(dlogits_ptr.dtype.element_ty), mask=cmask,
-                         eviction_policy="evict_first")
+            # The target logit for the one-hot term, read by every thread *before* the barrier:
+            # with an in-place gradient another warp's sweep may otherwise overwrite it first.
+            x_tok2 = tl.load(base + tl.where(valid_tok, tok, 0)).to(ACC)
+            tl.debug_barrier()
+            if live:
+                # HAS_LSE: the row comes from DRAM again, no L2 reuse to protect
+                grad_sweep(base, obase, V, tok, x_tok2, valid_tok, M, log_s, g_lp, g_h, ent,
+                           inv_temp, HAS_ENT, not HAS_LSE, ACC, BLOCK_V)
+            else:
+                # masked tokens (w = 0) read nothing: their gradient row is zeros
+                zero_row(obase, V, ACC, BLOCK_V)
+            # the next row's statistics must not start while this row's stores are pending
+            # in other warps (rows never overlap, but the in-place fix-up store is per row)
+            tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=["n_rows", "D1", "D2", "ignore_index"])
+def _fused_loss_grad_kernel(
+    logits_ptr, dlogits_ptr, tokens_ptr, lse_ptr, ent_ptr, glp_ptr, gh_ptr, up_ptr,
+    n_rows, V, D1, D2, s0, s1, s2, o0, o1, o2,
+    inv_temp_arg: tl.float64, ignore_index,
+    HAS_ENT: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Gradient sweep only, from saved per-row statistics: ``dlogits = u (g_lp (onehot - p) -
+    g_h p (log p + H)) / T`` with the upstream gradient ``u`` read from a device scalar.  One
+    read and one write of the row (none of the read for rows with ``g_lp = g_h = 0``)."""
+    inv_temp = _to_acc(inv_temp_arg, ACC)
+    row = tl.program_id(0)
+    if row >= n_rows:
+        return
+    r64 = row.to(tl.int64)
+    base = logits_ptr + row_offset(r64, D1, D2, s0, s1, s2)
+    obase = dlogits_ptr + row_offset(r64, D1, D2, o0, o1, o2)
+    u = tl.load(up_ptr).to(ACC)
+    tok = tl.load(tokens_ptr + r64).to(tl.int64)
+    valid_tok = (tok >= 0) & (tok < V)
+    g_lp = tl.load(glp_ptr + r64).to(ACC)
+    g_lp = tl.where(tok == ignore_index, 0.0, g_lp)
+    g_h = tl.zeros([], ACC)
+    ent = tl.zeros([], ACC)
+    if HAS_ENT:
+        g_h = tl.load(gh_ptr + r64).to(ACC)
+        ent = tl.load(ent_ptr + r64).to(ACC)
+    live = (g_lp != 0) | (g_h != 0)
+    M = tl.load(lse_ptr + 2 * r64).to(ACC)
+    log_s = tl.load(lse_ptr + 2 * r64 + 1).to(ACC)
+    x_tok = tl.load(base + tl.where(valid_tok, tok, 0)).to(ACC)
+    tl.debug_barrier()   # in place: the target logit is read by every thread before any store
+    if live:
+        grad_sweep(base, obase, V, tok, x_tok, valid_tok, M, log_s, g_lp * u, g_h * u, ent,
+                   inv_temp, HAS_ENT, False, ACC, BLOCK_V)
+    else:
+        zero_row(obase, V, ACC, BLOCK_V)
 
 
 @triton.jit(do_not_specialize=["n_rows", "D1", "D2"])
@@ -215,14 +254,15 @@ def _scale_rows_kernel(x_ptr, g_ptr, n_rows, V, D1, D2, s0, s1, s2,
 # launchers
 # ---------------------------------------------------------------------------------------------
 
-def _block_v(V: int) -> int:
+def _block_v(V: int, dtype) -> int:
     if interpreting():
-        return min(BLOCK_V_INTERPRET, triton.next_power_of_2(max(V, 1)))
-    return min(BLOCK_V, max(triton.next_power_of_2(V), 512))
+        return min(BLOCK_V_INTERPRET, max(triton.next_power_of_2(max(V, 1)), 32))
+    return min(stream_block(dtype, NUM_WARPS), max(triton.next_power_of_2(V), 512))
 
 
-def _num_warps(block: int) -> int:
-    return max(1, min(NUM_WARPS, block // 512))
+def _num_warps(block: int, dtype) -> int:
+    """Warps such that every thread owns four 128-bit vectors of the block."""
+    return max(1, min(NUM_WARPS, block // stream_block(dtype, 1)))
 
 
 # Rows whose second sweep must still find them in L2 may occupy at most this fraction of it.
@@ -284,7 +324,7 @@ def fused_loss_fwd(logits, dlogits, dims, strides, out_strides, V, T, tokens, ol
     seq = seq_lr is not None
     has_lse = lse is not None
     dummy = w
-    blk = _block_v(V)
+    blk = _block_v(V, logits.dtype)
     grid = (num_programs(n_rows, V * logits.element_size(), logits.device),)
     _fused_loss_kernel[grid](
         logits, dlogits if write_grad else logits, tokens, old_logp, adv,
@@ -299,7 +339,7 @@ def fused_loss_fwd(logits, dlogits, dims, strides, out_strides, V, T, tokens, ol
         SEQ=seq, HAS_LSE=has_lse, HAS_DUAL=dual is not None,
         HAS_REF=ref_logp is not None, KL_VAL=int(kl_val), KL_GRAD=int(kl_grad),
         HAS_ENT=float(ent_coef) != 0.0, WRITE_GRAD=bool(write_grad),
-        ACC=tl_dtype(acc), BLOCK_V=blk, num_warps=_num_warps(blk),
+        ACC=tl_dtype(acc), BLOCK_V=blk, num_warps=_num_warps(blk, logits.dtype),
     )
     return aux
 
@@ -319,6 +359,34 @@ def scale_rows(x, dims, strides, V, g):
         ACC=tl_dtype(acc), BLOCK=blk, num_warps=max(1, min(NUM_WARPS_S, blk // 256)),
     )
     return x
+
+
+def fused_loss_grad(logits, dlogits, dims, strides, out_strides, V, tokens, lse, ent, g_lp,
+                    g_h, upstream, *, inv_temp, ignore_index, has_ent):
+    """Write the fused loss's gradient w.r.t. the logits from saved per-row statistics.
+
+    ``lse`` ``[N, 2]`` (row max M, log S) and ``ent`` ``[N]`` as :func:`.logprobs.logprobs_fwd`
+    returns them; ``g_lp`` / ``g_h`` ``[N]`` the per-token coefficients of ``logp`` and of the
+    entropy in the loss (aggregation weight included, 0 for tokens that do not count: their row
+    is written as zeros without being read); ``upstream`` a one-element device tensor (the
+    upstream gradient, no host sync).  ``dlogits`` may be ``logits`` itself (in place).
+    Returns ``dlogits``.  This is backward's single read + write of the logits with the upstream
+    gradient folded in (the existing :func:`fused_loss_fwd` is unchanged)."""
+    D0, D1, D2 = dims
+    n_rows = D0 * D1 * D2
+    if n_rows == 0 or V == 0:
+        return dlogits
+    acc = g_lp.dtype
+    blk = _block_v(V, logits.dtype)
+    _fused_loss_grad_kernel[(n_rows,)](
+        logits, dlogits, tokens, lse, ent if ent is not None else lse, g_lp,
+        g_h if g_h is not None else g_lp, upstream.reshape(1).to(acc),
+        n_rows, V, D1, D2, strides[0], strides[1], strides[2],
+        out_strides[0], out_strides[1], out_strides[2],
+        float(inv_temp), int(ignore_index),
+        HAS_ENT=bool(has_ent), ACC=tl_dtype(acc), BLOCK_V=blk,
+        num_warps=_num_warps(blk, logits.dtype))
+    return dlogits
 
 
 BLOCK_S_INTERPRET = 64
@@ -351,14 +419,32 @@ def _aot_specs():
                    "ACC": "constexpr", "BLOCK_V": "constexpr"}
             cx = {"ADV_ROW": adv_row, "SEQ": seq, "HAS_LSE": seq, "HAS_DUAL": dual,
                   "HAS_REF": ref, "KL_VAL": KL_KINDS["k3"], "KL_GRAD": KL_KINDS["k3"],
-                  "HAS_ENT": ent, "WRITE_GRAD": True, "ACC": tl.float32, "BLOCK_V": BLOCK_V}
+                  "HAS_ENT": ent, "WRITE_GRAD": True, "ACC": tl.float32,
+                  "BLOCK_V": BLOCK_V if dt == "bf16" else BLOCK_V_FP32}
             specs.append(dict(
                 name=f"fused_ppo_loss[{tag}]", fn=_fused_loss_kernel, signature=sig,
+                passes=(("fwd read+write (grad, stats from logprobs)",) if seq else
+                        ("fwd read (stats)", "fwd read+write (grad)")),
                 constexprs=cx,
                 aligned=["logits_ptr", "dlogits_ptr", "tokens_ptr", "old_ptr", "adv_ptr",
                          "ref_ptr", "w_ptr", "seq_ptr", "lse_ptr", "lp_in_ptr", "ent_in_ptr",
                          "aux_ptr", "V", "s0", "s1", "s2", "o0", "o1", "o2"],
                 num_warps=NUM_WARPS, stream_dtype=dt))
+        for has_ent in (True, False):
+            specs.append(dict(
+                name=f"fused_ppo_loss_grad[{dt},ent={has_ent}]", fn=_fused_loss_grad_kernel,
+                signature={"logits_ptr": f"*{dt}", "dlogits_ptr": f"*{dt}", "tokens_ptr": "*i64",
+                           "lse_ptr": "*fp32", "ent_ptr": "*fp32", "glp_ptr": "*fp32",
+                           "gh_ptr": "*fp32", "up_ptr": "*fp32",
+                           "n_rows": "i32", "V": "i32", "D1": "i32", "D2": "i32",
+                           "s0": "i64", "s1": "i64", "s2": "i64", "o0": "i64", "o1": "i64",
+                           "o2": "i64", "inv_temp_arg": "fp64", "ignore_index": "i64",
+                           "HAS_ENT": "constexpr", "ACC": "constexpr", "BLOCK_V": "constexpr"},
+                constexprs={"HAS_ENT": has_ent, "ACC": tl.float32,
+                            "BLOCK_V": BLOCK_V if dt == "bf16" else BLOCK_V_FP32},
+                aligned=["logits_ptr", "dlogits_ptr", "tokens_ptr", "lse_ptr", "ent_ptr",
+                         "glp_ptr", "gh_ptr", "up_ptr", "V", "s0", "s1", "s2", "o0", "o1", "o2"],
+                num_warps=NUM_WARPS, stream_dtype=dt, passes=("bwd read+write (grad)",)))
         specs.append(dict(
             name=f"fused_ppo_loss_scale[{dt}]", fn=_scale_rows_kernel,
             signature={"x_ptr": f"*{dt}", "g_ptr": "*fp32", "n_rows": "i32", "V": "i32",
@@ -366,7 +452,7 @@ def _aot_specs():
                        "ACC": "constexpr", "BLOCK": "constexpr"},
             constexprs={"ACC": tl.float32, "BLOCK": BLOCK_S},
             aligned=["x_ptr", "g_ptr", "V", "s0", "s1", "s2"],
-            num_warps=NUM_WARPS_S, stream_dtype=dt))
+            num_warps=NUM_WARPS_S, stream_dtype=dt, passes=("bwd read+write (scale)",)))
     return specs
 
 

@@ -16,24 +16,32 @@ streams vectorize to 128-bit accesses whatever ``n`` is), only the last block is
 
 ``full_kl``: one program per row of ``[N, V]`` logits (rows addressed with arbitrary strides, as
 in :mod:`.logprobs`), one streaming pass over both rows.  With ``x = logits / T`` and
-``y = ref_logits / T`` every lane keeps, for both rows, a running max and sum of exponentials, and
+``y = ref_logits / T``, every thread loads four 128-bit vectors of each row per iteration and
+keeps, per row, one running max and (relative to it, base-2 units, one FMA + one ``exp2`` per
+element) the sum of exponentials, plus
 
-    t = sum_j exp(x_j - m_x) * ((x_j - m_x) - (y_j - m_y))
+    t = sum_j 2^(zx_j) (zx_j - zy_j)       (zx, zy the base-2 offsets from the running maxima)
 
-relative to its running maxima (so a +1e4 offset on either row loses nothing), updated with one
-``exp`` per element per tensor.  After merging the lanes::
+with ``zx - zy`` clamped to +-1e30 (so ``p_j = 0`` and ``q_j = 0`` entries stay finite), and the
+minimum of ``y``.  After merging the threads::
 
-    KL = T / S_x - log S_x + log S_y      (= sum_j p_j (log p_j - log q_j))
+    KL = ln2 T / S_x - ln S_x + ln S_y      (= sum_j p_j (log p_j - log q_j))
 
-Entries with ``x_j = -inf`` (p_j = 0) contribute nothing; ``y_j = -inf`` where ``x_j > -inf``
-makes the KL ``+inf``; a row that is entirely ``-inf`` in either tensor, or holds a NaN / +inf,
-gives NaN.  The kernel saves ``(M_x, log S_x, M_y, log S_y)`` per row; the backward recomputes
-``log p_j = (x_j - M_x) - log S_x`` and ``log q_j`` from them and writes
+The row's KL follows ``fastrlhf.reference.full_kl`` evaluated in the accumulation dtype: terms
+with ``p_j = 0`` vanish -- also where ``p_j`` underflows against ``q_j = 0``; ``q_j = 0``
+(``y_j = -inf``) under ``p_j = exp(log p_j) > 0`` gives ``+inf`` (only rows whose ``y`` holds a
+``-inf`` are swept a second time, to find the largest such ``x_j``); a row that is entirely
+``-inf`` in either tensor, or holds a NaN / +inf, gives NaN.  The kernel saves
+``(M_x, log S_x, M_y, log S_y)`` per row; the backward recomputes ``log p_j`` and ``log q_j``
+from them and writes the reference's autograd gradient:
 
-    dKL/dlogits_j     = g * p_j * (log p_j - log q_j - KL) / T     (0 where p_j = 0)
-    dKL/dref_logits_j = g * (q_j - p_j) / T
+    dKL/dlogits_j     = g p_j (log p_j - log q_j - KL) / T    (0 where p_j = 0)
+    dKL/dref_logits_j = g (q_j P - p_j) / T                   (P = sum_j p_j: 1, or 0 when
+                                                               the policy row is NaN)
 
-into fresh contiguous buffers.  Nothing of size [N, V] besides the gradients is allocated.
+-- in rows whose KL is NaN the policy gradient is NaN; in +inf rows it is -inf * sign(g) where
+``p_j, q_j > 0`` and NaN elsewhere (``0 * inf``), exactly as autograd through the reference.
+Nothing of size [N, V] besides the gradients is allocated.
 
 Vocab parallelism (``PARTIAL``): on a slice of the vocab the forward instead stores the slice's
 ``T / S_x`` and the two flags (q = 0 under p > 0; NaN / +inf seen) next to the four maxima /
@@ -48,7 +56,8 @@ import triton
 import triton.language as tl
 
 from ..tables import KL_CODES, acc_dtype
-from ._utils import interpreting, row_offset, tl_dtype
+from ._utils import (FMA_REF, exp2_, interpreting, load_block, max_nan, row_offset,
+                     stream_block, sub_block_offsets, tl_dtype)
 
 __all__ = ["KINDS", "kl_penalty_fwd", "kl_penalty_bwd", "full_kl_fwd", "full_kl_bwd", "AOT_SPECS"]
 
@@ -58,10 +67,14 @@ KINDS = KL_CODES  # {"k1": 0, "abs": 1, "k2": 2, "k3": 3}, defined once in fastr
 # Elementwise kernels: 1024 elements over 4 warps = 8 per thread (two 128-bit fp32 accesses).
 BLOCK_E = 1024
 NUM_WARPS_E = 4
-# full_kl: two rows streamed at once and five running vectors per lane; 2048 lanes over 8 warps
-# = 8 elements per thread keeps it well inside the register file (no spills).
-BLOCK_V = 2048
+# full_kl: two rows streamed at once, 8 warps.  Forward: every thread loads four 128-bit vectors
+# of each row per iteration (bf16: 8192 vocab positions per block); backward: one vector of
+# each (bf16: 2048), its loop body already holds two rows.
 NUM_WARPS_V = 8
+BLOCK_V = stream_block(torch.bfloat16, NUM_WARPS_V)
+BLOCK_V_FP32 = stream_block(torch.float32, NUM_WARPS_V)
+BLOCK_V_BWD = stream_block(torch.bfloat16, NUM_WARPS_V, 1)
+BLOCK_V_BWD_FP32 = stream_block(torch.float32, NUM_WARPS_V, 1)
 BLOCK_V_INTERPRET = 64
 
 
@@ -152,6 +165,11 @@ def _kl_penalty_bwd_kernel(g_ptr, x_ptr, y_ptr, dx_ptr, dy_ptr, n,
             tl.store(dy_ptr + offs, (-dx).to(dy_ptr.dtype.element_ty), mask=m)
 
 
+def _wider(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """The dtype with the larger element (fewer elements per 128-bit vector)."""
+    return a if a.itemsize >= b.itemsize else b
+
+
 _acc_of = acc_dtype  # float64 if either input is float64
 
 
@@ -189,6 +207,97 @@ def kl_penalty_bwd(g, x, y, kind_code: int, need_dx: bool, need_dy: bool):
 # rows addressed with kernels/_utils.py row_offset (shared with every logits kernel)
 
 
+@triton.jit
+def _kl_step(xb, yb, start, offs, V, c, mx, rx, sx, my, ry, sy, t, ymin, Q: tl.constexpr,
+             MASKED: tl.constexpr, ACC: tl.constexpr):
+    # four 128-bit vectors of each row per thread, all loaded before any is used
+    x0 = load_block(xb + start + offs, start + offs, V, MASKED, False).to(ACC)
+    x1 = load_block(xb + (start + Q) + offs, start + Q + offs, V, MASKED, False).to(ACC)
+    x2 = load_block(xb + (start + 2 * Q) + offs, start + 2 * Q + offs, V, MASKED, False).to(ACC)
+    x3 = load_block(xb + (start + 3 * Q) + offs, start + 3 * Q + offs, V, MASKED, False).to(ACC)
+    y0 = load_block(yb + start + offs, start + offs, V, MASKED, False).to(ACC)
+    y1 = load_block(yb + (start + Q) + offs, start + Q + offs, V, MASKED, False).to(ACC)
+    y2 = load_block(yb + (start + 2 * Q) + offs, start + 2 * Q + offs, V, MASKED, False).to(ACC)
+    y3 = load_block(yb + (start + 3 * Q) + offs, start + 3 * Q + offs, V, MASKED, False).to(ACC)
+    bx = max_nan(max_nan(tl.reduce(x0, 1, max_nan), tl.reduce(x1, 1, max_nan)),
+                 max_nan(tl.reduce(x2, 1, max_nan), tl.reduce(x3, 1, max_nan)))
+    by = max_nan(max_nan(tl.reduce(y0, 1, max_nan), tl.reduce(y1, 1, max_nan)),
+                 max_nan(tl.reduce(y2, 1, max_nan), tl.reduce(y3, 1, max_nan)))
+    # any q_j = 0 (y = -inf) in this thread? (decided exactly after the sweep, rarely taken)
+    ymin = tl.minimum(ymin, tl.minimum(tl.minimum(tl.min(y0, axis=1), tl.min(y1, axis=1)),
+                                       tl.minimum(tl.min(y2, axis=1), tl.min(y3, axis=1))))
+    mx_new = max_nan(mx, bx)
+    my_new = max_nan(my, by)
+    rx_new = tl.where(mx_new == float("-inf"), 0.0, mx_new)
+    ry_new = tl.where(my_new == float("-inf"), 0.0, my_new)
+    if FMA_REF:
+        rx_new = rx_new * c
+        ry_new = ry_new * c
+        nx = -rx_new[:, None]
+        ny = -ry_new[:, None]
+        zx0 = tl.fma(x0, c, nx)
+        zx1 = tl.fma(x1, c, nx)
+        zx2 = tl.fma(x2, c, nx)
+        zx3 = tl.fma(x3, c, nx)
+        zy0 = tl.fma(y0, c, ny)
+        zy1 = tl.fma(y1, c, ny)
+        zy2 = tl.fma(y2, c, ny)
+        zy3 = tl.fma(y3, c, ny)
+        drx = rx - rx_new
+        dry = ry - ry_new
+    else:
+        nx = rx_new[:, None]
+        ny = ry_new[:, None]
+        zx0 = (x0 - nx) * c
+        zx1 = (x1 - nx) * c
+        zx2 = (x2 - nx) * c
+        zx3 = (x3 - nx) * c
+        zy0 = (y0 - ny) * c
+        zy1 = (y1 - ny) * c
+        zy2 = (y2 - ny) * c
+        zy3 = (y3 - ny) * c
+        drx = (rx - rx_new) * c
+        dry = (ry - ry_new) * c
+    ex0 = exp2_(zx0, ACC)
+    ex1 = exp2_(zx1, ACC)
+    ex2 = exp2_(zx2, ACC)
+    ex3 = exp2_(zx3, ACC)
+    ey0 = exp2_(zy0, ACC)
+    ey1 = exp2_(zy1, ACC)
+    ey2 = exp2_(zy2, ACC)
+    ey3 = exp2_(zy3, ACC)
+    ax = exp2_(drx, ACC)
+    ay = exp2_(dry, ACC)
+    # e_x (z_x - z_y), with the difference clamped to +-1e30: e_x = 0 entries (x = -inf) give
+    # 0, q = 0 entries a finite stand-in (the row's KL is then decided by the q = 0 check)
+    tv = ex0 * tl.minimum(tl.maximum(zx0 - zy0, -1e30), 1e30)
+    tv += ex1 * tl.minimum(tl.maximum(zx1 - zy1, -1e30), 1e30)
+    tv += ex2 * tl.minimum(tl.maximum(zx2 - zy2, -1e30), 1e30)
+    tv += ex3 * tl.minimum(tl.maximum(zx3 - zy3, -1e30), 1e30)
+    t = ax * (t + (drx - dry) * sx) + tl.sum(tv, axis=1)
+    sx = ax * sx + tl.sum((ex0 + ex1) + (ex2 + ex3), axis=1)
+    sy = ay * sy + tl.sum((ey0 + ey1) + (ey2 + ey3), axis=1)
+    return mx_new, rx_new, sx, my_new, ry_new, sy, t, ymin
+
+
+@triton.jit
+def _merge_ref(m, r, s, c, ACC: tl.constexpr):
+    """Row max, its finite reference, ``w_i`` per thread, ``ln S`` and the exact rounding of the
+    base-2 reference (``delta``) from the per-thread states."""
+    M = tl.reduce(m, 0, max_nan)
+    Rg = tl.where(M == float("-inf"), 0.0, M)
+    if FMA_REF:
+        RC = Rg * c
+        delta = tl.fma(Rg, c, -RC)
+        dr = r - RC
+    else:
+        delta = tl.zeros([], ACC)
+        dr = (r - Rg) * c
+    w = tl.where(s == 0, 0.0, exp2_(dr, ACC))
+    S = tl.sum(s * w, axis=0)
+    return M, w, dr, S, delta
+
+
 @triton.jit(do_not_specialize=["n_rows", "Dx1", "Dx2", "Dy1", "Dy2"])
 def _full_kl_fwd_kernel(
     x_ptr, y_ptr, kl_ptr, stats_ptr,
@@ -201,77 +310,99 @@ def _full_kl_fwd_kernel(
         return
     xb = x_ptr + row_offset(row, Dx1, Dx2, sx0, sx1, sx2)
     yb = y_ptr + row_offset(row, Dy1, Dy2, sy0, sy1, sy2)
-    offs = tl.arange(0, BLOCK_V)
+    VEC: tl.constexpr = 128 // x_ptr.dtype.element_ty.primitive_bitwidth
+    R: tl.constexpr = BLOCK_V // (4 * VEC)
+    Q: tl.constexpr = R * VEC
+    offs = sub_block_offsets(R, VEC)
     ninf = float("-inf")
     pinf = float("inf")
-
-    mx = tl.full([BLOCK_V], ninf, ACC)
-    my = tl.full([BLOCK_V], ninf, ACC)
-    sx = tl.zeros([BLOCK_V], ACC)
-    sy = tl.zeros([BLOCK_V], ACC)
-    t = tl.zeros([BLOCK_V], ACC)
-    bad = tl.zeros([BLOCK_V], tl.int1)     # NaN or +inf seen in either row
-    qzero = tl.zeros([BLOCK_V], tl.int1)   # some q_j = 0 where p_j > 0
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        cm = cols < V
-        x = tl.load(xb + cols, mask=cm, other=ninf).to(ACC) * inv_temp
-        y = tl.load(yb + cols, mask=cm, other=ninf).to(ACC) * inv_temp
-        bad = bad | (x != x) | (y != y) | (x == pinf) | (y == pinf)
-        xlive = x > ninf
-        ydead = y == ninf
-        qzero = qzero | (xlive & ydead)
-        # policy row: one exp per element (the larger of x, m_x becomes the new max).
-        gx = x > mx
-        ex = tl.exp(-tl.abs(x - mx))
-        ex = tl.where(xlive, ex, 0.0)
-        ax = tl.where(gx, ex, 1.0)
-        wx = tl.where(gx, 1.0, ex)
-        mx_new = tl.where(gx, x, mx)
-        # reference row: same update.
-        gy = y > my
-        ey = tl.exp(-tl.abs(y - my))
-        ey = tl.where(ydead, 0.0, ey)
-        ay = tl.where(gy, ey, 1.0)
-        wy = tl.where(gy, 1.0, ey)
-        my_new = tl.where(gy, y, my)
-        # t is kept relative to (m_x, m_y): re-base it on the new maxima, then add the element.
-        shift = tl.where(sx > 0, (mx - mx_new) - (my - my_new), 0.0)
-        r = (x - mx_new) - (y - my_new)
-        add = tl.where(xlive & (~ydead), wx * r, 0.0)
-        t = ax * (t + shift * sx) + add
-        sx = sx * ax + wx
-        sy = sy * ay + wy
-        mx = mx_new
-        my = my_new
-
-    Mx = tl.max(mx, axis=0)
-    My = tl.max(my, axis=0)
-    lx = tl.where(sx > 0, tl.exp(mx - Mx), 0.0)
-    ly = tl.where(sy > 0, tl.exp(my - My), 0.0)
-    Sx = tl.sum(sx * lx, axis=0)
-    Sy = tl.sum(sy * ly, axis=0)
-    Tsum = tl.sum(tl.where(sx > 0, lx * (t + sx * ((mx - Mx) - (my - My))), 0.0), axis=0)
-    lsx = tl.log(Sx)
-    lsy = tl.log(Sy)
-    any_qzero = tl.max(qzero.to(tl.int32), axis=0) > 0
-    any_bad = tl.max(bad.to(tl.int32), axis=0) > 0
+    LN2 = 0.6931471805599453
+    c = inv_temp * 1.4426950408889634
+    mx = tl.full([R], ninf, ACC)
+    my = tl.full([R], ninf, ACC)
+    rx = tl.zeros([R], ACC)
+    ry = tl.zeros([R], ACC)
+    sx = tl.zeros([R], ACC)
+    sy = tl.zeros([R], ACC)
+    t = tl.zeros([R], ACC)
+    ymin = tl.full([R], pinf, ACC)
+    v_full = V - V % BLOCK_V
+    for start in range(0, v_full, BLOCK_V):
+        mx, rx, sx, my, ry, sy, t, ymin = _kl_step(xb, yb, start, offs, V, c, mx, rx, sx, my,
+                                                   ry, sy, t, ymin, Q, False, ACC)
+    if v_full < V:
+        mx, rx, sx, my, ry, sy, t, ymin = _kl_step(xb, yb, v_full, offs, V, c, mx, rx, sx, my,
+                                                   ry, sy, t, ymin, Q, True, ACC)
+    Mx, wx, drx, Sx, dlx = _merge_ref(mx, rx, sx, c, ACC)
+    My, wy, dry, Sy, dly = _merge_ref(my, ry, sy, c, ACC)
+    Tsum = tl.sum(tl.where(sx == 0, 0.0, wx * (t + (drx - dry) * sx)), axis=0)
+    lsx = tl.log(Sx) - dlx * LN2
+    lsy = tl.log(Sy) - dly * LN2
+    # NaN or +inf in either row makes its sums NaN
+    any_bad = (Sx != Sx) | (Sy != Sy)
+    # q_j = 0 entries: only when some y_j = -inf (rare) is the row swept again for them
+    has_qzero_cand = tl.min(ymin, axis=0) == ninf
+    qx = tl.full([], ninf, ACC)
+    if has_qzero_cand:
+        o1 = tl.arange(0, BLOCK_V)
+        qv = tl.full([BLOCK_V], ninf, ACC)
+        for start in range(0, V, BLOCK_V):
+            cols = start + o1
+            cm = cols < V
+            xv = tl.load(xb + cols, mask=cm, other=ninf).to(ACC)
+            yv = tl.load(yb + cols, mask=cm, other=0.0).to(ACC)
+            qv = tl.maximum(qv, tl.where(yv == ninf, xv, ninf))
+        qx = tl.max(qv, axis=0)
     srow = stats_ptr + row.to(tl.int64)
+    Mxn = Mx * inv_temp
+    Myn = My * inv_temp
     if PARTIAL:
-        # Vocab-parallel slice partials: E = T / S_x (0 for a slice without p mass) and the two
-        # flags; an all -inf slice is not an error here (other slices may hold the mass).
-        tl.store(kl_ptr + row, tl.where(Sx > 0, Tsum / Sx, 0.0))
-        tl.store(srow + 4 * n_rows, any_qzero.to(ACC))
+        # Vocab-parallel slice partials: E = sum p ((x - M_x) - (y - M_y)) (0 for a slice
+        # without p mass) and the two flags; an all -inf slice is not an error here.
+        E = (Tsum / Sx - dlx + dly) * LN2
+        tl.store(kl_ptr + row, tl.where(Sx > 0, E, 0.0))
+        tl.store(srow + 4 * n_rows, (qx > ninf).to(ACC))
         tl.store(srow + 5 * n_rows, any_bad.to(ACC))
     else:
-        kl = Tsum / Sx - lsx + lsy
-        kl = tl.where(any_qzero, pinf, kl)
+        kl = (Tsum / Sx) * LN2 - tl.log(Sx) + tl.log(Sy)
+        # q_j = 0 under p_j > 0 (p_j as the reference forms it: exp(log_softmax)) -> +inf;
+        # where p_j underflows to 0 the term is 0 like every p_j = 0 term
+        p_q = tl.exp((qx * inv_temp - Mxn) - lsx)
+        kl = tl.where(p_q > 0, pinf, kl)
         kl = tl.where(any_bad | (Mx == ninf) | (My == ninf), float("nan"), kl)
         tl.store(kl_ptr + row, kl)
-    tl.store(srow, Mx)
+    tl.store(srow, Mxn)
     tl.store(srow + n_rows, lsx)
-    tl.store(srow + 2 * n_rows, My)
+    tl.store(srow + 2 * n_rows, Myn)
     tl.store(srow + 3 * n_rows, lsy)
+
+
+@triton.jit
+def _kl_grad_step(xb, yb, dxp, dyp, start, offs, V, Mxr, Myr, c, L2x, L2y, g, gl, gk, gP, UB,
+                  Q: tl.constexpr, MASKED: tl.constexpr, NEED_DX: tl.constexpr,
+                  NEED_DY: tl.constexpr, ACC: tl.constexpr):
+    cols = start + offs
+    x = load_block(xb + cols, cols, V, MASKED, False).to(ACC)
+    y = load_block(yb + cols, cols, V, MASKED, False).to(ACC)
+    a2 = (x - Mxr) * c - L2x      # log2 p
+    b2 = (y - Myr) * c - L2y      # log2 q
+    p = exp2_(a2, ACC)
+    if NEED_DX:
+        # g p (ln p - ln q - KL) / T; the clamp turns p = 0 entries (x = -inf, or q = 0 where p
+        # underflows) into exact zeros; UB = +inf in +inf-KL rows keeps the reference's NaN
+        dd = tl.minimum(tl.maximum(a2 - b2, -1e30), UB)
+        dx = p * (dd * gl + gk)
+        if MASKED:
+            tl.store(dxp + cols, dx.to(dxp.dtype.element_ty), mask=cols < V)
+        else:
+            tl.store(dxp + cols, dx.to(dxp.dtype.element_ty))
+    if NEED_DY:
+        # g (q P - p) / T with P = sum_j p_j (1, or 0 where every p_j is NaN); NaN p -> 0
+        dy = exp2_(b2, ACC) * gP - tl.maximum(p, 0.0) * g
+        if MASKED:
+            tl.store(dyp + cols, dy.to(dyp.dtype.element_ty), mask=cols < V)
+        else:
+            tl.store(dyp + cols, dy.to(dyp.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=["n_rows", "Dx1", "Dx2", "Dy1", "Dy2"])
@@ -288,7 +419,9 @@ def _full_kl_bwd_kernel(
     xb = x_ptr + row_offset(row, Dx1, Dx2, sx0, sx1, sx2)
     yb = y_ptr + row_offset(row, Dy1, Dy2, sy0, sy1, sy2)
     obase = row.to(tl.int64) * V  # the gradients are fresh contiguous [N, V] buffers
-    offs = tl.arange(0, BLOCK_V)
+    VEC: tl.constexpr = 128 // x_ptr.dtype.element_ty.primitive_bitwidth
+    R: tl.constexpr = BLOCK_V // VEC
+    offs = sub_block_offsets(R, VEC)
     srow = stats_ptr + row.to(tl.int64)
     Mx = tl.load(srow).to(ACC)
     lsx = tl.load(srow + n_rows).to(ACC)
@@ -296,26 +429,33 @@ def _full_kl_bwd_kernel(
     lsy = tl.load(srow + 3 * n_rows).to(ACC)
     kl = tl.load(kl_ptr + row).to(ACC)
     g = tl.load(g_ptr + row).to(ACC) * inv_temp
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        cm = cols < V
-        x = tl.load(xb + cols, mask=cm, other=float("-inf")).to(ACC) * inv_temp
-        y = tl.load(yb + cols, mask=cm, other=float("-inf")).to(ACC) * inv_temp
-        a = (x - Mx) - lsx   # log p_j
-        b = (y - My) - lsy   # log q_j
-        p = tl.exp(a)
-        if NEED_DX:
-            dx = tl.where(p > 0, p * ((a - b) - kl), 0.0) * g
-            tl.store(dx_ptr + obase + cols, dx.to(dx_ptr.dtype.element_ty), mask=cm)
-        if NEED_DY:
-            dy = (tl.exp(b) - p) * g
-            tl.store(dy_ptr + obase + cols, dy.to(dy_ptr.dtype.element_ty), mask=cm)
+    LOG2E = 1.4426950408889634
+    c = inv_temp * LOG2E
+    Mxr = Mx / inv_temp
+    Myr = My / inv_temp
+    L2x = lsx * LOG2E
+    L2y = lsy * LOG2E
+    # dx = p (ln2 (a2 - b2) - KL) g:  gl = g ln2, gk = -KL g
+    gl = g * 0.6931471805599453
+    gk = -kl * g
+    # the reference's sum_j p_j: 1, or 0 when the policy row's log-softmax is NaN
+    gP = tl.where((Mx > float("-inf")) & (Mx < float("inf")), g, 0.0)
+    UB = tl.where(kl == float("inf"), float("inf"), 1e30)
+    dxp = dx_ptr + obase
+    dyp = dy_ptr + obase
+    v_full = V - V % BLOCK_V
+    for start in range(0, v_full, BLOCK_V):
+        _kl_grad_step(xb, yb, dxp, dyp, start, offs, V, Mxr, Myr, c, L2x, L2y, g, gl, gk, gP, UB,
+                      BLOCK_V, False, NEED_DX, NEED_DY, ACC)
+    if v_full < V:
+        _kl_grad_step(xb, yb, dxp, dyp, v_full, offs, V, Mxr, Myr, c, L2x, L2y, g, gl, gk, gP, UB,
+                      BLOCK_V, True, NEED_DX, NEED_DY, ACC)
 
 
-def _block_v(V: int) -> int:
+def _block_v(V: int, dtype, nsub: int = 4) -> int:
     if interpreting():
-        return min(BLOCK_V_INTERPRET, triton.next_power_of_2(max(V, 1)))
-    return min(BLOCK_V, max(triton.next_power_of_2(V), 128))
+        return min(BLOCK_V_INTERPRET, max(triton.next_power_of_2(max(V, 1)), 32))
+    return min(stream_block(dtype, NUM_WARPS_V, nsub), max(triton.next_power_of_2(V), 128))
 
 
 def full_kl_fwd(x, x_dims, x_strides, y, y_dims, y_strides, V, inv_temp, partial=False):
@@ -337,7 +477,7 @@ def full_kl_fwd(x, x_dims, x_strides, y, y_dims, y_strides, V, inv_temp, partial
         x, y, kl, stats, n_rows, V,
         x_dims[1], x_dims[2], x_strides[0], x_strides[1], x_strides[2],
         y_dims[1], y_dims[2], y_strides[0], y_strides[1], y_strides[2],
-        inv_temp, ACC=tl_dtype(acc), BLOCK_V=_block_v(V), PARTIAL=partial,
+        inv_temp, ACC=tl_dtype(acc), BLOCK_V=_block_v(V, _wider(x.dtype, y.dtype)), PARTIAL=partial,
         num_warps=NUM_WARPS_V)
     return kl, stats
 
@@ -357,7 +497,7 @@ def full_kl_bwd(x, x_dims, x_strides, y, y_dims, y_strides, V, g, kl, stats, inv
         x_dims[1], x_dims[2], x_strides[0], x_strides[1], x_strides[2],
         y_dims[1], y_dims[2], y_strides[0], y_strides[1], y_strides[2],
         inv_temp, NEED_DX=need_dx, NEED_DY=need_dy, ACC=tl_dtype(acc),
-        BLOCK_V=_block_v(V), num_warps=NUM_WARPS_V)
+        BLOCK_V=_block_v(V, _wider(x.dtype, y.dtype), 1), num_warps=NUM_WARPS_V)
     return dx, dy
 
 
@@ -404,7 +544,9 @@ def _aot_specs():
                 signature={"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "kl_ptr": "*fp32",
                            "stats_ptr": "*fp32", **row_sig, "ACC": "constexpr",
                            "BLOCK_V": "constexpr", "PARTIAL": "constexpr"},
-                constexprs={"ACC": tl.float32, "BLOCK_V": BLOCK_V, "PARTIAL": partial},
+                streams=2, passes=("fwd read x2", "rare: q = 0 re-sweep (rows with y = -inf)"),
+                constexprs={"ACC": tl.float32, "PARTIAL": partial,
+                            "BLOCK_V": BLOCK_V if dt == "bf16" else BLOCK_V_FP32},
                 aligned=["x_ptr", "y_ptr", "kl_ptr", "stats_ptr", "V", "sx0", "sx1", "sx2",
                          "sy0", "sy1", "sy2"],
                 num_warps=NUM_WARPS_V,
@@ -418,8 +560,9 @@ def _aot_specs():
                            "kl_ptr": "*fp32", "stats_ptr": "*fp32", "dx_ptr": f"*{dt}",
                            "dy_ptr": f"*{dt}", **row_sig, "NEED_DX": "constexpr",
                            "NEED_DY": "constexpr", "ACC": "constexpr", "BLOCK_V": "constexpr"},
+                streams=2, passes=("bwd read x2 + write" + (" x2" if need_dy else ""),),
                 constexprs={"NEED_DX": need_dx, "NEED_DY": need_dy, "ACC": tl.float32,
-                            "BLOCK_V": BLOCK_V},
+                            "BLOCK_V": BLOCK_V_BWD if dt == "bf16" else BLOCK_V_BWD_FP32},
                 aligned=["x_ptr", "y_ptr", "g_ptr", "kl_ptr", "stats_ptr", "dx_ptr", "dy_ptr",
                          "V", "sx0", "sx1", "sx2", "sy0", "sy1", "sy2"],
                 num_warps=NUM_WARPS_V,

@@ -6,17 +6,21 @@ most three strided dims).  Row ``n`` of the flattened ``[N, V]`` view lives at
 ``(n // (D1*D2)) * s0 + ((n // D2) % D1) * s1 + (n % D2) * s2`` -- so ``logits[:, :-1]`` is read in
 place, never copied.
 
-Forward: one program per row, one streaming pass over the vocab.  Every lane of the block keeps its
-own running max ``m``, sum ``s = sum exp(x - m)`` and ``t = sum exp(x - m) * (x - m)`` (the entropy's
-sum, kept relative to the running max so that offsets like +1e4 lose nothing), updated with a
-single ``exp`` per element; lanes are merged once at the end.  With ``x = logits / T``:
+Forward: one program per row, one streaming pass over the vocab
+(:func:`._utils.row_softmax_stats`).  Every thread loads four 128-bit vectors per iteration, keeps
+one running max of what it has seen and, relative to it in base-2 units (``exp2`` with
+``log2 e / T`` folded into one FMA per element), the sums ``S`` and the entropy's ``T``; a NaN
+shows up in the sums at the end instead of through a per-element flag.  With ``x = logits / T``:
 
     lse = M + log S,   logp = (x[token] - M) - log S,   H = log S - T_sum / S
 
-Backward recomputes ``p = exp(x - lse)`` from the saved logsumexp and writes
+Backward (:func:`._utils.grad_sweep`) recomputes ``p = exp(x - lse)`` from the saved pair and
+writes
 
     dlogits = (dlogp * (onehot - p) - dH * p * (log p + H)) / T
 
+with the one-hot term added afterwards by one store to the target entry (after a barrier; the
+target logit is read before another barrier, so the in-place sweep cannot overwrite it first),
 into a fresh buffer or into the logits buffer itself (in-place backward).  Nothing of size [N, V]
 is allocated by these kernels.
 """
@@ -27,15 +31,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (acc_dtype_of, interpreting, row_offset, row_softmax_stats, scalar_to,
-                     tl_dtype)
+from ._utils import (acc_dtype_of, grad_sweep, interpreting, row_offset, row_softmax_stats,
+                     scalar_to, stream_block, tl_dtype)
 
 __all__ = ["logprobs_fwd", "logprobs_bwd", "AOT_SPECS"]
 
-# Block of the vocab streamed per iteration.  4096 lanes over 8 warps = 16 elements per thread:
-# two 128-bit loads per thread per iteration for bf16, four for fp32, and ~60 live registers.
-BLOCK_V = 4096
+# Block of the vocab streamed per iteration: 8 warps, every thread loads four 128-bit vectors
+# (bf16: 32 elements, 8192 per block; fp32: 16, 4096 per block) before it uses any.
 NUM_WARPS = 8
+BLOCK_V = stream_block(torch.bfloat16, NUM_WARPS)
+BLOCK_V_FP32 = stream_block(torch.float32, NUM_WARPS)
 # The interpreter executes numpy ops per block: a smaller block keeps CPU tests fast and still
 # exercises the multi-block path at small V.
 BLOCK_V_INTERPRET = 64
@@ -55,7 +60,7 @@ def _logprobs_fwd_kernel(
     if row >= n_rows:
         return
     base = logits_ptr + row_offset(row, D1, D2, s0, s1, s2)
-    M, log_s, ent, bad = row_softmax_stats(base, V, inv_temp, ACC, BLOCK_V)
+    M, log_s, ent, bad = row_softmax_stats(base, V, inv_temp, ACC, BLOCK_V, WRITE_ENT)
     nan = float("nan")
     # The logsumexp is kept as the pair (M, log S): x - lse is then formed as (x - M) - log S,
     # which stays exact to fp32 rounding even when the logits sit at +1e4 (where M + log S alone
@@ -91,45 +96,39 @@ def _logprobs_bwd_kernel(
         return
     base = logits_ptr + row_offset(row, D1, D2, s0, s1, s2)
     obase = dlogits_ptr + row_offset(row, D1, D2, o0, o1, o2)
-    offs = tl.arange(0, BLOCK_V)
-    row_max = tl.load(lse_ptr + 2 * row).to(ACC)
+    M = tl.load(lse_ptr + 2 * row).to(ACC)
     log_s = tl.load(lse_ptr + 2 * row + 1).to(ACC)
 
     g_lp = tl.zeros([], ACC)
     tok = tl.full([], -1, tl.int64)
+    x_tok = tl.zeros([], ACC)
+    tok_ok = tok >= 0
     if HAS_TOKENS:
         tok = tl.load(tokens_ptr + row).to(tl.int64)
         g_lp = tl.load(dlogp_ptr + row).to(ACC)
         g_lp = tl.where(tok == ignore_index, 0.0, g_lp)
+        tok_ok = (tok >= 0) & (tok < V)
+        x_tok = tl.load(base + tl.where(tok_ok, tok, 0)).to(ACC)
     g_h = tl.zeros([], ACC)
     ent = tl.zeros([], ACC)
     if HAS_DENT:
         g_h = tl.load(dent_ptr + row).to(ACC)
         ent = tl.load(ent_ptr + row).to(ACC)
-
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        cmask = cols < V
-        x = tl.load(base + cols, mask=cmask, other=float("-inf")).to(ACC) * inv_temp
-        z = (x - row_max) - log_s
-        p = tl.exp(z)
-        g = -g_lp * p
-        if HAS_DENT:
-            # d H / d x_j = -p_j (log p_j + H); p_j = 0 (x = -inf) contributes exactly 0.
-            g -= g_h * tl.where(p > 0, p * (z + ent), 0.0)
-        g = tl.where(cols == tok, g + g_lp, g)
-        g = g * inv_temp
-        tl.store(obase + cols, g.to(dlogits_ptr.dtype.element_ty), mask=cmask)
+    # In place (dlogits aliases logits) no warp may store over the target logit before every
+    # warp has read it above.
+    tl.debug_barrier()
+    grad_sweep(base, obase, V, tok, x_tok, tok_ok, M, log_s, g_lp, g_h, ent, inv_temp,
+               HAS_DENT, False, ACC, BLOCK_V)
 
 
 def _grid_rows(n_rows: int):
     return (max(n_rows, 1),)
 
 
-def _block_v(V: int) -> int:
+def _block_v(V: int, dtype: torch.dtype) -> int:
     if interpreting():
-        return min(BLOCK_V_INTERPRET, triton.next_power_of_2(max(V, 1)))
-    return min(BLOCK_V, max(triton.next_power_of_2(V), 128))
+        return min(BLOCK_V_INTERPRET, max(triton.next_power_of_2(max(V, 1)), 32))
+    return min(stream_block(dtype, NUM_WARPS), max(triton.next_power_of_2(V), 128))
 
 
 def logprobs_fwd(logits3, dims, strides, V, tokens, inv_temp, ignore_index, want_entropy):
@@ -155,7 +154,7 @@ def logprobs_fwd(logits3, dims, strides, V, tokens, inv_temp, ignore_index, want
         n_rows, V, D1, D2, strides[0], strides[1], strides[2],
         inv_temp, ignore_index,
         HAS_TOKENS=tokens is not None, WRITE_ENT=want_entropy,
-        ACC=tl_dtype(acc), BLOCK_V=_block_v(V), num_warps=NUM_WARPS,
+        ACC=tl_dtype(acc), BLOCK_V=_block_v(V, logits3.dtype), num_warps=NUM_WARPS,
     )
     return logp, ent, lse
 
@@ -177,7 +176,7 @@ def logprobs_bwd(logits3, dlogits3, dims, strides, out_strides, V, tokens, dlogp
         out_strides[0], out_strides[1], out_strides[2],
         inv_temp, ignore_index,
         HAS_TOKENS=tokens is not None, HAS_DENT=dent is not None,
-        ACC=tl_dtype(acc), BLOCK_V=_block_v(V), num_warps=NUM_WARPS,
+        ACC=tl_dtype(acc), BLOCK_V=_block_v(V, logits3.dtype), num_warps=NUM_WARPS,
     )
     return dlogits3
 
@@ -191,7 +190,7 @@ def _aot_specs():
         for has_tok, ent in ((True, True), (True, False), (False, True)):
             specs.append(dict(
                 name=f"logprobs_fwd[{dt},tok={has_tok},ent={ent}]",
-                fn=_logprobs_fwd_kernel,
+                fn=_logprobs_fwd_kernel, passes=("fwd read",),
                 signature={"logits_ptr": f"*{dt}", "tokens_ptr": "*i64", "logp_ptr": "*fp32",
                            "ent_ptr": "*fp32", "lse_ptr": "*fp32",
                            "n_rows": "i32", "V": "i32", "D1": "i32", "D2": "i32",
@@ -200,7 +199,7 @@ def _aot_specs():
                            "HAS_TOKENS": "constexpr", "WRITE_ENT": "constexpr",
                            "ACC": "constexpr", "BLOCK_V": "constexpr"},
                 constexprs={"HAS_TOKENS": has_tok, "WRITE_ENT": ent, "ACC": tl.float32,
-                            "BLOCK_V": BLOCK_V},
+                            "BLOCK_V": BLOCK_V if dt == "bf16" else BLOCK_V_FP32},
                 aligned=["logits_ptr", "tokens_ptr", "logp_ptr", "ent_ptr", "lse_ptr", "V",
                          "s0", "s1", "s2"],
                 num_warps=NUM_WARPS,
@@ -209,7 +208,7 @@ def _aot_specs():
         for has_tok, dent in ((True, True), (True, False), (False, True)):
             specs.append(dict(
                 name=f"logprobs_bwd[{dt},tok={has_tok},dent={dent}]",
-                fn=_logprobs_bwd_kernel,
+                fn=_logprobs_bwd_kernel, passes=("bwd read+write",),
                 signature={"logits_ptr": f"*{dt}", "dlogits_ptr": f"*{dt}", "tokens_ptr": "*i64",
                            "dlogp_ptr": "*fp32", "dent_ptr": "*fp32", "lse_ptr": "*fp32",
                            "ent_ptr": "*fp32",
@@ -220,7 +219,7 @@ def _aot_specs():
                            "HAS_TOKENS": "constexpr", "HAS_DENT": "constexpr",
                            "ACC": "constexpr", "BLOCK_V": "constexpr"},
                 constexprs={"HAS_TOKENS": has_tok, "HAS_DENT": dent, "ACC": tl.float32,
-                            "BLOCK_V": BLOCK_V},
+                            "BLOCK_V": BLOCK_V if dt == "bf16" else BLOCK_V_FP32},
                 aligned=["logits_ptr", "dlogits_ptr", "tokens_ptr", "dlogp_ptr", "dent_ptr", "V",
                          "lse_ptr", "ent_ptr", "s0", "s1", "s2", "o0", "o1", "o2"],
                 num_warps=NUM_WARPS,

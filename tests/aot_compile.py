@@ -29,7 +29,12 @@ def _cuobjdump():
 
 
 def all_specs():
-    import fastrlhf.kernels as pkg
+    try:
+        import fastrlhf.kernels as pkg
+    except ImportError:
+        # e.g. a throwaway venv with another Triton (3.6) and no fastrlhf install: load kernels/
+        # straight from this checkout (it imports nothing from fastrlhf)
+        return _sass_tools().kernel_specs()
     specs = []
     for mod in pkgutil.iter_modules(pkg.__path__):
         if mod.name.startswith("_"):
@@ -40,6 +45,23 @@ def all_specs():
             for spec in fn():
                 specs.append((mod.name, spec))
     return specs
+
+
+_SASS_TOOLS = []
+
+
+def _sass_tools():
+    """bench/sass_report.py's SASS parsing (innermost loops, per-loop counts, occupancy)."""
+    if _SASS_TOOLS:
+        return _SASS_TOOLS[0]
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
+                        "sass_report.py")
+    spec = importlib.util.spec_from_file_location("_sass_report", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    _SASS_TOOLS.append(mod)
+    return mod
 
 
 def compile_one(spec, arch, cuobjdump, workdir):
@@ -65,9 +87,26 @@ def compile_one(spec, arch, cuobjdump, workdir):
                           check=True).stdout
     usage = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", res)}
     ops = re.findall(r"\b((?:LDGSTS|LDG|STG)\.E[\w.]*|H?GMMA[\w.]*|HMMA[\w.]*)", sass)
+    loops = []
+    if spec.get("stream_dtype"):
+        sr = _sass_tools()
+        instrs = sr.parse_sass(sass)
+        threads = sr.resident_threads(usage.get("REG", 0), usage.get("SHARED", 0),
+                                      spec.get("num_warps", 4), arch)
+        eb = {"bf16": 2, "fp16": 2, "fp32": 4}[spec["stream_dtype"]]
+        passes = spec.get("passes", ())
+        for i, (lo, hi) in enumerate(x for x in sr.innermost_loops(instrs)
+                                     if sr.loop_stats(instrs, *x)["ldg"]):
+            st = sr.loop_stats(instrs, lo, hi)
+            elems = st["ld_bytes"] / (eb * spec.get("streams", 1))
+            loops.append({"pass": passes[i] if i < len(passes) else "?",
+                          "instr_per_elem": st["instr"] / elems, "ld_bits": st["ld_bits"],
+                          "mufu_per_elem": st["mufu"] / elems,
+                          "inflight_kib": st["ld_bytes"] * threads / 1024})
     return {"regs": usage.get("REG"), "stack": usage.get("STACK"), "local": usage.get("LOCAL"),
             "shared": usage.get("SHARED"), "mem_ops": sorted(set(ops)),
-            "ptx_has_local": ".local" in c.asm.get("ptx", "")}
+            "ptx_has_local": ".local" in c.asm.get("ptx", ""), "loops": loops,
+            "streams": spec.get("streams", 1)}
 
 
 def _job(args):
