@@ -68,14 +68,26 @@ STREAMS = {"full_kl_fwd": 2, "full_kl_bwd": 2}
 
 
 def load_kernels():
-    """Import kernels/ as a package without importing fastrlhf (works with any torch+triton)."""
-    if "_frk" in sys.modules:
-        return sys.modules["_frk"]
+    """Import kernels/ as a package without importing fastrlhf (works with any torch+triton).
+
+    The kernels import one fastrlhf module, the leaf ``fastrlhf.tables`` (torch only), as
+    ``..tables``: it is loaded beside them under a synthetic parent package ``_frk``."""
+    if "_frk.kernels" in sys.modules:
+        return sys.modules["_frk.kernels"]
+    import types
+    parent = types.ModuleType("_frk")
+    parent.__path__ = []
+    sys.modules["_frk"] = parent
+    tspec = importlib.util.spec_from_file_location(
+        "_frk.tables", os.path.join(ROOT, "fastrlhf", "tables.py"))
+    tables = importlib.util.module_from_spec(tspec)
+    sys.modules["_frk.tables"] = tables
+    tspec.loader.exec_module(tables)
     kdir = KERNELS_DIR or os.path.join(ROOT, "kernels")
     spec = importlib.util.spec_from_file_location(
-        "_frk", os.path.join(kdir, "__init__.py"), submodule_search_locations=[kdir])
+        "_frk.kernels", os.path.join(kdir, "__init__.py"), submodule_search_locations=[kdir])
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["_frk"] = mod
+    sys.modules["_frk.kernels"] = mod
     spec.loader.exec_module(mod)
     return mod
 
