@@ -153,7 +153,7 @@ def _stats_step(base, start, offs, V, c, m, rc, s, t, Q: tl.constexpr, MASKED: t
     e1 = exp2_(z1, ACC)
     e2 = exp2_(z2, ACC)
     e3 = exp2_(z3, ACC)
-    alpha = exp2_(dr, ACC)
+    alpha = exp2_(tl.minimum(dr, 0.0), ACC)   # dr > 0 only from the placeholder 0 (s = 0)
     if ENT:
         # e z with e = 0 at z = -inf must be 0: the clamp leaves every term with e > 0 as is
         tv = e0 * tl.maximum(z0, -1e30)
