@@ -112,7 +112,8 @@ def stress_inplace(device, seeds, B, T, V, dtype_name):
 
 
 def summary(res):
-    lines = [f"fastrlhf GPU check{' -- DRY RUN (CPU, interpreter, tiny shapes; no timing)' if res['dry_run'] else ''}",
+    dry = " -- DRY RUN (CPU, interpreter, tiny shapes; no timing)" if res["dry_run"] else ""
+    lines = [f"fastrlhf GPU check{dry}",
              f"device: {res['env'].get('device')}  torch {res['env'].get('torch')}  "
              f"triton {res['env'].get('triton')}  commit {res['env'].get('commit')}"]
     t = res.get("tests")

@@ -196,7 +196,7 @@ def analyze(spec, arch, elem_bytes=None):
     nw = spec.get("num_warps", 4)
     threads = resident_threads(usage.get("REG", 0), usage.get("SHARED", 0), nw, arch)
     dt = spec.get("stream_dtype")
-    eb = elem_bytes or {"bf16": 2, "fp16": 2, "fp32": 4}.get(dt, 4)
+    eb = elem_bytes or {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}.get(dt, 4)
     streams = spec.get("streams", STREAMS.get(_family(spec["name"]), 1))
     loops = []
     for lo, hi in innermost_loops(instrs):
@@ -313,7 +313,7 @@ def run(archs=(90, 80), only=None, liger=True):
             try:
                 info, _, _ = analyze(spec, arch)
                 row.update(info)
-                eb = 2 if spec.get("stream_dtype") == "bf16" else 4
+                eb = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}.get(spec.get("stream_dtype"), 4)
                 passes = spec.get("passes") or PASSES.get(row["family"], ())
                 row["streams"] = spec.get("streams", STREAMS.get(row["family"], 1))
                 for i, lp in enumerate(row["loops"]):

@@ -155,7 +155,7 @@ def _stats_step(base, start, offs, V, c, m, rc, s, t, Q: tl.constexpr, MASKED: t
     e1 = exp2_(z1, ACC)
     e2 = exp2_(z2, ACC)
     e3 = exp2_(z3, ACC)
-    alpha = exp2_(dr, ACC)
+    alpha = exp2_(tl.minimum(dr, 0.0), ACC)   # dr > 0 only from the placeholder 0 (s = 0)
     if ENT:
         # e z with e = 0 at z = -inf must be 0: the clamp leaves every term with e > 0 as is
         tv = e0 * tl.maximum(z0, -1e30)
@@ -177,7 +177,7 @@ def row_softmax_stats(base, V, inv_temp, ACC: tl.constexpr, BLOCK_V: tl.constexp
     Base-2 units: ``c = inv_temp * log2(e)``, ``z = l c - rc`` for the raw logits ``l``.  Every
     thread keeps one running max ``m`` of the raw logits it has seen, its reference
     ``rc = fl(m c)`` (0 while ``m = -inf``), ``s = sum 2^z`` and the entropy's
-    ``t = sum 2^z z`` (the interpreter, which has no FMA, uses ``z = (l - r) c``); per element that is a max, one FMA, one ``exp2`` and an add (plus a max
+    ``t = sum 2^z z`` (interpreter: ``z = (l - r) c``); per element a max, an FMA, ``exp2``, an add (a max
     and an FMA for ``t``).  The sums are rescaled by ``2^(rc_old - rc_new)`` once per thread
     per iteration and merged across threads once at the end.  All of them are relative to the
     same rounded references, so nothing is lost to offsets like +1e4: the rounding of the

@@ -153,9 +153,9 @@ def _fwd_kernel(
         x = _logits_tile(h_ptr, w_ptr, b_ptr, hoff, rmask, cols, cmask, H, w_stride, inv_temp,
                          HAS_BIAS, ACC, PREC, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
         x = tl.where(cmask[None, :], x, NEG)
-        # NaN-propagating max (tl.maximum / tl.max drop NaN on the GPU): a NaN logit makes the
-        # row's max, and with it every statistic of that row, NaN -- and no other row's
-        m_new = max_nan(m, tl.reduce(x, 1, max_nan))
+        # tl.max drops NaN on the GPU (a NaN logit still makes p, so s, NaN); the running max
+        # itself propagates an all-NaN tile's NaN: every statistic of that row only is NaN
+        m_new = max_nan(m, tl.max(x, axis=1))
         m_ref = tl.where(m_new == NEG, 0.0, m_new)     # rows with nothing finite yet
         alpha = tl.exp(m - m_ref)                      # m = -inf -> 0
         d = x - m_ref[:, None]
@@ -167,7 +167,7 @@ def _fwd_kernel(
         s = alpha * s + tl.sum(p, axis=1)
         m = m_new
         hit = cols[None, :] == tok[:, None]
-        xt = max_nan(xt, tl.reduce(tl.where(hit, x, NEG), 1, max_nan))
+        xt = tl.maximum(xt, tl.max(tl.where(hit, x, NEG), axis=1))
 
     base = part_ptr + split.to(tl.int64) * 4 * n_rows + rows
     tl.store(base, m, mask=rmask)

@@ -266,8 +266,8 @@ def _kl_step(xb, yb, start, offs, V, c, mx, rx, sx, my, ry, sy, t, ymin, Q: tl.c
     ey1 = exp2_(zy1, ACC)
     ey2 = exp2_(zy2, ACC)
     ey3 = exp2_(zy3, ACC)
-    ax = exp2_(drx, ACC)
-    ay = exp2_(dry, ACC)
+    ax = exp2_(tl.minimum(drx, 0.0), ACC)
+    ay = exp2_(tl.minimum(dry, 0.0), ACC)
     # e_x (z_x - z_y), with the difference clamped to +-1e30: e_x = 0 entries (x = -inf) give
     # 0, q = 0 entries a finite stand-in (the row's KL is then decided by the q = 0 check)
     tv = ex0 * tl.minimum(tl.maximum(zx0 - zy0, -1e30), 1e30)

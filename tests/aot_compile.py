@@ -93,7 +93,7 @@ def compile_one(spec, arch, cuobjdump, workdir):
         instrs = sr.parse_sass(sass)
         threads = sr.resident_threads(usage.get("REG", 0), usage.get("SHARED", 0),
                                       spec.get("num_warps", 4), arch)
-        eb = {"bf16": 2, "fp16": 2, "fp32": 4}[spec["stream_dtype"]]
+        eb = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}.get(spec["stream_dtype"], 4)
         passes = spec.get("passes", ())
         for i, (lo, hi) in enumerate(x for x in sr.innermost_loops(instrs)
                                      if sr.loop_stats(instrs, *x)["ldg"]):

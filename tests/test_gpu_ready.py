@@ -225,3 +225,17 @@ def test_fp32_ieee_fused_linear_has_its_own_tiles_and_aot_specs(monkeypatch):
     for s in ieee:
         assert s["constexprs"]["PREC"] == "ieee"
         assert s["num_warps"] == K.FP32_IEEE_OPTS["num_warps"]
+
+
+def test_rows_far_below_zero_keep_finite_statistics():
+    """A thread's first real max far below its placeholder reference 0 (row of -1e4) must not
+    rescale its empty sums by 2^(+big) = inf (0 * inf = NaN)."""
+    x = torch.full((2, 47), -1e4, device=DEVICE)
+    x[1, :5] = -3e4
+    tok = torch.tensor([3, 7], device=DEVICE)
+    lp, h = fr.token_logprobs(x, tok, return_entropy=True, backend="triton")
+    rl, rh = R.token_logprobs(x.double(), tok, return_entropy=True)
+    assert_close("logp", lp, rl, atol=1e-5)
+    assert_close("entropy", h, rh, atol=1e-5)
+    kl = fr.full_kl(x, x.flip(0), backend="triton")
+    assert_close("kl", kl, R.full_kl(x, x.flip(0)), atol=1e-5, rtol=1e-5)
