@@ -113,9 +113,9 @@ def update_readme(text: str, readme: str = README) -> None:
         f.write(head + START + "\n" + text + END + tail)
 
 
-def main(argv=None, prog: str | None = None) -> int:
+def main(argv=None, prog: str | None = None, formatter_class=argparse.HelpFormatter) -> int:
     ap = argparse.ArgumentParser(
-        prog=prog, description="Render the benchmark result files (bench/results/*.json by "
+        prog=prog, formatter_class=formatter_class, description="Render the benchmark result files (bench/results/*.json by "
         "default) as Markdown tables, one section per machine.")
     ap.add_argument("--readme", action="store_true",
                     help="rewrite the results block of README.md instead of printing")

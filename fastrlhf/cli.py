@@ -11,6 +11,7 @@ import importlib
 import os
 import re
 import sys
+import textwrap
 
 USAGE = """\
 usage: fastrlhf [-h] [--version] COMMAND [ARGS ...]
@@ -36,6 +37,19 @@ _RST_LITERAL = re.compile(r"``(.+?)``")
 def plain(text: str) -> str:
     """Docstring text without reST markup, for --help: ``x`` -> x, :class:`~a.B` -> a.B."""
     return _RST_LITERAL.sub(r"\1", _RST_ROLE.sub(r"\1", text))
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, but never breaks a line inside a flag such as --no-progress."""
+
+    def _split_lines(self, text, width):
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.wrap(text, width, break_on_hyphens=False)
+
+    def _fill_text(self, text, width, indent):
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False)
 
 
 def version() -> str:
@@ -67,7 +81,7 @@ def _device(value: str) -> str:
 
 def bench_parser(names) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="fastrlhf bench",
+        prog="fastrlhf bench", formatter_class=HelpFormatter,
         description="Run the benchmarks of a source checkout (bench/bench_*.py) on this device: "
                     "CUDA if available, else the CPU with small shapes.  Every figure is the "
                     "median over repeats with its interquartile range; a row whose range exceeds "
@@ -128,7 +142,7 @@ def cmd_report(argv) -> int:
     bdir = _bench_dir()
     sys.path.insert(0, bdir)
     report = importlib.import_module("report")
-    return report.main(argv, prog="fastrlhf report")
+    return report.main(argv, prog="fastrlhf report", formatter_class=HelpFormatter)
 
 
 def cmd_train(argv) -> int:

@@ -36,10 +36,10 @@ METAVARS = {"out": "DIR", "model": "DIR", "device": "DEVICE"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import plain
+    from ..cli import HelpFormatter, plain
 
     p = argparse.ArgumentParser(
-        prog="fastrlhf train",
+        prog="fastrlhf train", formatter_class=HelpFormatter,
         description="RLHF with PPO end to end on fastrlhf's fused ops: SFT warm start, "
                     "Bradley-Terry reward model, PPO.  The built-in task (a synthetic language "
                     "and a hidden preference oracle) needs no downloads.",
