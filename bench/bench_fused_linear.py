@@ -136,13 +136,13 @@ def _skip_rows(rows, op, name, modes, shape, why):
 
 def _time(row, step, device, on_gpu):
     try:
-        row["ms"] = common.time_ms(step, device, warmup=2 if on_gpu else 1, rep=10 if on_gpu else 3)
+        row.update(common.time_stats(step, device, warmup=2 if on_gpu else 1, rep=10 if on_gpu else 3))
         peak = common.peak_extra_bytes(step, device)
         row["peak_mb"] = None if peak is None else round(peak / 2 ** 20, 1)
     except Exception as e:  # out of memory, compile failure, ...
-        for k in ("flops", "ms", "peak_mb"):
+        for k in ("flops", "ms", "iqr_ms", "repeats", "peak_mb"):
             row.pop(k, None)
-        row["skipped"] = f"{type(e).__name__}: {e}"[:160]
+        row["skipped"] = common.skip_reason(e, device)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
 
@@ -167,7 +167,7 @@ def _bench_logprobs(rows, device, N, H, V, hidden, weight, tokens, with_compile,
                     _skip_rows(rows, op, name, ("fwd", "fwd+bwd"), shape, why)
                     continue
         except Exception as e:  # peer not installed, ...
-            _skip_rows(rows, op, name, ("fwd", "fwd+bwd"), shape, f"{type(e).__name__}: {e}"[:160])
+            _skip_rows(rows, op, name, ("fwd", "fwd+bwd"), shape, common.skip_reason(e, device))
             continue
         for mode in ("fwd", "fwd+bwd"):
             row = dict(op=op, impl=name, mode=mode, shape=shape, dtype="bf16",
@@ -224,7 +224,7 @@ def _bench_ppo(rows, device, N, H, V, hidden, weight, tokens, backend):
                     _skip_rows(rows, op, name, ("fwd+bwd",), shape, why)
                     continue
         except Exception as e:
-            _skip_rows(rows, op, name, ("fwd+bwd",), shape, f"{type(e).__name__}: {e}"[:160])
+            _skip_rows(rows, op, name, ("fwd+bwd",), shape, common.skip_reason(e, device))
             continue
         row = dict(op=op, impl=name, mode="fwd+bwd", shape=shape, dtype="bf16",
                    flops=6 * B * T * H * V)

@@ -113,7 +113,7 @@ def _check(name, fn, full, rest, want):
         if not torch.allclose(got.float(), want, atol=1e-3, rtol=1e-3):
             return f"loss differs from eager ({float(got):.6g} vs {float(want):.6g})"
     except Exception as e:
-        return f"{type(e).__name__}: {e}"[:160]
+        return common.skip_reason(e, full.device)
     return None
 
 
@@ -140,7 +140,7 @@ def run(device: str, quick: bool = False, with_compile: bool = True) -> list[dic
                 try:
                     fn = make()
                 except Exception as e:  # peer not installed, etc.
-                    row["skipped"] = f"{type(e).__name__}: {e}"[:160]
+                    row["skipped"] = common.skip_reason(e, device)
                     rows.append(row)
                     continue
                 problem = _check(name, fn, full, rest, want)
@@ -158,12 +158,12 @@ def run(device: str, quick: bool = False, with_compile: bool = True) -> list[dic
                     return torch.autograd.grad(loss, leaf)
 
                 try:
-                    row["ms"] = common.time_ms(step, device, warmup=3, rep=20 if on_gpu else 3)
+                    row.update(common.time_stats(step, device, warmup=3, rep=20 if on_gpu else 3))
                     peak = common.peak_extra_bytes(step, device)
                     row["peak_mb"] = None if peak is None else round(peak / 2 ** 20, 1)
                 except Exception as e:  # e.g. out of memory for the eager composition
                     row.pop("bytes", None)
-                    row["skipped"] = f"{type(e).__name__}: {e}"[:160]
+                    row["skipped"] = common.skip_reason(e, device)
                 del leaf
                 rows.append(row)
                 if on_gpu:

@@ -115,13 +115,13 @@ def run(device: str, quick: bool = False) -> list[dict]:
                 # fastrlhf writes 0 at masked positions, verl the carried advantage
                 row["max_err"] = float((adv - ref_adv)[m].abs().max()) if m.any() else 0.0
                 slow = name != "fastrlhf"
-                row["ms"] = common.time_ms(fn, device, warmup=1 if slow else 5,
-                                           rep=5 if slow else 50)
+                row.update(common.time_stats(fn, device, warmup=1 if slow else 5,
+                                                rep=5 if slow else 50))
                 row["peak_mb"] = (None if not cuda else
                                   round(common.peak_extra_bytes(fn, device) / 2**20, 1))
             except Exception as e:  # e.g. no C++ compiler for torch.compile on CPU
                 row.pop("max_err", None)
-                row["skipped"] = f"{type(e).__name__}: {e}"[:200]
+                row["skipped"] = common.skip_reason(e, device)
             rows.append(row)
         del r, v, m, ref_adv
         if cuda:

@@ -71,7 +71,7 @@ def _check_against_eager(fn, data, tokens):
         if h is not None and not torch.allclose(h.float(), rh, atol=2e-2, rtol=1e-3):
             return "entropy differs from eager"
     except Exception as e:
-        return f"{type(e).__name__}: {e}"[:160]
+        return common.skip_reason(e, data.device)
     return None
 
 
@@ -104,7 +104,7 @@ def run(device: str, quick: bool = False, with_compile: bool = True) -> list[dic
             except Exception as e:  # peer not installed, etc.
                 for mode in ("fwd", "fwd+bwd"):
                     rows.append(dict(op="token_logprobs", impl=name, mode=mode, shape=f"{N}x{V}",
-                                     dtype="bf16", skipped=f"{type(e).__name__}: {e}"[:160]))
+                                     dtype="bf16", skipped=common.skip_reason(e, device)))
                 continue
             if name != "eager":
                 problem = _check_against_eager(fn, data, tokens)
@@ -137,12 +137,12 @@ def run(device: str, quick: bool = False, with_compile: bool = True) -> list[dic
                             if h is not None:
                                 loss = loss + (h * w_h).sum()
                             loss.backward()
-                    row["ms"] = common.time_ms(step, device, warmup=3, rep=20 if on_gpu else 5)
+                    row.update(common.time_stats(step, device, warmup=3, rep=20 if on_gpu else 5))
                     peak = common.peak_extra_bytes(step, device)
                     row["peak_mb"] = None if peak is None else round(peak / 2 ** 20, 1)
                 except Exception as e:
                     row.pop("bytes", None)
-                    row["skipped"] = f"{type(e).__name__}: {e}"[:160]
+                    row["skipped"] = common.skip_reason(e, device)
                 rows.append(row)
         del data
         if on_gpu:

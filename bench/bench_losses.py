@@ -100,13 +100,13 @@ def run(device: str, quick: bool = False, with_compile: bool = True) -> list[dic
                         loss, grad = fn()
                         row["max_err"] = float(max((loss - e_loss).detach().abs(),
                                                    (grad.float() - e_grad.float()).abs().max()))
-                        row["ms"] = common.time_ms(fn, device, warmup=3 if cuda else 1,
-                                                   rep=50 if cuda else 5)
+                        row.update(common.time_stats(fn, device, warmup=3 if cuda else 1,
+                                                        rep=50 if cuda else 5))
                         row["peak_mb"] = (None if not cuda else
                                           round(common.peak_extra_bytes(fn, device) / 2**20, 1))
                     except Exception as e:  # e.g. no C++ compiler for torch.compile on CPU
                         row.pop("max_err", None)
-                        row["skipped"] = f"{type(e).__name__}: {e}"[:200]
+                        row["skipped"] = common.skip_reason(e, device)
                     rows.append(row)
             del inputs
             if cuda:

@@ -137,7 +137,7 @@ def _bench_logprobs(N, V, rows, reps):
                     lp, h = fn(leaf, tokens)
                     loss = (lp * w_lp).sum() + (h * w_h).sum()
                     return torch.autograd.grad(loss, leaf)[0]
-            row["ms"] = common.time_ms(step, "cpu", warmup=1, rep=reps, max_seconds=60)
+            row.update(common.time_stats(step, "cpu", warmup=1, rep=reps, max_seconds=60))
             row["nv_buffers"] = _count_big(step, N * V)
             rows.append(row)
 
@@ -167,8 +167,8 @@ def _bench_gae(B, T, rows, reps):
         # fastrlhf writes 0 at masked positions, verl the carried advantage: compare where valid
         row["max_err"] = float((adv - ref_adv)[m].abs().max()) if m.any() else 0.0
         slow = name == "eager"
-        row["ms"] = common.time_ms(fn, "cpu", warmup=1 if slow else 5,
-                                   rep=max(3, reps) if slow else 50, max_seconds=60)
+        row.update(common.time_stats(fn, "cpu", warmup=1 if slow else 5,
+                                        rep=max(3, reps) if slow else 50, max_seconds=60))
         rows.append(row)
 
 
@@ -221,7 +221,7 @@ def _bench_fused(B, T, V, rows, reps):
             fused_ppo_loss(data[:1, :2], tokens[:1, :2], old[:1, :2], adv[:1], mask[:1, :2],
                            backend="native")
         except (ImportError, ValueError) as e:  # the op has no native dispatch yet
-            problem = f"{type(e).__name__}: {e}"[:200]
+            problem = common.skip_reason(e, "cpu")
     impls = {"eager": _eager_fused, "native": _native_fused(False),
              "native+inplace": _native_fused(True)}
     N = B * T
@@ -245,7 +245,7 @@ def _bench_fused(B, T, V, rows, reps):
             (gr,) = torch.autograd.grad(loss, leaf)
             return gr
 
-        row["ms"] = common.time_ms(step, "cpu", warmup=1, rep=reps, max_seconds=60)
+        row.update(common.time_stats(step, "cpu", warmup=1, rep=reps, max_seconds=60))
         row["nv_buffers"] = _count_big(step, N * V)
         rows.append(row)
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,7 +76,7 @@ def _run(cmd, out: str, steps: int):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         t = [json.loads(line)["time_s"] for line in f if line.strip()]
     step_s = [b - a for a, b in zip(t, t[1:])]        # steps 2..n (the first warms up)
-    return {"ms": statistics.median(step_s) * 1e3,
+    return {**common.spread([x * 1e3 for x in step_s]),
             "peak_mb": round(summary["ppo_peak_memory_mib"], 1),
             "run_peak_mb": round(summary["peak_memory_mib"], 1), "steps": len(t)}, None
 

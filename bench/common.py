@@ -3,11 +3,22 @@
 Every benchmark module in bench/ exposes ``run(device: str, quick: bool) -> list[dict]``; each row
 has at least ``op, impl, mode, shape, dtype, ms`` and, where the op moves a known number of bytes,
 ``bytes`` (the minimum DRAM traffic of the op: every input read once, every output written once),
-from which ``gbps`` and ``pct_copy_bw`` are derived.  ``fastrlhf bench`` runs them and merges the
-rows into ``bench/results/<device>.json``; ``bench/report.py`` renders the README table.
+from which ``gbps`` and ``pct_copy_bw`` are derived.  ``ms`` is the median over the repeats and
+``iqr_ms`` their interquartile range (``repeats`` of them); a row whose IQR exceeds
+``NOISY_IQR`` of its median is marked ``"noisy": true``.
+
+``fastrlhf bench`` runs them and writes a new file under ``bench/runs/`` (or ``--out FILE``); only
+``--write`` merges the rows into the committed ``bench/results/<device>.json``.  ``bench/report.py``
+(``fastrlhf report``) renders the README table.
+
+Result files (schema 2): ``{"schema": 2, "benchmarks": {name: {"env": {...}, "copy_gbps": x,
+"rows": [...]}}}``: each benchmark carries the machine, versions, commit and copy bandwidth of the
+run that measured it, so benches merged from different runs or machines never share a heading.
+Files of schema 1 (one top-level environment, rows without a spread) are read through
+:func:`migrate`, which keeps every measured value and marks what was not recorded as absent.
 
 Only measured numbers are written: a row whose implementation is unavailable (peer not
-installed, compile failed) is recorded with ``"skipped": "<why>"`` and no timing.
+installed, compile failed, needs a GPU) is recorded with ``"skipped": "<why>"`` and no timing.
 """
 
 from __future__ import annotations
@@ -26,7 +37,10 @@ from typing import Callable
 import torch
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-RESULTS_DIR = os.path.join(BENCH_DIR, "results")
+RESULTS_DIR = os.path.join(BENCH_DIR, "results")   # committed results (updated with --write only)
+RUNS_DIR = os.path.join(BENCH_DIR, "runs")         # every other run's results (git-ignored)
+SCHEMA = 2
+NOISY_IQR = 0.25  # a row whose interquartile range exceeds this fraction of its median is noisy
 
 
 def sync(device: str) -> None:
@@ -34,9 +48,11 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn: Callable[[], object], device: str, *, warmup: int = 3, rep: int = 20,
-            max_seconds: float = 10.0) -> float:
-    """Median wall time of ``fn()`` in milliseconds (CUDA events on GPU, perf_counter on CPU)."""
+def time_stats(fn: Callable[[], object], device: str, *, warmup: int = 3, rep: int = 20,
+               max_seconds: float = 10.0) -> dict:
+    """Time ``fn()`` ``rep`` times (fewer, but at least 3, once ``max_seconds`` have passed) in
+    milliseconds (CUDA events on GPU, perf_counter on CPU): ``{"ms": median, "iqr_ms":
+    interquartile range, "repeats": n}``."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -57,7 +73,35 @@ def time_ms(fn: Callable[[], object], device: str, *, warmup: int = 3, rep: int 
             times.append((time.perf_counter() - t0) * 1e3)
         if time.perf_counter() > deadline and len(times) >= 3:
             break
-    return statistics.median(times)
+    return spread(times)
+
+
+def spread(times_ms: list) -> dict:
+    """Median, interquartile range and count of repeated timings (ms); the IQR needs 2 or more."""
+    n = len(times_ms)
+    iqr = None
+    if n >= 2:
+        q1, _, q3 = statistics.quantiles(times_ms, n=4, method="inclusive")
+        iqr = q3 - q1
+    return {"ms": statistics.median(times_ms), "iqr_ms": iqr, "repeats": n}
+
+
+def time_ms(fn: Callable[[], object], device: str, **kw) -> float:
+    """Median wall time of ``fn()`` in milliseconds (see :func:`time_stats`)."""
+    return time_stats(fn, device, **kw)["ms"]
+
+
+def skip_reason(e: BaseException, device) -> str:
+    """Why an implementation could not run, for a ``skipped`` row.  A Triton-only peer called on
+    CPU tensors (Triton finds no GPU driver: "0 active drivers") is reported as "needs a GPU"."""
+    text = f"{type(e).__name__}: {e}"
+    if str(device).startswith("cpu") and _needs_gpu(text):
+        return "needs a GPU"
+    return text[:160]
+
+
+def _needs_gpu(text: str) -> bool:
+    return "active drivers" in text or "Found no NVIDIA driver" in text
 
 
 def peak_extra_bytes(fn: Callable[[], object], device: str):
@@ -119,12 +163,16 @@ def git_commit() -> str:
 
 
 def environment(device: str) -> dict:
-    import triton
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
     return {
         "device": device_name(device),
         "device_type": "cuda" if device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
-        "triton": triton.__version__,
+        "triton": triton_version,
         "commit": git_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
@@ -136,7 +184,8 @@ def _sig(x: float, digits: int = 4) -> float:
 
 
 def finish_row(row: dict, copy_gbps: float) -> dict:
-    """Add gbps / pct_copy_bw / floor ratio to a timed row that declares ``bytes``."""
+    """Add gbps / pct_copy_bw / floor ratio to a timed row that declares ``bytes``; round the
+    timing and mark the row ``noisy`` when its IQR exceeds ``NOISY_IQR`` of the median."""
     if row.get("ms") and row.get("bytes"):
         gbps = row["bytes"] / (row["ms"] * 1e-3) / 1e9
         row["gbps"] = _sig(gbps)
@@ -144,23 +193,95 @@ def finish_row(row: dict, copy_gbps: float) -> dict:
         row["x_floor"] = _sig(copy_gbps / gbps)  # time / (bytes / copy bandwidth)
     if row.get("ms") and row.get("flops"):  # compute-bound ops declare their useful flops
         row["tflops"] = _sig(row["flops"] / (row["ms"] * 1e-3) / 1e12)
+    if row.get("ms") and row.get("iqr_ms") is not None:
+        row["noisy"] = row["iqr_ms"] > NOISY_IQR * row["ms"]
+        row["iqr_ms"] = _sig(row["iqr_ms"], 3)
     if row.get("ms") is not None:
         row["ms"] = _sig(row["ms"], 5)
     return row
 
 
-def write_results(path: str, env: dict, copy_gbps: float, bench_rows: dict) -> dict:
-    """Merge ``{bench_name: rows}`` into the JSON file at ``path`` (other benches are kept)."""
-    data = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            data = json.load(f)
-    data.update(env)
-    data["copy_gbps"] = round(copy_gbps, 1)
+def results_path(device: str, *, write: bool = False, out: str | None = None) -> str:
+    """Where a run's results go: ``out`` if given; with ``write`` the committed
+    ``bench/results/<device>.json``; else a new ``bench/runs/<device>-<UTC time>.json``."""
+    if out:
+        return out
+    if write:
+        return os.path.join(RESULTS_DIR, f"{device_slug(device)}.json")
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = os.path.join(RUNS_DIR, f"{device_slug(device)}-{stamp}.json")
+    k = 1
+    while os.path.exists(path):
+        k += 1
+        path = os.path.join(RUNS_DIR, f"{device_slug(device)}-{stamp}-{k}.json")
+    return path
+
+
+_ENV_KEYS = ("device", "device_type", "torch", "triton", "commit", "date")
+
+
+def migrate(data: dict) -> dict:
+    """A results dict in the current schema.  Schema 1 (no ``schema`` key) kept one environment
+    and one copy bandwidth at the top, overwritten by each merge, and no spread.  Each benchmark
+    already carried its own ``env``; the top-level copy bandwidth belongs to a benchmark only if
+    that benchmark is the run that wrote it (same date and commit), else it is recovered from the
+    rows' own ``gbps`` and ``pct_copy_bw`` where they determine it, else ``None`` (not
+    recorded).  Rows get ``"iqr_ms": None`` (spread not measured); every measured
+    value is kept as it was."""
+    if data.get("schema", 1) >= SCHEMA:
+        return data
+    top_env = {k: data.get(k) for k in _ENV_KEYS}
+    benches = {}
+    for name, bench in data.get("benchmarks", {}).items():
+        env = dict(bench.get("env") or top_env)
+        same_run = env.get("date") == top_env["date"] and env.get("commit") == top_env["commit"]
+        rows = []
+        for r in bench.get("rows", []):
+            r = dict(r)
+            if not r.get("skipped") and "iqr_ms" not in r:
+                r["iqr_ms"] = None
+            rows.append(r)
+        copy = data.get("copy_gbps") if same_run else _copy_gbps_of(rows)
+        benches[name] = {"env": env, "copy_gbps": copy, "rows": rows}
+    # benchmarks of one run share its copy bandwidth (a bench timed in TFLOP/s alone cannot
+    # recover it from its own rows)
+    runs: dict = {}
+    for bench in benches.values():
+        if bench["copy_gbps"] is not None:
+            runs.setdefault((bench["env"].get("date"), bench["env"].get("commit")),
+                            set()).add(bench["copy_gbps"])
+    for bench in benches.values():
+        known = runs.get((bench["env"].get("date"), bench["env"].get("commit")), set())
+        if bench["copy_gbps"] is None and len(known) == 1:
+            bench["copy_gbps"] = next(iter(known))
+    return {"schema": SCHEMA, "benchmarks": benches}
+
+
+def _copy_gbps_of(rows: list):
+    """The copy bandwidth a run's rows were computed with (``pct_copy_bw = 100 * gbps / copy``),
+    when all rows agree within 1%; None (not recorded) otherwise."""
+    vals = [100.0 * r["gbps"] / r["pct_copy_bw"] for r in rows
+            if r.get("gbps") and r.get("pct_copy_bw")]
+    if not vals or max(vals) > 1.01 * min(vals):
+        return None
+    return round(statistics.median(vals), 1)
+
+
+def load_results(path: str) -> dict:
+    """Read a results file (any schema) in the current schema."""
+    with open(path) as f:
+        return migrate(json.load(f))
+
+
+def write_results(path: str, env: dict, copy_gbps: float | None, bench_rows: dict) -> dict:
+    """Merge ``{bench_name: rows}`` into the JSON file at ``path`` (other benches are kept, each
+    with the environment and copy bandwidth of its own run)."""
+    data = load_results(path) if os.path.exists(path) else {"schema": SCHEMA, "benchmarks": {}}
     benches = data.setdefault("benchmarks", {})
     for name, rows in bench_rows.items():
-        benches[name] = {"env": env, "rows": rows}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+        benches[name] = {"env": env, "copy_gbps": None if copy_gbps is None else round(copy_gbps, 1),
+                         "rows": rows}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
@@ -176,15 +297,16 @@ def fastrlhf_backend(device: str, native_ok: bool = True) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["op", "mode", "shape", "dtype", "impl", "backend", "ms", "gbps", "pct_copy_bw", "x_floor",
-            "speedup_vs_eager", "peak_mb"]
+    cols = ["op", "mode", "shape", "dtype", "impl", "backend", "ms", "iqr_ms", "repeats", "noisy",
+            "gbps", "pct_copy_bw", "x_floor", "speedup_vs_eager", "peak_mb"]
     present = [c for c in cols if any(c in r for r in rows)]
     lines = [" | ".join(present)]
     for r in rows:
         if r.get("skipped"):
             lines.append(" | ".join(str(r.get(c, "")) for c in present[:5]) + f" | skipped: {r['skipped']}")
             continue
-        lines.append(" | ".join("" if r.get(c) is None else str(r.get(c)) for c in present))
+        lines.append(" | ".join(("noisy" if r.get(c) else "") if c == "noisy" else
+                                "" if r.get(c) is None else str(r.get(c)) for c in present))
     return "\n".join(lines)
 
 

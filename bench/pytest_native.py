@@ -5,8 +5,9 @@
 Same cases and inputs as ``bench/bench_native.py`` (fp32 token log-prob + entropy fwd+bwd at
 N=4096, V=32000; GAE at 256 x 1024 against verl's Python loop; the fused PPO loss fwd+bwd at
 8 x 512 x 32000 against the eager composition), grouped per op so pytest-benchmark prints eager
-and native next to each other.  At the end the measured median ratios (eager / native) are merged
-into ``bench/results/cpu.json`` under ``native_pytest_benchmark``.  ``--quick`` (env
+and native next to each other.  At the end the medians, their interquartile ranges and the ratios
+(eager / native) are written under ``native_pytest_benchmark`` to a new file in ``bench/runs/``,
+or merged into the committed ``bench/results/cpu.json`` with FASTRLHF_BENCH_WRITE=1.  ``--quick`` (env
 FASTRLHF_BENCH_QUICK=1) uses the small shapes.  Not part of the test suite: it only measures.
 """
 
@@ -58,20 +59,22 @@ def _report():
     rows = []
     for (op, shape), med in sorted(_MEDIANS.items()):
         eager = med.get("eager")
-        for impl, ms in sorted(med.items()):
-            rows.append(dict(op=op, impl=impl, mode="fwd+bwd" if op != "gae" else "fwd",
-                             shape=shape, dtype="fp32", threads=torch.get_num_threads(),
-                             ms=round(ms, 4), tool="pytest-benchmark",
-                             speedup_vs_eager=round(eager / ms, 2) if eager else None))
+        for impl, (ms, iqr, n) in sorted(med.items()):
+            rows.append(common.finish_row(
+                dict(op=op, impl=impl, mode="fwd+bwd" if op != "gae" else "fwd", shape=shape,
+                     dtype="fp32", threads=torch.get_num_threads(), ms=ms, iqr_ms=iqr, repeats=n,
+                     tool="pytest-benchmark",
+                     speedup_vs_eager=round(eager[0] / ms, 2) if eager else None), 0.0))
     if rows:
-        path = os.path.join(common.RESULTS_DIR, "cpu.json")
+        path = common.results_path("cpu", write=os.environ.get("FASTRLHF_BENCH_WRITE") == "1")
         common.write_results(path, common.environment("cpu"), common.copy_bandwidth_gbps("cpu"),
                              {"native_pytest_benchmark": rows})
-        print("\n" + common.format_table(rows))
+        print("\n" + common.format_table(rows) + f"\nwrote {path}")
 
 
 def _record(benchmark, op, shape, impl):
-    _MEDIANS.setdefault((op, shape), {})[impl] = benchmark.stats.stats.median * 1e3
+    st = benchmark.stats.stats
+    _MEDIANS.setdefault((op, shape), {})[impl] = (st.median * 1e3, st.iqr * 1e3, st.rounds)
 
 
 @pytest.mark.benchmark(group="token_logprobs fwd+bwd")

@@ -1,6 +1,6 @@
 """fastrlhf: fused Triton kernels for the RLHF / PPO hot path.
 
-Public ops (see DESIGN.md and each docstring for shapes, dtypes and formulas)::
+Public ops (each docstring gives the shapes, dtypes and formula)::
 
     logp = fastrlhf.token_logprobs(logits, tokens, temperature=1.0)
     logp, ent = fastrlhf.token_logprobs(logits, tokens, return_entropy=True)
@@ -17,11 +17,12 @@ Public ops (see DESIGN.md and each docstring for shapes, dtypes and formulas)::
     logp, ent = fastrlhf.linear_token_logprobs(hidden, lm_head.weight, tokens, return_entropy=True)
 """
 
+from __future__ import annotations
+
+import importlib as _importlib
+import sys as _sys
+
 from . import config
-from .ops import (AGG_MODES, FUSED_STATS, GROUP_ADV_KINDS, KL_KINDS, RATIO_LEVELS, agg_loss,
-                  full_kl, fused_linear_ppo_loss, fused_ppo_loss, gae, group_advantages, kl_penalty,
-                  linear_token_logprobs, masked_mean, masked_sum, masked_var, masked_whiten,
-                  ppo_policy_loss, ppo_value_loss, token_entropy, token_logprobs)
 
 __version__ = "0.1.0"
 
@@ -30,3 +31,29 @@ __all__ = ["token_logprobs", "token_entropy", "kl_penalty", "full_kl", "KL_KINDS
            "masked_whiten", "agg_loss", "AGG_MODES", "RATIO_LEVELS", "ppo_policy_loss", "ppo_value_loss",
            "fused_ppo_loss", "FUSED_STATS", "linear_token_logprobs",
            "fused_linear_ppo_loss", "config"]
+
+# The ops (and torch) load on first use of any public name, so that ``fastrlhf --version`` and the
+# command line's argument errors answer without importing torch.  Where torch is already imported
+# (any program that uses the ops), they load here, as an ordinary eager import would.
+_OPS = frozenset(__all__) - {"config"}
+
+
+def __getattr__(name: str):
+    if name in _OPS or name == "ops":
+        ops = _importlib.import_module(".ops", __name__)
+        if name == "ops":
+            return ops
+        value = getattr(ops, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fastrlhf' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | _OPS)
+
+
+if "torch" in _sys.modules:
+    for _name in _OPS:
+        __getattr__(_name)
+    del _name

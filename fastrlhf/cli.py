@@ -1,12 +1,7 @@
-"""The ``fastrlhf`` command.
+"""The ``fastrlhf`` command: ``train``, ``bench`` and ``report``.
 
-    fastrlhf bench [--quick] [--only NAME ...] [--device cuda|cpu] [--no-compile] [--out FILE]
-    fastrlhf train ...        (the compact PPO trainer; see ``fastrlhf train --help``)
-    fastrlhf report           (render bench/results/*.json as the README table)
-
-``bench`` runs every ``bench/bench_*.py`` of a source checkout on the present device (CUDA if
-available, else CPU with small shapes), prints a table and merges the measured rows into
-``bench/results/<device>.json``.
+Arguments are parsed before torch (or anything heavy) is imported, so ``--help``, ``--version``
+and argument errors answer at once.
 """
 
 from __future__ import annotations
@@ -14,7 +9,32 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
+
+USAGE = """\
+usage: fastrlhf [-h] [--version] COMMAND [ARGS ...]
+
+Fused kernels for the RLHF / PPO hot path, and a compact PPO trainer built on them.
+
+commands:
+  train    RLHF with PPO end to end on the built-in task (or a local model): SFT warm start,
+           reward model, PPO.  fastrlhf train --help lists every option.
+  bench    time the ops against eager PyTorch, torch.compile and installed peers on this
+           device; writes a new results file (the committed results change only with --write)
+  report   render benchmark results as Markdown tables (--readme updates README.md)
+
+options:
+  -h, --help   show this message and exit
+  --version    print fastrlhf's version and exit
+"""
+
+from .helptext import HelpFormatter
+
+
+def version() -> str:
+    from . import __version__  # lazy: the package's own attribute (no torch)
+    return __version__
 
 
 def _bench_dir() -> str:
@@ -24,7 +44,7 @@ def _bench_dir() -> str:
     for c in cands:
         if c and os.path.isfile(os.path.join(c, "common.py")):
             return c
-    raise SystemExit("fastrlhf bench: cannot find the bench/ directory of a fastrlhf source "
+    raise SystemExit("fastrlhf: cannot find the bench/ directory of a fastrlhf source "
                      "checkout; run from the repository root or set FASTRLHF_BENCH_DIR")
 
 
@@ -33,28 +53,48 @@ def _bench_modules(bench_dir: str):
                   if f.startswith("bench_") and f.endswith(".py"))
 
 
-def cmd_bench(argv) -> int:
-    import torch
-    ap = argparse.ArgumentParser(prog="fastrlhf bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+def _device(value: str) -> str:
+    if value in ("cpu", "cuda") or re.fullmatch(r"cuda:\d+", value):
+        return value
+    raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {value!r}")
+
+
+def bench_parser(names) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="fastrlhf bench", formatter_class=HelpFormatter,
+        description="Run the benchmarks of a source checkout (bench/bench_*.py) on this device: "
+                    "CUDA if available, else the CPU with small shapes.  Every figure is the "
+                    "median over repeats with its interquartile range; a row whose range exceeds "
+                    "25% of its median is marked noisy.  The results go to a new file "
+                    "bench/runs/<device>-<time>.json (or --out FILE); the committed "
+                    "bench/results/<device>.json changes only with --write.")
+    ap.add_argument("--device", type=_device, default=None,
+                    help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     ap.add_argument("--quick", action="store_true", help="smallest shapes only (harness check)")
-    ap.add_argument("--only", nargs="+", default=None, help="benchmark names (e.g. logprobs gae)")
+    ap.add_argument("--only", nargs="+", default=None, metavar="NAME", choices=names,
+                    help="run only these benchmarks: " + ", ".join(names))
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
-    ap.add_argument("--out", default=None, help="results JSON (default bench/results/<device>.json)")
-    args = ap.parse_args(argv)
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--out", metavar="FILE", default=None,
+                       help="write the results to FILE (merged into it if it exists)")
+    where.add_argument("--write", action="store_true",
+                       help="merge the results into the committed bench/results/<device>.json")
+    return ap
+
+
+def cmd_bench(argv) -> int:
+    bdir = _bench_dir()
+    names = _bench_modules(bdir)
+    args = bench_parser(names).parse_args(argv)
+    import torch  # lazy: after parsing, argument errors must not wait for torch
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("fastrlhf bench: --device cuda but no CUDA device is available")
-    bdir = _bench_dir()
     sys.path.insert(0, bdir)
     common = importlib.import_module("common")
-    names = _bench_modules(bdir)
     if args.only:
-        unknown = sorted(set(args.only) - set(names))
-        if unknown:
-            raise SystemExit(f"fastrlhf bench: unknown benchmark(s) {unknown}; have {names}")
         names = [n for n in names if n in args.only]
+    out = common.results_path(device, write=args.write, out=args.out)
     env = common.environment(device)
     print(f"# device: {env['device']}  torch {env['torch']}  triton {env['triton']}  "
           f"commit {env['commit']}", flush=True)
@@ -69,9 +109,12 @@ def cmd_bench(argv) -> int:
         rows = [common.finish_row(r, copy_gbps) for r in mod.run(device, args.quick, **kwargs)]
         results[name] = rows
         print(f"\n## {name}\n{common.format_table(rows)}", flush=True)
-    out = args.out or os.path.join(common.RESULTS_DIR, f"{common.device_slug(device)}.json")
     common.write_results(out, env, copy_gbps, results)
     print(f"\nwrote {out}")
+    noisy = sum(bool(r.get("noisy")) for rows in results.values() for r in rows)
+    if noisy:
+        print(f"{noisy} row(s) noisy (interquartile range > {common.NOISY_IQR:.0%} of the median): "
+              "the machine was busy; repeat before trusting them")
     return 0
 
 
@@ -79,7 +122,7 @@ def cmd_report(argv) -> int:
     bdir = _bench_dir()
     sys.path.insert(0, bdir)
     report = importlib.import_module("report")
-    return report.main(argv)
+    return report.main(argv, prog="fastrlhf report", formatter_class=HelpFormatter)
 
 
 def cmd_train(argv) -> int:
@@ -90,17 +133,22 @@ def cmd_train(argv) -> int:
     return train_main(argv)
 
 
-COMMANDS = {"bench": cmd_bench, "train": cmd_train, "report": cmd_report}
+COMMANDS = {"train": cmd_train, "bench": cmd_bench, "report": cmd_report}
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(USAGE, end="")
+        return 0
+    if argv[0] in ("--version", "-V"):
+        print(f"fastrlhf {version()}")
         return 0
     cmd = argv.pop(0)
     if cmd not in COMMANDS:
-        print(f"fastrlhf: unknown command {cmd!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        print(USAGE.splitlines()[0], file=sys.stderr)
+        print(f"fastrlhf: error: unknown command {cmd!r} (choose from {', '.join(COMMANDS)})",
+              file=sys.stderr)
         return 2
     return COMMANDS[cmd](argv) or 0
 

@@ -16,7 +16,6 @@ Conventions shared by all four (and by :func:`fastrlhf.agg_loss` and the losses)
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .. import reference

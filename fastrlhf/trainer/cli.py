@@ -8,7 +8,8 @@
     torchrun --nproc_per_node=4 -m fastrlhf.train --vocab-parallel 2   # 2 data x 2 vocab ranks
 
 Every :class:`~fastrlhf.trainer.config.TrainConfig` field is a flag (``--field-name VALUE``;
-booleans as ``--flag`` / ``--no-flag``; ``none`` for optional numbers).  Priority: defaults <
+booleans as ``--flag`` / ``--no-flag``; ``none`` for None where a field allows it; fields with a
+fixed set of values list it as argparse choices).  Priority: defaults <
 the resumed checkpoint's config < ``--config FILE`` < flags.
 """
 
@@ -22,18 +23,29 @@ import sys
 import typing
 from typing import Any, Dict, List, Optional
 
-from .config import TrainConfig, field_docs, load_config_file
+from ..helptext import HelpFormatter, plain
+from .config import (ARCHS, BACKENDS, KL_KINDS, LOSS_AGGS, PARALLEL, SCHEDULES, TrainConfig,
+                     field_docs, load_config_file)
 
 __all__ = ["main", "build_parser", "config_from_args", "to_flags"]
 
 
+# Config fields whose value is one of a fixed set (the set TrainConfig checks).
+CHOICES = {"backend": BACKENDS, "arch": ARCHS, "parallel": PARALLEL, "lr_schedule": SCHEDULES,
+           "loss_agg": LOSS_AGGS, "kl_reward_kind": KL_KINDS, "kl_loss_kind": KL_KINDS}
+METAVARS = {"out": "DIR", "model": "DIR", "device": "DEVICE"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="fastrlhf train",
+        prog="fastrlhf train", formatter_class=HelpFormatter,
         description="RLHF with PPO end to end on fastrlhf's fused ops: SFT warm start, "
                     "Bradley-Terry reward model, PPO.  The built-in task (a synthetic language "
                     "and a hidden preference oracle) needs no downloads.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="Every option sets the config field of the same name.  Booleans: --flag / "
+               "--no-flag.  Options shown as TYPE|none take the word none for None.  "
+               "Priority: defaults < the resumed checkpoint's config < --config FILE < flags.  "
+               "Several processes: torchrun --nproc_per_node=N -m fastrlhf.train [options].")
     p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                    help="JSON (or TOML) file of config fields")
     p.add_argument("--resume", metavar="DIR", default=argparse.SUPPRESS,
@@ -46,16 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        doc = docs.get(f.name, "").replace("%", "%%")
+        doc = plain(docs.get(f.name, "")).replace("%", "%%")
         hint = hints[f.name]
         if hint is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                            default=argparse.SUPPRESS, help=f"{doc} (default: {f.default})")
+        elif f.name in CHOICES:
+            p.add_argument(flag, dest=f.name, choices=CHOICES[f.name], default=argparse.SUPPRESS,
+                           help=f"{doc} (default: {f.default})")
         else:
             args = [a for a in typing.get_args(hint) if a is not type(None)]
-            tname = (args[0] if args else hint).__name__.upper()
+            optional = len(args) < len(typing.get_args(hint))
+            tname = (METAVARS.get(f.name) or (args[0] if args else hint).__name__.upper()) + (
+                "|none" if optional else "")
             p.add_argument(flag, dest=f.name, metavar=tname, default=argparse.SUPPRESS,
-                           help=f"{doc} (default: {f.default})")
+                           help=f"{doc} (default: {'none' if f.default is None else f.default})")
     return p
 
 
@@ -86,12 +103,12 @@ def _run_dir_of(resume: str) -> str:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Merge defaults < checkpoint config < --config file < flags; raises ValueError."""
-    from .checkpoint import find_checkpoint  # lazy: argument errors before torch.distributed
-
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     merged = {}
     resume = getattr(args, "resume", None)
     if resume is not None:
+        from .checkpoint import find_checkpoint  # lazy: imports torch, only when resuming
+
         ckpt = find_checkpoint(resume)
         if ckpt is None:
             raise ValueError(f"--resume {resume!r}: no checkpoint found there")
@@ -123,6 +140,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
             # Triton kernels on CPU tensors run in Triton's interpreter (slow, for testing).
             os.environ["TRITON_INTERPRET"] = "1"
+    # transformers' own progress bar ("Writing model shards") would interleave with the run's
+    # output; the env var must be set before huggingface_hub is imported.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from .ppo import train  # lazy: argument errors before the trainer's heavy imports
 
     try:
