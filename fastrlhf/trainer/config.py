@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional
 
 __all__ = ["TrainConfig", "field_docs", "load_config_file"]
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "native", "reference")
 ARCHS = ("llama", "gpt2")
 PARALLEL = ("ddp", "fsdp2")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -49,8 +49,9 @@ class TrainConfig:
     The built-in task speaks token ids [0, 33), so the model's vocabulary must be at least that."""
     backend: str = "auto"
     """fastrlhf op backend for all loss math: auto (triton on CUDA; on CPU the native C++ ops
-    where built, else the references) | triton (on CPU: Triton's interpreter, slow) | reference
-    (the eager PyTorch definitions)."""
+    where built, else the references) | triton (on CPU: Triton's interpreter, slow) | native
+    (CPU only: the C++ ops, required to be built; ops without a C++ implementation keep their
+    automatic choice) | reference (the eager PyTorch definitions)."""
     device: str = "auto"
     """auto (cuda if available, else cpu) | cpu | cuda | cuda:N.  Under torchrun each rank uses
     cuda:LOCAL_RANK."""
@@ -294,6 +295,33 @@ class TrainConfig:
             if local_mb % self.micro_batch_size:
                 raise ValueError(f"TrainConfig.micro_batch_size={self.micro_batch_size} must "
                                  f"divide the per-rank minibatch ({local_mb} sequences)")
+
+    @property
+    def op_backend(self) -> str:
+        """The ``backend=`` passed to the ops: ``native`` becomes ``auto``, which on CPU picks the
+        C++ implementation of every op that has one (checked by :meth:`check_backend`) and the
+        reference for the others, as ``FASTRLHF_BACKEND=native`` does."""
+        return "auto" if self.backend == "native" else self.backend
+
+    def check_backend(self, device) -> None:
+        """``backend="native"``: a CPU run, the C++ extension built, no conflicting
+        ``FASTRLHF_BACKEND``; raises ``ValueError`` otherwise."""
+        if self.backend != "native":
+            return
+        if device.type != "cpu":
+            raise ValueError(f"TrainConfig.backend='native' is the CPU backend; the run is on "
+                             f"{device} (use auto or triton there)")
+        env = os.environ.get("FASTRLHF_BACKEND", "").strip().lower()
+        if env not in ("", "auto", "native"):
+            raise ValueError(f"TrainConfig.backend='native' conflicts with FASTRLHF_BACKEND={env}")
+        import torch
+
+        import fastrlhf
+        try:
+            fastrlhf.token_logprobs(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long),
+                                    backend="native")
+        except RuntimeError as e:
+            raise ValueError(f"TrainConfig.backend='native' needs the C++ extension: {e}") from None
 
     # ------------------------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:

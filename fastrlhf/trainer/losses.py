@@ -108,7 +108,7 @@ def ppo_loss(logits: Tensor, values: Tensor, *, tokens: Tensor, old_logp: Tensor
     Returns ``(policy_loss, value_loss, stats)``; stats are detached scalars (local means) plus
     ``pg_loss``, the clipped surrogate alone.
     """
-    be = cfg.backend
+    be = cfg.op_backend
     agg_kwargs = dict(agg_kwargs, cu_seqlens=cu_seqlens)   # None: the padded [B, R] layout
     kl_coef = kl_coef if cfg.kl_in_loss else 0.0
     if cfg.fused_loss:

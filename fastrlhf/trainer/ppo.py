@@ -38,7 +38,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, fields
 from typing import Dict, Optional, Tuple
@@ -48,8 +47,9 @@ import torch
 from torch import Tensor, nn
 
 from . import losses as L
-from .checkpoint import (find_checkpoint, load_checkpoint, load_model_state, load_optim_state,
-                         model_state, optim_state, rng_state, save_checkpoint, set_rng_state)
+from .checkpoint import (check_out_dir, checkpoint_step, claim_out_dir, find_checkpoint,
+                         load_checkpoint, load_model_state, load_optim_state, model_state,
+                         optim_state, rng_state, save_checkpoint, set_rng_state)
 from .config import TrainConfig
 from .distributed import (PeakMemory, Runtime, clip_grad_norm, finish_grad_sync, grad_sync,
                           setup_runtime, unwrap, wrap_model)
@@ -305,11 +305,11 @@ def collect_rollout(cfg: TrainConfig, task: SyntheticTask, policy: nn.Module, re
         with autocast(rt, cfg.bf16):
             logits = policy_logits(unwrap(policy), q, r, m)                         # [b, R, V]
             lp, ent = L.logprobs(logits, r, temperature=cfg.temperature,
-                                 backend=cfg.backend, vp=vp)                        # [b, R] x2
+                                 backend=cfg.op_backend, vp=vp)                     # [b, R] x2
             del logits
             ref_logits = policy_logits(unwrap(ref), q, r, m)
             ref_lp, _ = L.logprobs(ref_logits, r, temperature=cfg.temperature,
-                                   backend=cfg.backend, vp=op_kwargs(unwrap(ref)))
+                                   backend=cfg.op_backend, vp=op_kwargs(unwrap(ref)))
             del ref_logits
             val = position_values(unwrap(critic), q, r, m) * m                      # [b, R]
             rm = last_token_scores(unwrap(reward_model), q, r, m)                   # [b]
@@ -321,9 +321,9 @@ def collect_rollout(cfg: TrainConfig, task: SyntheticTask, policy: nn.Module, re
     # 4. per-token rewards (KL penalty + score at the last token), GAE, whitening --------------
     rewards, _ = L.token_rewards(score, logp, ref_logp, mask, kl_coef=kl_coef,
                                   kind=cfg.kl_reward_kind, in_reward=not cfg.kl_in_loss,
-                                  backend=cfg.backend)                              # [B, R] x2
+                                  backend=cfg.op_backend)                           # [B, R] x2
     adv, returns = L.advantages(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam,
-                                whiten_rewards=cfg.whiten_rewards, backend=cfg.backend)
+                                whiten_rewards=cfg.whiten_rewards, backend=cfg.op_backend)
     batch = Rollout(query, response, mask, logp * mask, ref_logp * mask, values, adv, returns)
     # 5. metric sums (reduced over ranks by the caller) -----------------------------------------
     seq_kl = ((logp - ref_logp) * mask).sum(dim=1)                                  # [B] k1
@@ -363,7 +363,7 @@ def supervised_warm_start(cfg: TrainConfig, task: SyntheticTask, policy: nn.Modu
         n_tok = rt.all_reduce_sum(mask.sum())
         with autocast(rt, cfg.bf16):
             logits = policy_logits(policy, query, resp, mask)                       # [b, R, V]
-        loss = L.sft_loss(logits, resp, mask, backend=cfg.backend, vp=vp,
+        loss = L.sft_loss(logits, resp, mask, backend=cfg.op_backend, vp=vp,
                           agg_kwargs={"dp_size": rt.dp_world, "batch_num_tokens": n_tok})
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -483,28 +483,34 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None) -> Dict:
 def _train(cfg: TrainConfig, rt: Runtime, resume: Optional[str]) -> Dict:
     t_start = time.perf_counter()
     cfg.check_world(rt.world)
+    cfg.check_backend(rt.device)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    say = _printer(rt)
+    # ---- the run directory: validated before anything is written --------------------------
     ckpt = None
     if resume is not None:
         ckpt = find_checkpoint(resume)
         if ckpt is None:
             raise ValueError(f"--resume {resume!r}: no checkpoint found there")
-    elif find_checkpoint(cfg.out) is not None:
-        if not cfg.overwrite:
-            raise ValueError(f"{cfg.out!r} already holds checkpoints of an earlier run: continue "
-                             f"it with --resume {cfg.out}, or pass --overwrite to start afresh "
-                             "there")
-        rt.barrier()
-        if rt.is_main:
-            for sub in ("checkpoints", "final", "debug"):
-                shutil.rmtree(os.path.join(cfg.out, sub), ignore_errors=True)
+        done = checkpoint_step(ckpt)
+        if done >= cfg.total_steps:          # a finished run: report it, touch nothing
+            say(f"fastrlhf train: the run in {_run_root(ckpt)} is already finished (step {done} "
+                f"of total_steps={cfg.total_steps}); nothing to do (pass --total-steps N > "
+                f"{done} to train it further)")
+            summary_file = os.path.join(_run_root(ckpt), "summary.json")
+            if os.path.isfile(summary_file):
+                with open(summary_file) as f:
+                    return json.load(f)
+            return {"out": _run_root(ckpt), "steps": done, "finished": True}
+    resuming_here = ckpt is not None and os.path.abspath(_run_root(ckpt)) == \
+        os.path.abspath(cfg.out)
+    check_out_dir(cfg.out, overwrite=cfg.overwrite, resuming_here=resuming_here)
+    rt.barrier()                        # every rank validated before rank 0 writes
     if rt.is_main:
-        os.makedirs(cfg.out, exist_ok=True)
+        claim_out_dir(cfg.out, fresh=ckpt is None)
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
-    rt.barrier()
-    say = _printer(rt)
 
     # ---- 0. seeds (identical on every rank, so that the models start identical) ---------------
     random.seed(cfg.seed)
@@ -580,45 +586,48 @@ def _train(cfg: TrainConfig, rt: Runtime, resume: Optional[str]) -> Dict:
     last: Dict[str, float] = {}
     first_score: Optional[float] = None
     mem = PeakMemory(rt.device)
-    for step in range(start_step + 1, cfg.total_steps + 1):
-        t0 = time.perf_counter()
-        mem.start()                      # the PPO steps' peak: rollout + update, no checkpoints
-        kl_coef = kl_ctl.value
-        # 5a. experience: sample, score, KL-penalised rewards, GAE, whitened advantages
-        batch, sums = collect_rollout(cfg, task, policy, ref, critic, reward_model, rt, kl_coef,
-                                      prompt_gen, sample_gen)
-        ro = rollout_metrics(rt.all_reduce_sum(sums).cpu())
-        if cfg.dump_first_update and step == 1:
-            pre = {"policy": model_state(policy), "critic": model_state(critic)}
-        # 5b. ppo_epochs x num_minibatches clipped updates of policy and value model
-        up = learner.update(batch, kl_coef)
-        mem.stop()
-        if cfg.dump_first_update and step == 1:
-            _dump_first_update(cfg, rt, batch, kl_coef, pre, policy, critic)
-        # 5c. adapt beta to the KL of this batch
-        kl_ctl.update(ro["kl"], cfg.rollout_batch_size)
-        dt = time.perf_counter() - t0
-        row = {"step": step, **{k: v for k, v in ro.items() if k != "tokens"}, **up,
-               "kl_coef": kl_coef, "tokens_per_s": ro["tokens"] / dt,
-               "time_s": time.perf_counter() - t_start}
-        log.write(row)
-        last = row
-        first_score = row["score"] if first_score is None else first_score
+    try:
+        for step in range(start_step + 1, cfg.total_steps + 1):
+            t0 = time.perf_counter()
+            mem.start()              # the PPO steps' peak: rollout + update, no checkpoints
+            kl_coef = kl_ctl.value
+            # 5a. experience: sample, score, KL-penalised rewards, GAE, whitened advantages
+            batch, sums = collect_rollout(cfg, task, policy, ref, critic, reward_model, rt,
+                                          kl_coef, prompt_gen, sample_gen)
+            ro = rollout_metrics(rt.all_reduce_sum(sums).cpu())
+            if cfg.dump_first_update and step == 1:
+                pre = {"policy": model_state(policy), "critic": model_state(critic)}
+            # 5b. ppo_epochs x num_minibatches clipped updates of policy and value model
+            up = learner.update(batch, kl_coef)
+            mem.stop()
+            if cfg.dump_first_update and step == 1:
+                _dump_first_update(cfg, rt, batch, kl_coef, pre, policy, critic)
+            # 5c. adapt beta to the KL of this batch
+            kl_ctl.update(ro["kl"], cfg.rollout_batch_size)
+            dt = time.perf_counter() - t0
+            row = {"step": step, **{k: v for k, v in ro.items() if k != "tokens"}, **up,
+                   "kl_coef": kl_coef, "tokens_per_s": ro["tokens"] / dt,
+                   "time_s": time.perf_counter() - t_start}
+            log.write(row)
+            last = row
+            first_score = row["score"] if first_score is None else first_score
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(score=f"{row['score']:+.3f}", kl=f"{row['kl']:.2f}",
+                                beta=f"{kl_coef:.3f}")
+            # 5d. checkpoint
+            if step == cfg.total_steps or (cfg.checkpoint_every
+                                           and step % cfg.checkpoint_every == 0):
+                payload = {"step": step, "config": cfg.to_dict(), "rm_accuracy": rm_accuracy,
+                           "policy": model_state(policy), "critic": model_state(critic),
+                           "ref": model_state(ref), "reward_model": model_state(reward_model),
+                           "learner": learner.state_dict(), "kl_ctl": kl_ctl.state_dict()}
+                rng = rng_state({"data": data_gen, "prompt": prompt_gen, "sample": sample_gen})
+                save_checkpoint(cfg.out, step, payload if rt.is_main else {}, rng, rt,
+                                cfg.keep_checkpoints)
+    finally:               # also on Ctrl-C / SIGTERM: leave the terminal tidy
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(score=f"{row['score']:+.3f}", kl=f"{row['kl']:.2f}",
-                            beta=f"{kl_coef:.3f}")
-        # 5d. checkpoint
-        if step == cfg.total_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-            payload = {"step": step, "config": cfg.to_dict(), "rm_accuracy": rm_accuracy,
-                       "policy": model_state(policy), "critic": model_state(critic),
-                       "ref": model_state(ref), "reward_model": model_state(reward_model),
-                       "learner": learner.state_dict(), "kl_ctl": kl_ctl.state_dict()}
-            rng = rng_state({"data": data_gen, "prompt": prompt_gen, "sample": sample_gen})
-            save_checkpoint(cfg.out, step, payload if rt.is_main else {}, rng, rt,
-                            cfg.keep_checkpoints)
-    if bar is not None:
-        bar.close()
+            bar.close()
 
     # ---- 6. results ----------------------------------------------------------------------------
     show_samples(cfg, task, policy, rt, f"after PPO (step {cfg.total_steps})", say)
@@ -646,6 +655,12 @@ def _train(cfg: TrainConfig, rt: Runtime, resume: Optional[str]) -> Dict:
             f"{summary['time_s']:.0f}s, peak memory {peak:.0f} MiB per rank; outputs in "
             f"{cfg.out}")
     return summary
+
+
+def _run_root(ckpt: str) -> str:
+    """The run directory of a checkpoint ``RUN/checkpoints/step_N``."""
+    parent = os.path.dirname(os.path.normpath(ckpt))
+    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else ckpt
 
 
 def _dump_first_update(cfg, rt, batch, kl_coef, pre, policy, critic) -> None:
