@@ -202,6 +202,23 @@ def test_first_update_same_on_every_backend(kl_in_loss, fused):
             assert_close(f"{be}: critic {k}", crit[k], ref_crit[k], atol=1e-5)
 
 
+@pytest.mark.parametrize("kl_in_loss", [False, True], ids=["kl_in_reward", "kl_in_loss"])
+def test_fused_linear_update_equals_plain(kl_in_loss):
+    """--fused-linear (the policy loss from hidden states + lm_head weight, no [B, R, V] logits)
+    gives the plain update's losses, stats and weights on the same rollouts."""
+    plain_batch, plain_stats, plain_pol, plain_crit = _first_update("auto", kl_in_loss)
+    batch, stats, pol, crit = _first_update("auto", kl_in_loss, fused_linear=True)
+    assert torch.equal(batch.response, plain_batch.response)
+    assert stats.keys() == plain_stats.keys()
+    for k in stats:
+        assert abs(stats[k] - plain_stats[k]) <= 1e-5 * (1 + abs(plain_stats[k])), (
+            k, stats[k], plain_stats[k])
+    for name, got, want in (("policy", pol, plain_pol), ("critic", crit, plain_crit)):
+        for k in want:
+            assert_close(f"fused-linear {name} {k}", got[k], want[k], atol=1e-5)
+    assert any((pol[k] - _first_update_init_policy()[k]).abs().max() > 1e-4 for k in pol)
+
+
 # ------------------------------------------------------------------------------------------------
 # 2b. packed (padding-free) updates equal the padded ones
 # ------------------------------------------------------------------------------------------------

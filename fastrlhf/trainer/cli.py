@@ -152,6 +152,9 @@ def _on_sigterm_raise():
     """Make SIGTERM raise :class:`Terminated` in the main thread; returns the previous handler
     (None when signals cannot be set here, e.g. outside the main thread)."""
     def handler(signum, frame):
+        # a second SIGTERM (e.g. torchrun's escalation while this rank waits inside a C++
+        # collective, where Python cannot raise) kills at once, as by default
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         raise Terminated()
     try:
         return signal.signal(signal.SIGTERM, handler)
