@@ -164,6 +164,15 @@ def test_rollout_scoring_in_micro_batches_equals_whole_batch():
                      getattr(whole, name), atol=1e-6, rtol=1e-6)
 
 
+def _native_ok() -> bool:
+    """Whether the C++ ops are built here (``--backend native`` then runs)."""
+    try:
+        fr.token_logprobs(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), backend="native")
+        return True
+    except RuntimeError:
+        return False
+
+
 @pytest.mark.parametrize("kl_in_loss, fused", [(False, False), (True, False), (True, True)],
                          ids=["kl_in_reward", "kl_in_loss", "fused_kl_in_loss"])
 def test_first_update_same_on_every_backend(kl_in_loss, fused):
@@ -173,11 +182,12 @@ def test_first_update_same_on_every_backend(kl_in_loss, fused):
         pytest.skip("fastrlhf.fused_ppo_loss is not exported by this build")
     ref_batch, ref_stats, ref_pol, ref_crit = _first_update("reference", kl_in_loss)
     assert ref_batch.mask.sum() > 8 and ref_stats["clipfrac"] >= 0
-    others = (["reference"] if fused else []) + ["auto"] + (["triton"] if TRITON_OK else [])
+    others = ((["reference"] if fused else []) + ["auto"] + (["native"] if _native_ok() else [])
+              + (["triton"] if TRITON_OK else []))
     for be in others:
         batch, stats, pol, crit = _first_update(be, kl_in_loss, fused)
-        # auto is native (C++) or the reference on CPU, triton on CUDA; triton on CPU runs the
-        # kernels in the interpreter.  All float32: agreement to rounding, far below an update.
+        # auto is native (C++) or the reference on CPU, triton on CUDA; native: the C++ ops
+        # where they exist; triton on CPU runs the kernels in the interpreter.  All float32: agreement to rounding, far below an update.
         tol = 1e-5
         assert torch.equal(batch.response, ref_batch.response)
         for name in ("logp", "ref_logp", "values", "adv", "returns"):
@@ -190,6 +200,23 @@ def test_first_update_same_on_every_backend(kl_in_loss, fused):
             assert_close(f"{be}: policy {k}", pol[k], ref_pol[k], atol=1e-5)
         for k in ref_crit:
             assert_close(f"{be}: critic {k}", crit[k], ref_crit[k], atol=1e-5)
+
+
+@pytest.mark.parametrize("kl_in_loss", [False, True], ids=["kl_in_reward", "kl_in_loss"])
+def test_fused_linear_update_equals_plain(kl_in_loss):
+    """--fused-linear (the policy loss from hidden states + lm_head weight, no [B, R, V] logits)
+    gives the plain update's losses, stats and weights on the same rollouts."""
+    plain_batch, plain_stats, plain_pol, plain_crit = _first_update("auto", kl_in_loss)
+    batch, stats, pol, crit = _first_update("auto", kl_in_loss, fused_linear=True)
+    assert torch.equal(batch.response, plain_batch.response)
+    assert stats.keys() == plain_stats.keys()
+    for k in stats:
+        assert abs(stats[k] - plain_stats[k]) <= 1e-5 * (1 + abs(plain_stats[k])), (
+            k, stats[k], plain_stats[k])
+    for name, got, want in (("policy", pol, plain_pol), ("critic", crit, plain_crit)):
+        for k in want:
+            assert_close(f"fused-linear {name} {k}", got[k], want[k], atol=1e-5)
+    assert any((pol[k] - _first_update_init_policy()[k]).abs().max() > 1e-4 for k in pol)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -363,7 +390,7 @@ def test_data_parallel_update_equals_single_process(tmp_path, parallel, packed):
     (dict(ppo_epochs=0), r"TrainConfig\.ppo_epochs must be an integer >= 1, got 0"),
     (dict(clip_low=-0.1), r"TrainConfig\.clip_low must be a finite number > 0"),
     (dict(dual_clip=0.5), r"TrainConfig\.dual_clip must be None or > 1"),
-    (dict(backend="cuda"), r"TrainConfig\.backend must be one of auto, triton, reference"),
+    (dict(backend="cuda"), r"TrainConfig\.backend must be one of auto, triton, native, reference"),
     (dict(loss_agg="mean"), r"TrainConfig\.loss_agg must be one of token-mean"),
     (dict(kl_reward_kind="k9"), r"TrainConfig\.kl_reward_kind must be one of"),
     (dict(rollout_batch_size=30, num_minibatches=4),

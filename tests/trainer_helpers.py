@@ -45,3 +45,72 @@ def assert_first_update_replays(kw: dict, dump: dict, batch, kl_coef: float, sha
             assert pre.shape == post.shape == v.shape, (name, k)   # full tensors in the dump
             assert (post - pre).abs().max() > 1e-4, f"{name} {k} did not move"
             assert_close(f"{name} {k} (1 process vs {label})", v, post, atol=2e-6, rtol=1e-5)
+
+
+WORDS = ("alpha beta gamma delta good bad sun moon tree cat dog red blue green one two three "
+         "four five six seven eight nine ten yes no maybe very so and").split()
+CHAT_TEMPLATE = ("{% for m in messages %}<bos> {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}<sep>{% endif %}")
+
+
+def word_tokenizer():
+    """A real ``tokenizers`` word-level tokenizer (special tokens <pad> <bos> <eos> <unk> <sep>,
+    then :data:`WORDS`) with a BOS template and a chat template; no downloads."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", "<sep>"]
+                                        + list(WORDS))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A",
+                                                       special_tokens=[("<bos>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>", unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_text_model(path, arch: str = "llama", *, seed: int = 0, dtype=None,
+                    classifier: bool = False):
+    """A random-weight tiny Llama / GPT-2 (causal LM, or a one-label sequence classifier) with
+    :func:`word_tokenizer` saved in ``path``; returns ``path`` as a string."""
+    import torch
+    import transformers
+
+    tok = word_tokenizer()
+    V = len(tok)
+    ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+               eos_token_id=tok.eos_token_id)
+    if arch == "llama":
+        conf = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=2,
+                                        num_key_value_heads=2, max_position_embeddings=128,
+                                        tie_word_embeddings=False, **ids)
+        cls = (transformers.LlamaForSequenceClassification if classifier
+               else transformers.LlamaForCausalLM)
+    else:
+        conf = transformers.GPT2Config(vocab_size=V, n_positions=128, n_embd=32, n_layer=2,
+                                       n_head=2, **ids)
+        cls = (transformers.GPT2ForSequenceClassification if classifier
+               else transformers.GPT2LMHeadModel)
+    if classifier:
+        conf.num_labels = 1
+    torch.manual_seed(seed)
+    model = cls(conf)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def word_prompts(n: int, seed: int = 0):
+    """``n`` prompts of 1-5 random :data:`WORDS` (uneven lengths: left padding happens)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        k = int(torch.randint(1, 6, (1,), generator=g))
+        out.append(" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (k,), generator=g)))
+    return out

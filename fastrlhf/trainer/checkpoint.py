@@ -38,9 +38,67 @@ from .vocab_parallel import (gather_optim_state, gather_state, scatter_optim_sta
                              scatter_state, vocab_shard)
 
 __all__ = ["model_state", "load_model_state", "optim_state", "load_optim_state", "rng_state",
-           "set_rng_state", "save_checkpoint", "find_checkpoint", "load_checkpoint"]
+           "set_rng_state", "save_checkpoint", "find_checkpoint", "load_checkpoint",
+           "checkpoint_step", "RUN_MARKER", "is_run_dir", "check_out_dir", "claim_out_dir"]
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+RUN_MARKER = ".fastrlhf_run"
+"""File written first into every run directory ``fastrlhf train`` creates: only directories that
+hold it (or checkpoints of an older run) are ever written into again."""
+
+
+def is_run_dir(path: str) -> bool:
+    """True if ``path`` is a run directory made by ``fastrlhf train``."""
+    return os.path.isfile(os.path.join(path, RUN_MARKER)) or find_checkpoint(path) is not None
+
+
+def check_out_dir(out: str, *, overwrite: bool, resuming_here: bool) -> None:
+    """Raise ``ValueError`` unless ``out`` may receive this run's outputs; writes nothing.
+
+    Allowed: a missing or empty directory; a run directory of ``fastrlhf train`` that holds no
+    checkpoints (a run stopped before its first one); the run being resumed
+    (``resuming_here``); another run's directory with ``overwrite``.  Anything else, a model
+    directory above all, is refused before a single file is written.
+    """
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} exists and is not a directory")
+    if not os.path.isdir(out) or not os.listdir(out):
+        return
+    if not is_run_dir(out):
+        looks = (" (it looks like a model directory: it holds config.json without being a run)"
+                 if os.path.isfile(os.path.join(out, "config.json")) else "")
+        raise ValueError(f"--out {out!r} is a non-empty directory that fastrlhf train did not "
+                         f"create{looks}; refusing to write there: pass a new or empty directory")
+    if resuming_here or overwrite or find_checkpoint(out) is None:
+        return
+    raise ValueError(f"{out!r} already holds checkpoints of an earlier run: continue it with "
+                     f"--resume {out}, or pass --overwrite to start afresh there")
+
+
+def claim_out_dir(out: str, *, fresh: bool) -> None:
+    """Create ``out`` with its :data:`RUN_MARKER` (call after :func:`check_out_dir`, on rank 0);
+    ``fresh`` deletes an earlier run's checkpoints, final weights, debug dumps and results."""
+    os.makedirs(out, exist_ok=True)
+    marker = os.path.join(out, RUN_MARKER)
+    if not os.path.isfile(marker):
+        with open(marker, "w") as f:
+            f.write("fastrlhf train run directory\n")
+    if fresh:
+        for sub in ("checkpoints", "final", "debug"):
+            shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
+        for name in ("summary.json", "metrics.jsonl", "curves.png"):
+            if os.path.isfile(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+
+
+def checkpoint_step(ckpt: str) -> int:
+    """The PPO step a checkpoint directory was written at."""
+    m = _STEP_DIR.match(os.path.basename(os.path.normpath(ckpt)))
+    if m:
+        return int(m.group(1))
+    return int(torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu",
+                          weights_only=False)["step"])
 
 
 def _is_sharded(model: nn.Module) -> bool:

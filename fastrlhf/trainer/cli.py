@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 import typing
 from typing import Any, Dict, List, Optional
@@ -145,9 +146,49 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from .ppo import train  # lazy: argument errors before the trainer's heavy imports
 
+    previous = _on_sigterm_raise()
     try:
         train(cfg, resume=getattr(args, "resume", None))
     except ValueError as e:  # checked at start-up (world size, --model, resume directory)
         print(f"fastrlhf train: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM (turned into Terminated below)
+        print(interrupted_message(cfg.out, e), file=sys.stderr, flush=True)
+        return 128 + getattr(e, "signum", signal.SIGINT)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run happens to be (like Ctrl-C's KeyboardInterrupt), so that
+    both stop the run the same clean way."""
+
+    signum = signal.SIGTERM
+
+
+def _on_sigterm_raise():
+    """Make SIGTERM raise :class:`Terminated` in the main thread; returns the previous handler
+    (None when signals cannot be set here, e.g. outside the main thread)."""
+    def handler(signum, frame):
+        # a second SIGTERM (e.g. torchrun's escalation while this rank waits inside a C++
+        # collective, where Python cannot raise) kills at once, as by default
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
+
+
+def interrupted_message(out: str, exc: BaseException) -> str:
+    """The one line printed when a run is stopped by Ctrl-C or SIGTERM."""
+    from .checkpoint import find_checkpoint
+
+    what = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+    ckpt = find_checkpoint(out) if os.path.isdir(out) else None
+    if ckpt is None:
+        return (f"fastrlhf train: stopped ({what}) before the first checkpoint; nothing to "
+                f"resume in {out} (run the same command again to start afresh)")
+    return f"fastrlhf train: stopped ({what}); resume with: fastrlhf train --resume {out}"

@@ -22,12 +22,13 @@ from typing import Any, Dict, Optional
 
 __all__ = ["TrainConfig", "field_docs", "load_config_file"]
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "native", "reference")
 ARCHS = ("llama", "gpt2")
 PARALLEL = ("ddp", "fsdp2")
 SCHEDULES = ("linear", "cosine", "constant")
 LOSS_AGGS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
              "seq-mean-token-sum-norm")
+ALGOS = ("ppo", "grpo", "dr_grpo", "rloo")
 KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
 
 
@@ -46,11 +47,41 @@ class TrainConfig:
     model: Optional[str] = None
     """Local Hugging Face causal-LM directory that initialises the policy (and the backbones of
     the reward and value models); never downloads.  None: build the tiny built-in model below.
-    The built-in task speaks token ids [0, 33), so the model's vocabulary must be at least that."""
+    Without --prompts the built-in task is trained on it (token ids [0, 33) as its words: the
+    vocabulary must be at least that); with --prompts its tokenizer is used (pad / eos / bos ids,
+    optional chat template).  bf16 / fp16 weights keep their dtype on CUDA (forwards under
+    autocast in that dtype); on CPU they are cast to float32 (said at start-up)."""
+    prompts: Optional[str] = None
+    """Your prompts (needs --model with a tokenizer, and --reward-fn and / or --reward-model): a
+    JSONL or Parquet file with a text column (--prompt-column), or a datasets save_to_disk
+    directory (its test / validation split, if any, is the held-out set).  No SFT or reward-model
+    phase then: the loaded model is the starting policy and the reference.  None: the built-in
+    task."""
+    prompt_column: str = "prompt"
+    """Column (field) of --prompts that holds the prompt text."""
+    eval_prompts: int = 16
+    """Held-out prompts (never trained on) for the samples printed before / after training and
+    summary.json's eval_score_before / eval_score_after (--prompts only)."""
+    max_prompt_tokens: int = 256
+    """Longest prompt in tokens (--prompts only); a longer one is an error at start-up."""
+    chat_template: bool = False
+    """Wrap each prompt as the user turn of the tokenizer's chat template, with the generation
+    prompt (--prompts only)."""
+    reward_fn: Optional[str] = None
+    """Verifiable reward (--prompts only): 'module:function' or 'file.py:function', called as
+    function(prompts: list[str], completions: list[str]) -> list[float]."""
+    reward_fn_weight: float = 1.0
+    """Weight of --reward-fn in the score (score = w_fn * fn + w_rm * reward model)."""
+    reward_model: Optional[str] = None
+    """Local AutoModelForSequenceClassification directory (one label), scored at the last real
+    token of prompt + response (--prompts only)."""
+    reward_model_weight: float = 1.0
+    """Weight of --reward-model in the score."""
     backend: str = "auto"
     """fastrlhf op backend for all loss math: auto (triton on CUDA; on CPU the native C++ ops
-    where built, else the references) | triton (on CPU: Triton's interpreter, slow) | reference
-    (the eager PyTorch definitions)."""
+    where built, else the references) | triton (on CPU: Triton's interpreter, slow) | native
+    (CPU only: the C++ ops, required to be built; ops without a C++ implementation keep their
+    automatic choice) | reference (the eager PyTorch definitions)."""
     device: str = "auto"
     """auto (cuda if available, else cpu) | cpu | cuda | cuda:N.  Under torchrun each rank uses
     cuda:LOCAL_RANK."""
@@ -131,10 +162,30 @@ class TrainConfig:
     """SFT-policy samples used to normalise the reward model's scores to mean 0, std 1."""
 
     # ---------------------------------------------------------------- PPO
+    algo: str = "ppo"
+    """ppo (GAE on a value model, KL in the reward by default) | grpo | dr_grpo | rloo: the
+    critic-free family: group_size samples per prompt, advantages from fastrlhf.group_advantages
+    (grpo: (x - mean) / std of the group; dr_grpo: x - mean; rloo: leave-one-out baseline), no
+    value model, the KL to the reference always in the loss (kl_loss_kind, k3 by default), the
+    clipped surrogate aggregated with loss_agg (the papers: grpo seq-mean-token-mean, dr_grpo
+    seq-mean-token-sum-norm)."""
+    group_size: int = 4
+    """Samples per prompt of grpo / dr_grpo / rloo (>= 2; divides the per-rank rollout batch);
+    rollout_batch_size counts samples, so a step sees rollout_batch_size / group_size prompts."""
+    value_head: str = "separate"
+    """Where PPO's value model lives: separate (its own transformer, initialised from the reward
+    model on the built-in task) | shared (a linear head on the policy's last hidden state: one
+    transformer, the value loss also trains the policy's body, weighted by value_coef)."""
+    value_coef: float = 0.1
+    """Weight of the value loss in the policy's loss with value_head=shared."""
     total_steps: int = 100
     """PPO steps (each: one rollout batch, then ppo_epochs passes of minibatch updates)."""
     rollout_batch_size: int = 64
     """Global prompts per PPO step (split evenly over ranks)."""
+    kv_cache: bool = True
+    """Generate with a KV cache (each new token runs alone against the cached keys / values, so
+    its cost does not grow with the response so far); --no-kv-cache re-runs the whole prefix
+    every step.  Both sample the same tokens (tested)."""
     temperature: float = 1.0
     """Sampling temperature; the same value is used for log-probs in the update."""
     ppo_epochs: int = 4
@@ -186,14 +237,24 @@ class TrainConfig:
     kl_horizon: int = 1000
     """Horizon (in samples) of the adaptive controller."""
     kl_in_loss: bool = False
-    """Put the KL to the reference in the policy loss (GRPO style) instead of in the reward."""
+    """Put the KL to the reference in the policy loss (GRPO style) instead of in the reward
+    (always on, and set so, with algo != ppo)."""
     kl_reward_kind: str = "k1"
-    """KL estimator for the per-token reward penalty (fastrlhf.kl_penalty kind)."""
+    """KL estimator for the per-token reward penalty (fastrlhf.kl_penalty kind), or full: the
+    exact KL(pi || pi_ref) over the whole vocabulary at each position (fastrlhf.full_kl on the
+    policy's and the reference's logits: no sampling noise, at the cost of holding both
+    [micro, R, V] logits at once); logged as kl_full next to the sampled k1 kl."""
     kl_loss_kind: str = "k3"
     """KL estimator for the loss term when kl_in_loss (fastrlhf.kl_penalty kind)."""
     fused_loss: bool = False
     """Compute the policy loss with fastrlhf.fused_ppo_loss (log-probs, entropy, KL, clipped
     surrogate and their gradient in one pass over the logits) instead of the separate ops."""
+    fused_linear: bool = False
+    """Compute the policy loss from the policy's final hidden states and its lm_head weight with
+    fastrlhf.fused_linear_ppo_loss (log-probs, entropy, KL, clipped surrogate), never forming the
+    [B, R, V] logits of the update nor their gradient.  Models whose logits are lm_head(hidden)
+    (checked at start-up); single process or ddp, not with vocab_parallel, packed or
+    value_head=shared."""
     packed: bool = False
     """Padding-free PPO updates: each (micro-)batch's sequences (prompt + response up to EOS)
     run through the policy and value model as one packed row (position ids restart per
@@ -251,8 +312,25 @@ class TrainConfig:
         choice("parallel", PARALLEL)
         choice("lr_schedule", SCHEDULES)
         choice("loss_agg", LOSS_AGGS)
-        choice("kl_reward_kind", KL_KINDS)
+        choice("kl_reward_kind", KL_KINDS + ("full",))
         choice("kl_loss_kind", KL_KINDS)
+        choice("algo", ALGOS)
+        choice("value_head", ("separate", "shared"))
+        if self.fused_linear:
+            need(not (self.packed or self.fused_loss or self.value_head == "shared"
+                      or self.vocab_parallel > 1 or self.parallel == "fsdp2"), "fused_linear",
+                 "False with packed, fused_loss, value_head=shared, vocab_parallel > 1 or "
+                 "parallel=fsdp2 (not supported together)")
+        need(self.value_coef >= 0, "value_coef", "a finite number >= 0")
+        if self.value_head == "shared":
+            need(self.algo == "ppo", "value_head", "separate with a critic-free algo (no value "
+                 "model at all)")
+            need(not self.packed, "value_head", "separate with packed (not supported yet)")
+        if self.algo != "ppo":
+            need(self.group_size >= 2, "group_size", f"an integer >= 2 with algo={self.algo!r}")
+            self.kl_in_loss = True     # no per-token reward shaping without a critic
+        need(self.kl_reward_kind != "full" or not self.kl_in_loss, "kl_reward_kind",
+             "a sampled estimator with the KL in the loss (full is a reward penalty)")
         need(self.device == "auto" or self.device == "cpu" or self.device == "cuda"
              or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
              "device", "auto, cpu, cuda or cuda:N")
@@ -260,7 +338,8 @@ class TrainConfig:
              f"divisible by num_heads={self.num_heads}")
         need(self.sft_min_words <= self.sft_max_words, "sft_min_words",
              f"<= sft_max_words={self.sft_max_words}")
-        need(self.sft_max_words < self.response_length, "sft_max_words",
+        need(self.sft_max_words < self.response_length or self.prompts is not None,
+             "sft_max_words",
              f"< response_length={self.response_length} (the SFT data must fit with its EOS)")
         need(self.rollout_batch_size % self.num_minibatches == 0, "rollout_batch_size",
              f"divisible by num_minibatches={self.num_minibatches}")
@@ -272,6 +351,20 @@ class TrainConfig:
                  "False: this fastrlhf build has no fused_ppo_loss")
         if self.model is not None:
             need(os.path.isdir(self.model), "model", "an existing local directory")
+        need(self.eval_prompts >= 0, "eval_prompts", "an integer >= 0")
+        need(self.max_prompt_tokens >= 1, "max_prompt_tokens", "an integer >= 1")
+        if self.prompts is not None:
+            need(os.path.exists(self.prompts), "prompts", "an existing file or directory")
+            need(self.model is not None, "prompts",
+                 "used with --model (a local model directory with its tokenizer)")
+            need(self.reward_fn is not None or self.reward_model is not None, "prompts",
+                 "used with --reward-fn and / or --reward-model (what scores the completions)")
+        else:
+            for name in ("reward_fn", "reward_model"):
+                need(getattr(self, name) is None, name,
+                     "None without --prompts (the built-in task trains its own reward model)")
+        if self.reward_model is not None:
+            need(os.path.isdir(self.reward_model), "reward_model", "an existing local directory")
 
     def check_world(self, world: int) -> None:
         """Batch sizes that must split evenly over the data-parallel ranks (``world`` processes
@@ -289,11 +382,41 @@ class TrainConfig:
                                  f"{div} ({what}"
                                  + (f" x num_minibatches {self.num_minibatches})"
                                     if name == "rollout_batch_size" else ")"))
+        if self.algo != "ppo" and (self.rollout_batch_size // dp) % self.group_size:
+            raise ValueError(f"TrainConfig.group_size={self.group_size} must divide the per-rank "
+                             f"rollout batch ({self.rollout_batch_size // dp} samples)")
         if self.micro_batch_size:
             local_mb = self.rollout_batch_size // (dp * self.num_minibatches)
             if local_mb % self.micro_batch_size:
                 raise ValueError(f"TrainConfig.micro_batch_size={self.micro_batch_size} must "
                                  f"divide the per-rank minibatch ({local_mb} sequences)")
+
+    @property
+    def op_backend(self) -> str:
+        """The ``backend=`` passed to the ops: ``native`` becomes ``auto``, which on CPU picks the
+        C++ implementation of every op that has one (checked by :meth:`check_backend`) and the
+        reference for the others, as ``FASTRLHF_BACKEND=native`` does."""
+        return "auto" if self.backend == "native" else self.backend
+
+    def check_backend(self, device) -> None:
+        """``backend="native"``: a CPU run, the C++ extension built, no conflicting
+        ``FASTRLHF_BACKEND``; raises ``ValueError`` otherwise."""
+        if self.backend != "native":
+            return
+        if device.type != "cpu":
+            raise ValueError(f"TrainConfig.backend='native' is the CPU backend; the run is on "
+                             f"{device} (use auto or triton there)")
+        env = os.environ.get("FASTRLHF_BACKEND", "").strip().lower()
+        if env not in ("", "auto", "native"):
+            raise ValueError(f"TrainConfig.backend='native' conflicts with FASTRLHF_BACKEND={env}")
+        import torch
+
+        import fastrlhf
+        try:
+            fastrlhf.token_logprobs(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long),
+                                    backend="native")
+        except RuntimeError as e:
+            raise ValueError(f"TrainConfig.backend='native' needs the C++ extension: {e}") from None
 
     # ------------------------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:

@@ -60,6 +60,7 @@ class Runtime:
     tp: int = 1
     tp_group: Any = None      # this rank's tensor-parallel group (ranks sharing rollouts)
     dp_group: Any = None      # the ranks holding the same vocab slice (None: all ranks)
+    amp_dtype: Any = None     # autocast dtype of the forwards (a bf16 / fp16 --model on CUDA)
 
     @property
     def is_main(self) -> bool:

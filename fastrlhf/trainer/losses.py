@@ -27,7 +27,8 @@ from torch import Tensor
 
 import fastrlhf as fr
 
-__all__ = ["logprobs", "sft_loss", "reward_pair_loss", "token_rewards", "advantages",
+__all__ = ["logprobs", "sft_loss", "reward_pair_loss", "exact_kl", "token_rewards", "advantages",
+           "group_advantages",
            "ppo_loss", "explained_variance_terms", "explained_variance"]
 
 
@@ -55,15 +56,29 @@ def reward_pair_loss(r_chosen: Tensor, r_rejected: Tensor) -> Tuple[Tensor, Tens
     return -F.logsigmoid(diff).mean(), (diff > 0).float().mean()
 
 
+def exact_kl(logits: Tensor, ref_logits: Tensor, *, temperature: float, backend: str,
+             vp: Optional[Dict] = None) -> Tensor:
+    """``KL(pi || pi_ref) [B, R]`` float32 at each position, exact over the vocabulary
+    (``fastrlhf.full_kl``, one streaming pass; no softmax is materialised)."""
+    return fr.full_kl(logits, ref_logits, temperature=temperature, backend=backend,
+                      **(vp or {}))
+
+
 def token_rewards(scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, *,
-                  kl_coef: float, kind: str, in_reward: bool, backend: str
-                  ) -> Tuple[Tensor, Tensor]:
-    """Per-token rewards ``[B, R]`` and the per-token KL estimate ``[B, R]`` (masked).
+                  kl_coef: float, kind: str, in_reward: bool, backend: str,
+                  full_kl: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Per-token rewards ``[B, R]`` and the per-token KL ``[B, R]`` (masked).
 
     ``r_t = -kl_coef * kl_t`` on every real token (when the KL is in the reward) and the
-    sequence score is added at the last real token (the EOS, or the last token).
+    sequence score is added at the last real token (the EOS, or the last token).  ``kl_t`` is
+    the sampled estimator ``kind`` of ``logp - ref_logp``, or with ``kind="full"`` the exact
+    ``full_kl [B, R]`` (``fastrlhf.full_kl``: ``sum_v p_v log(p_v / q_v)`` at each position,
+    the expectation that the k1 estimate ``log p(a_t) - log q(a_t)`` samples).
     """
-    kl = fr.kl_penalty(logp, ref_logp, kind=kind, backend=backend) * mask           # [B, R]
+    if kind == "full":
+        kl = full_kl * mask                                                          # [B, R]
+    else:
+        kl = fr.kl_penalty(logp, ref_logp, kind=kind, backend=backend) * mask       # [B, R]
     rewards = -kl_coef * kl if in_reward else torch.zeros_like(kl)
     last = (mask.sum(dim=1).long() - 1).clamp(min=0)                                # [B]
     rewards = rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
@@ -86,10 +101,21 @@ def advantages(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, l
     return adv, returns
 
 
-def ppo_loss(logits: Tensor, values: Tensor, *, tokens: Tensor, old_logp: Tensor,
+def group_advantages(scores: Tensor, group_ids: Tensor, mask: Tensor, *, kind: str,
+                     backend: str) -> Tensor:
+    """Critic-free advantages ``[B, R]`` (GRPO / Dr. GRPO / RLOO): each sequence's score
+    against the other samples of its prompt (``fastrlhf.group_advantages``, ``kind`` = grpo:
+    ``(x - mean) / (std + eps)``, dr_grpo: ``x - mean``, rloo: leave-one-out baseline), the same
+    value on every real token of the response, 0 on the padding."""
+    adv = fr.group_advantages(scores.float(), group_ids, kind=kind, backend=backend)   # [B]
+    return adv[:, None] * mask
+
+
+def ppo_loss(logits: Tensor, values: Optional[Tensor], *, tokens: Tensor, old_logp: Tensor,
              ref_logp: Tensor, old_values: Tensor, adv: Tensor, returns: Tensor, mask: Tensor,
              cfg, kl_coef: float, agg_kwargs: Dict, cu_seqlens: Optional[Tensor] = None,
-             vp: Optional[Dict] = None) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
+             vp: Optional[Dict] = None, lm_head: Optional[Tuple[Tensor, Optional[Tensor]]] = None
+             ) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
     """The PPO objective of one (micro-)batch, from the policy's logits ``[B, R, V]`` and the
     value model's outputs ``[B, R]``.
 
@@ -105,14 +131,23 @@ def ppo_loss(logits: Tensor, values: Tensor, *, tokens: Tensor, old_logp: Tensor
     the result equals the padded layout (``agg_kwargs`` must then carry ``loss_scale_factor`` =
     the padded ``R`` for ``seq-mean-token-sum-norm``, whose default is the longest segment).
 
+    ``values`` None (no critic): the value loss is 0.
+
+    ``lm_head = (weight [V, H], bias)`` (``cfg.fused_linear``): ``logits`` are then the final
+    hidden states ``[B, R, H]`` and the policy loss comes from ``fastrlhf.fused_linear_ppo_loss``
+    (the same loss, no ``[B, R, V]`` logits or logits gradient ever formed).
+
     Returns ``(policy_loss, value_loss, stats)``; stats are detached scalars (local means) plus
     ``pg_loss``, the clipped surrogate alone.
     """
-    be = cfg.backend
+    be = cfg.op_backend
     agg_kwargs = dict(agg_kwargs, cu_seqlens=cu_seqlens)   # None: the padded [B, R] layout
     kl_coef = kl_coef if cfg.kl_in_loss else 0.0
-    if cfg.fused_loss:
-        policy_loss, st = fr.fused_ppo_loss(
+    if cfg.fused_loss or lm_head is not None:
+        fused = (fr.fused_ppo_loss if lm_head is None else
+                 lambda h, *a, **k: fr.fused_linear_ppo_loss(h, lm_head[0], *a, bias=lm_head[1],
+                                                             **k))
+        policy_loss, st = fused(
             logits, tokens, old_logp, adv, mask, ref_logp=ref_logp if cfg.kl_in_loss else None,
             kl_coef=kl_coef, kl_kind=cfg.kl_loss_kind, entropy_coef=cfg.entropy_coef,
             clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
@@ -136,6 +171,9 @@ def ppo_loss(logits: Tensor, values: Tensor, *, tokens: Tensor, old_logp: Tensor
     stats = {"pg_loss": pg_loss.detach(), "clipfrac": st["clipfrac"], "approx_kl": st["approx_kl"]}
     if cfg.kl_in_loss:
         stats["kl_loss"] = kl_loss.detach()
+    if values is None:          # no critic (GRPO / Dr. GRPO / RLOO)
+        stats["value_clipfrac"] = torch.zeros((), device=logits.device)
+        return policy_loss, torch.zeros((), device=logits.device), stats
     value_loss, v_stats = fr.ppo_value_loss(values, old_values, returns, mask,
                                             clip=cfg.value_clip, agg=cfg.loss_agg, backend=be,
                                             **agg_kwargs)

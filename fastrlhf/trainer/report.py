@@ -4,18 +4,24 @@ Columns of ``metrics.jsonl`` (means over the whole global batch, all ranks):
 
 =====================  ==========================================================================
 step                   PPO step (1-based)
-score                  hidden oracle's score of the sampled responses, in [-1, 1] (0 = SFT level)
-rm_reward              normalised reward-model score (before the missing-EOS penalty)
+score                  hidden oracle's score of the sampled responses, in [-1, 1] (0 = SFT level);
+                       with --prompts: the score (reward_fn_weight x reward_fn +
+                       reward_model_weight x rm_reward, before the missing-EOS penalty)
+rm_reward              normalised reward-model score (before the missing-EOS penalty); with
+                       --prompts: the --reward-model's (absent without one)
+reward_fn              the --reward-fn's score (--prompts with --reward-fn only)
 kl                     KL(policy || reference) per sequence: sum over the response of
                        log pi - log pi_ref (k1 estimate), in nats
+kl_full                the exact KL per sequence, sum over the response of sum_v p log(p / q)
+                       (only with kl_reward_kind=full)
 kl_coef                beta used for this step's KL penalty (adaptive or fixed)
 reward                 total reward per sequence (score - beta * KL when the KL is in the reward)
 entropy                mean per-token entropy of the policy on its samples, nats
 response_len           response tokens up to and including EOS
 eos_frac               fraction of responses that produced EOS
-explained_variance     1 - Var(returns - V) / Var(returns) of the rollout values
+explained_variance     1 - Var(returns - V) / Var(returns) of the rollout values (PPO only)
 policy_loss            clipped surrogate loss (mean over the update's minibatches)
-value_loss             clipped value loss
+value_loss             clipped value loss (PPO only, as value_clipfrac and critic_grad_norm)
 approx_kl              mean (old logp - new logp) over the update (how far one update moved)
 clipfrac               fraction of tokens where the ratio clip was active
 value_clipfrac         fraction of tokens where the value clip was active

@@ -46,6 +46,7 @@ class SyntheticTask:
     """
 
     vocab_size = len(VOCAB)
+    pad_id, bos_id, eos_id = PAD, BOS, EOS
 
     def __init__(self, prompt_len: int, response_length: int, min_words: int, max_words: int):
         self.prompt_len = prompt_len
@@ -71,6 +72,23 @@ class SyntheticTask:
         """``[n, 1 + prompt_len]`` int64: BOS then uniform words."""
         bos = torch.full((n, 1), BOS, dtype=torch.long)
         return torch.cat([bos, self._words((n, self.prompt_len), g)], dim=1)
+
+    def sample_queries(self, n: int, g: torch.Generator) -> Tuple[Tensor, Tensor, None]:
+        """:meth:`sample_prompts` in the trainer's prompt-batch form ``(ids [n, P], mask [n, P],
+        texts)``: no padding (mask all ones), no texts."""
+        ids = self.sample_prompts(n, g)
+        return ids, torch.ones_like(ids), None
+
+    def hf_tokenizer(self):
+        """A Hugging Face tokenizer of this vocabulary (word level, whitespace-separated), saved
+        with the trained policy so that ``AutoTokenizer`` reloads it."""
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<pad>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
+                                       bos_token="<bos>", eos_token="<eos>")
 
     def sample_demonstrations(self, prompts: Tensor, g: torch.Generator) -> Tensor:
         """``[n, response_length]`` int64 demonstration responses: words, EOS, then PAD."""
