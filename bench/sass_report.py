@@ -97,7 +97,7 @@ def kernel_specs(only=None):
     pkg = load_kernels()
     out = []
     for m in pkgutil.iter_modules(pkg.__path__):
-        if m.name.startswith("_") or (only and m.name not in only):
+        if m.name.startswith("_") or m.name == "utils" or (only and m.name not in only):
             continue
         mod = importlib.import_module(f"{pkg.__name__}.{m.name}")
         for spec in getattr(mod, "AOT_SPECS", lambda: [])():

@@ -71,7 +71,7 @@ def resolve(backend: str | None, device: torch.device, *, op: str, native_ok: bo
                 raise RuntimeError(
                     f"{op}: backend='triton' on CPU tensors needs Triton's interpreter: set "
                     "TRITON_INTERPRET=1 before triton is imported (or use backend='reference')")
-            kmod = sys.modules.get("fastrlhf.kernels._utils")
+            kmod = sys.modules.get("fastrlhf.kernels.utils")
             if kmod is not None and not kmod.INTERPRET_AT_IMPORT:
                 raise RuntimeError(
                     f"{op}: TRITON_INTERPRET=1 was set after fastrlhf.kernels was imported; set it "

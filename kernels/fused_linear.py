@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype_of, cdiv, interpreting, max_nan, tl_dtype
+from .utils import acc_dtype_of, cdiv, interpreting, max_nan, tl_dtype
 
 __all__ = ["linear_logprobs_fwd", "linear_logprobs_bwd", "dot_precision", "AOT_SPECS"]
 

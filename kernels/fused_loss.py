@@ -8,7 +8,7 @@ per-token inputs, which come in as contiguous ``[N]`` vectors (``advantages`` ma
 
 Each row (token) is handled by one program, in two sweeps over its vocab row:
 
-1. **statistics** -- :func:`._utils.row_softmax_stats`: every thread keeps one running max and,
+1. **statistics** -- :func:`.utils.row_softmax_stats`: every thread keeps one running max and,
    relative to it, ``S`` and the entropy's ``T`` in base-2 units (one FMA, one ``exp2`` per
    element; the scheme of :mod:`.logprobs`); after merging the threads
    ``logp = (x_tok - M) - log S`` and ``H = log S - T_sum / S`` (``x = logits / T``).
@@ -22,7 +22,7 @@ Each row (token) is handled by one program, in two sweeps over its vocab row:
    with ``w = c_b * m_bt`` the aggregation weight of the token (``c`` from
    ``fastrlhf.reference.agg_row_weights``: the aggregated loss is ``sum_bt w L``), 0 for masked
    tokens, whose gradient row is then written as zeros without reading the logits again.
-3. **gradient** -- :func:`._utils.grad_sweep`: the row is swept again and
+3. **gradient** -- :func:`.utils.grad_sweep`: the row is swept again and
    ``dlogits = (g_lp (onehot - p) - g_H p (log p + H)) / T`` written (into a fresh buffer, or
    over the logits themselves: each element is read before it is overwritten, by the same
    thread).  The target logit is read by every thread *before* a barrier that precedes the
@@ -62,11 +62,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (acc_dtype_of, grad_sweep, interpreting, row_offset, row_softmax_stats,
+from .utils import (acc_dtype_of, grad_sweep, interpreting, row_offset, row_softmax_stats,
                      stream_block, tl_dtype, zero_row)
 from .kl import KINDS as KL_KINDS
-from .kl import _klp_dvdx, _klp_value
-from .losses import _to_acc, policy_token_terms
+from .kl import klp_dvdx, klp_value
+from .losses import to_acc, policy_token_terms
 
 __all__ = ["fused_loss_fwd", "fused_loss_grad", "scale_rows", "N_AUX", "AUX_ROWS", "KL_KINDS", "AOT_SPECS"]
 
@@ -86,7 +86,7 @@ N_AUX = len(AUX_ROWS)
 
 
 # Row addressing and the streaming softmax statistics are shared with token_logprobs:
-# kernels/_utils.py row_offset / row_softmax_stats.
+# kernels/utils.py row_offset / row_softmax_stats.
 
 
 @triton.jit(do_not_specialize=["n_rows", "T", "D1", "D2", "ignore_index"])
@@ -102,12 +102,12 @@ def _fused_loss_kernel(
     HAS_ENT: tl.constexpr, WRITE_GRAD: tl.constexpr,
     ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    inv_temp = _to_acc(inv_temp_arg, ACC)
-    lo = _to_acc(lo_arg, ACC)
-    hi = _to_acc(hi_arg, ACC)
-    dual_c = _to_acc(dual_arg, ACC)
-    kl_coef = _to_acc(kl_coef_arg, ACC)
-    ent_coef = _to_acc(ent_coef_arg, ACC)
+    inv_temp = to_acc(inv_temp_arg, ACC)
+    lo = to_acc(lo_arg, ACC)
+    hi = to_acc(hi_arg, ACC)
+    dual_c = to_acc(dual_arg, ACC)
+    kl_coef = to_acc(kl_coef_arg, ACC)
+    ent_coef = to_acc(ent_coef_arg, ACC)
     nan = float("nan")
     # Rows pid, pid + P, pid + 2P, ...: the launcher picks the number of programs P so that the
     # rows in flight (P, or what fits on the GPU if fewer) keep the second sweep inside L2.
@@ -159,8 +159,8 @@ def _fused_loss_kernel(
         dkl = tl.zeros([], ACC)
         if HAS_REF:
             ref = tl.load(ref_ptr + r64).to(ACC)
-            kl = _klp_value(logp, ref, KL_VAL)
-            dkl = _klp_dvdx(logp, ref, KL_GRAD)
+            kl = klp_value(logp, ref, KL_VAL)
+            dkl = klp_dvdx(logp, ref, KL_GRAD)
         loss = pg + kl_coef * kl - ent_coef * ent
 
         aux = aux_ptr + r64
@@ -204,7 +204,7 @@ def _fused_loss_grad_kernel(
     """Gradient sweep only, from saved per-row statistics: ``dlogits = u (g_lp (onehot - p) -
     g_h p (log p + H)) / T`` with the upstream gradient ``u`` read from a device scalar.  One
     read and one write of the row (none of the read for rows with ``g_lp = g_h = 0``)."""
-    inv_temp = _to_acc(inv_temp_arg, ACC)
+    inv_temp = to_acc(inv_temp_arg, ACC)
     row = tl.program_id(0)
     if row >= n_rows:
         return

@@ -60,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import interpreting, tl_dtype
+from .utils import interpreting, tl_dtype
 
 __all__ = ["gae_fwd", "AOT_SPECS"]
 

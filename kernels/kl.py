@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from ..tables import KL_CODES, acc_dtype
-from ._utils import (FMA_REF, exp2_, interpreting, load_block, max_nan, row_offset,
+from .utils import (FMA_REF, exp2_, interpreting, load_block, max_nan, row_offset,
                      stream_block, sub_block_offsets, tl_dtype)
 
 __all__ = ["KINDS", "kl_penalty_fwd", "kl_penalty_bwd", "full_kl_fwd", "full_kl_bwd", "AOT_SPECS"]
@@ -83,7 +83,7 @@ BLOCK_V_INTERPRET = 64
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _klp_value(x, y, KIND: tl.constexpr):
+def klp_value(x, y, KIND: tl.constexpr):
     if KIND == 0:
         v = x - y
     elif KIND == 1:
@@ -101,7 +101,7 @@ def _klp_value(x, y, KIND: tl.constexpr):
 
 
 @triton.jit
-def _klp_dvdx(x, y, KIND: tl.constexpr):
+def klp_dvdx(x, y, KIND: tl.constexpr):
     """d v / d x (d v / d y is its negative for every kind)."""
     if KIND == 0:
         g = tl.full(x.shape, 1.0, x.dtype)
@@ -128,13 +128,13 @@ def _kl_penalty_fwd_kernel(x_ptr, y_ptr, out_ptr, n,
     if start + BLOCK <= n:
         x = tl.load(x_ptr + offs).to(ACC)
         y = tl.load(y_ptr + offs).to(ACC)
-        v = _klp_value(x, y, KIND)
+        v = klp_value(x, y, KIND)
         tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty))
     else:
         m = offs < n
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(ACC)
         y = tl.load(y_ptr + offs, mask=m, other=0.0).to(ACC)
-        v = _klp_value(x, y, KIND)
+        v = klp_value(x, y, KIND)
         tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -148,7 +148,7 @@ def _kl_penalty_bwd_kernel(g_ptr, x_ptr, y_ptr, dx_ptr, dy_ptr, n,
         g = tl.load(g_ptr + offs).to(ACC)
         x = tl.load(x_ptr + offs).to(ACC)
         y = tl.load(y_ptr + offs).to(ACC)
-        dx = g * _klp_dvdx(x, y, KIND)
+        dx = g * klp_dvdx(x, y, KIND)
         if NEED_DX:
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty))
         if NEED_DY:
@@ -158,7 +158,7 @@ def _kl_penalty_bwd_kernel(g_ptr, x_ptr, y_ptr, dx_ptr, dy_ptr, n,
         g = tl.load(g_ptr + offs, mask=m, other=0.0).to(ACC)
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(ACC)
         y = tl.load(y_ptr + offs, mask=m, other=0.0).to(ACC)
-        dx = g * _klp_dvdx(x, y, KIND)
+        dx = g * klp_dvdx(x, y, KIND)
         if NEED_DX:
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
         if NEED_DY:
@@ -204,7 +204,7 @@ def kl_penalty_bwd(g, x, y, kind_code: int, need_dx: bool, need_dy: bool):
 # full_kl (streaming over the vocab)
 # ---------------------------------------------------------------------------------------------
 
-# rows addressed with kernels/_utils.py row_offset (shared with every logits kernel)
+# rows addressed with kernels/utils.py row_offset (shared with every logits kernel)
 
 
 @triton.jit

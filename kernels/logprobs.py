@@ -7,14 +7,14 @@ most three strided dims).  Row ``n`` of the flattened ``[N, V]`` view lives at
 place, never copied.
 
 Forward: one program per row, one streaming pass over the vocab
-(:func:`._utils.row_softmax_stats`).  Every thread loads four 128-bit vectors per iteration, keeps
+(:func:`.utils.row_softmax_stats`).  Every thread loads four 128-bit vectors per iteration, keeps
 one running max of what it has seen and, relative to it in base-2 units (``exp2`` with
 ``log2 e / T`` folded into one FMA per element), the sums ``S`` and the entropy's ``T``; a NaN
 shows up in the sums at the end instead of through a per-element flag.  With ``x = logits / T``:
 
     lse = M + log S,   logp = (x[token] - M) - log S,   H = log S - T_sum / S
 
-Backward (:func:`._utils.grad_sweep`) recomputes ``p = exp(x - lse)`` from the saved pair and
+Backward (:func:`.utils.grad_sweep`) recomputes ``p = exp(x - lse)`` from the saved pair and
 writes
 
     dlogits = (dlogp * (onehot - p) - dH * p * (log p + H)) / T
@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (acc_dtype_of, grad_sweep, interpreting, row_offset, row_softmax_stats,
+from .utils import (acc_dtype_of, grad_sweep, interpreting, row_offset, row_softmax_stats,
                      scalar_to, stream_block, tl_dtype)
 
 __all__ = ["logprobs_fwd", "logprobs_bwd", "AOT_SPECS"]

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ..tables import AGG_MODE_IDS
-from ._utils import interpreting, tl_dtype
+from .utils import interpreting, tl_dtype
 
 __all__ = ["AGG_MODE_IDS", "policy_fwd", "policy_bwd", "value_fwd", "value_bwd",
            "policy_token_terms", "value_token_terms", "AOT_SPECS"]
@@ -65,7 +65,7 @@ EPS = 1e-8
 
 
 @triton.jit
-def _to_acc(x, ACC: tl.constexpr):
+def to_acc(x, ACC: tl.constexpr):
     # Scalar kernel arguments are fp64 (exact for float64 compute); one rounding to ACC here.
     # (Adding to a typed zero keeps this valid in the interpreter, where x is a Python float.)
     return (tl.zeros([], ACC) + x).to(ACC)
@@ -186,9 +186,9 @@ def _policy_fwd_kernel(
         m_base += c0
         if not ADV_ROW:
             adv_base += c0
-    lo = _to_acc(lo_arg, ACC)
-    hi = _to_acc(hi_arg, ACC)
-    dual_c = _to_acc(dual_arg, ACC)
+    lo = to_acc(lo_arg, ACC)
+    hi = to_acc(hi_arg, ACC)
+    dual_c = to_acc(dual_arg, ACC)
     offs = tl.arange(0, BLOCK_T)
 
     seq_s = tl.zeros([], ACC)
@@ -269,9 +269,9 @@ def _policy_bwd_kernel(
         out_base += c0
         if not ADV_ROW:
             adv_base += c0
-    lo = _to_acc(lo_arg, ACC)
-    hi = _to_acc(hi_arg, ACC)
-    dual_c = _to_acc(dual_arg, ACC)
+    lo = to_acc(lo_arg, ACC)
+    hi = to_acc(hi_arg, ACC)
+    dual_c = to_acc(dual_arg, ACC)
     gc = tl.load(gout_ptr).to(ACC) * tl.load(coef_ptr + row).to(ACC)
     offs = tl.arange(0, BLOCK_T)
 
@@ -326,7 +326,7 @@ def _value_fwd_kernel(
         ov_base += c0
         ret_base += c0
         m_base += c0
-    clip = _to_acc(clip_arg, ACC)
+    clip = to_acc(clip_arg, ACC)
     offs = tl.arange(0, BLOCK_T)
     acc_l = tl.zeros([BLOCK_T], ACC)
     acc_n = tl.zeros([BLOCK_T], ACC)
@@ -375,7 +375,7 @@ def _value_bwd_kernel(
         ret_base += c0
         m_base += c0
         out_base += c0
-    clip = _to_acc(clip_arg, ACC)
+    clip = to_acc(clip_arg, ACC)
     gc = tl.load(gout_ptr).to(ACC) * tl.load(coef_ptr + row).to(ACC)
     offs = tl.arange(0, BLOCK_T)
     for start in range(0, T, BLOCK_T):
@@ -406,8 +406,8 @@ def _finalize_kernel(
     (verl's masked_mean), coef[b] = scale * c_b.
     DENOM: 0 = count from the mask, 1 = denom_arg, 2 = load *denom_ptr."""
     offs = tl.arange(0, BLOCK_B)
-    dp = _to_acc(dp_arg, ACC)
-    scale = _to_acc(scale_arg, ACC)
+    dp = to_acc(dp_arg, ACC)
+    scale = to_acc(scale_arg, ACC)
     n_acc = tl.zeros([BLOCK_B], ACC)
     g_acc = tl.zeros([BLOCK_B], ACC)
     st0 = tl.zeros([BLOCK_B], ACC)
@@ -427,7 +427,7 @@ def _finalize_kernel(
     n_tot = tl.sum(n_acc, axis=0)
     g_tot = tl.sum(g_acc, axis=0)
     if DENOM == 1:
-        den = _to_acc(denom_arg, ACC)
+        den = to_acc(denom_arg, ACC)
     elif DENOM == 2:
         den = tl.load(denom_ptr).to(ACC)
     elif MODE == 0:
@@ -436,7 +436,7 @@ def _finalize_kernel(
         den = g_tot
     inv = tl.where(den == 0, 0.0, dp / tl.where(den == 0, 1.0, den))
     if MODE == 4:
-        inv = inv / _to_acc(lsf_arg, ACC)
+        inv = inv / to_acc(lsf_arg, ACC)
 
     loss_acc = tl.zeros([BLOCK_B], ACC)
     for start in range(0, n_rows, BLOCK_B):

@@ -37,7 +37,7 @@ def all_specs():
         return _sass_tools().kernel_specs()
     specs = []
     for mod in pkgutil.iter_modules(pkg.__path__):
-        if mod.name.startswith("_"):
+        if mod.name.startswith("_") or mod.name == "utils":  # (utils: the shared helpers)
             continue
         m = importlib.import_module(f"fastrlhf.kernels.{mod.name}")
         fn = getattr(m, "AOT_SPECS", None)

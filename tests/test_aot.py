@@ -33,7 +33,8 @@ def test_every_kernel_module_has_specs(aot_results):
     import pkgutil
 
     import fastrlhf.kernels as pkg
-    modules = {m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")}
+    modules = {m.name for m in pkgutil.iter_modules(pkg.__path__)
+               if not m.name.startswith("_") and m.name != "utils"}
     covered = {r["module"] for r in aot_results}
     assert modules <= covered, f"kernel modules without AOT_SPECS: {sorted(modules - covered)}"
     assert {r["arch"] for r in aot_results} == {80, 90}

@@ -172,8 +172,6 @@ def _bound_modules(mod: str, path: Path) -> set:
 def test_no_private_names_imported_across_modules():
     bad = []
     for mod, path in MODULES.items():
-        if mod.startswith("fastrlhf.kernels"):
-            continue  # the kernels' own helper modules: checked once they are renamed
         for line, target, names, _, text in _imports(mod, path):
             private = [n for n in names if n.startswith("_") and not n.startswith("__")]
             parts = [p for p in target.split(".") if p.startswith("_")]

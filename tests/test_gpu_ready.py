@@ -129,7 +129,8 @@ def test_inplace_fused_loss_barrier_between_target_read_and_gradient_stores():
     gradient sweep (whose stores may overwrite it in place); and the sweep's one-hot fix-up
     store comes after another barrier.  (The interpreter runs warps in order, so the race
     itself cannot show here; on a GPU the stress in bench/gpu_check.py does.)"""
-    from fastrlhf.kernels import _utils, fused_loss, logprobs
+    from fastrlhf.kernels import fused_loss, logprobs
+    from fastrlhf.kernels import utils as _utils
     src = inspect.getsource(fused_loss._fused_loss_kernel.fn)
     read = src.index("x_tok2 = tl.load(")
     barrier = src.index("tl.debug_barrier()", read)

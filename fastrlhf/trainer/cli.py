@@ -184,7 +184,7 @@ def _on_sigterm_raise():
 
 def interrupted_message(out: str, exc: BaseException) -> str:
     """The one line printed when a run is stopped by Ctrl-C or SIGTERM."""
-    from .checkpoint import find_checkpoint
+    from .checkpoint import find_checkpoint  # lazy: imports torch, only after an interrupt
 
     what = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
     ckpt = find_checkpoint(out) if os.path.isdir(out) else None

@@ -411,7 +411,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.backend='native' conflicts with FASTRLHF_BACKEND={env}")
         import torch
 
-        import fastrlhf
+        import fastrlhf  # lazy: the config module stays importable without the ops
         try:
             fastrlhf.token_logprobs(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long),
                                     backend="native")

@@ -31,7 +31,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .distributed import Runtime
+from .distributed import Runtime, unwrap
 from .task import EOS, PAD
 from .vocab_parallel import sample_tokens, vocab_shard
 
@@ -185,7 +185,6 @@ def hidden_instead_of_logits(policy: nn.Module):
     ``fastrlhf.fused_linear_ppo_loss``.  The forward still goes through the DDP wrapper, so
     gradient synchronisation is unchanged; the lm_head's parameters get their gradient from the
     fused loss.  :func:`check_linear_head` verifies the model computes ``logits = lm_head(h)``."""
-    from .distributed import unwrap
     m = unwrap(policy)
     head = m.get_output_embeddings()
     m.set_output_embeddings(nn.Identity())
@@ -199,7 +198,6 @@ def hidden_instead_of_logits(policy: nn.Module):
 def check_linear_head(policy: nn.Module) -> None:
     """Raise ``ValueError`` unless the model's logits are exactly its lm_head applied to what
     :func:`hidden_instead_of_logits` returns (no soft-capping or logit scaling after it)."""
-    from .distributed import unwrap
     m = unwrap(policy)
     ids = torch.arange(4, device=next(m.parameters()).device)[None] % m.config.vocab_size
     logits = m(input_ids=ids).logits
