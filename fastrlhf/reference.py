@@ -67,7 +67,10 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 
 
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of softmax(logits / temperature) over the last dim, ``[..., V] -> [...]``."""
+    """Entropy of softmax(logits / temperature) over the last dim, ``[..., V] -> [...]``.
+
+    Edge cases as :func:`token_logprobs`: a row holding NaN or ``+inf`` (or entirely ``-inf``)
+    gives NaN value and gradient in that row only; ``-inf`` entries contribute nothing."""
     x = logits.to(acc_dtype(logits.dtype)) / temperature
     return _entropy_from_logsm(torch.log_softmax(x, dim=-1))
 
@@ -169,6 +172,10 @@ def group_advantages(scores: torch.Tensor, group_ids: torch.Tensor, kind: str = 
 
     A group of size 1 has m = 0 and s = 1 (verl), i.e. grpo gives ``x / (1 + eps)``, dr_grpo
     ``x``, and rloo leaves ``x`` unchanged.  Returns ``[B]`` float32 (float64 for float64).
+
+    Edge cases: a NaN / inf score makes its group's advantages NaN / non-finite, other groups
+    are untouched; ``B = 0`` gives an empty result.  Known disagreement (issue 16, op layer):
+    the vectorized path's grpo gradient for a group of size 1 is NaN (here it is finite).
     """
     if kind not in GROUP_ADV_KINDS:
         raise ValueError(f"group_advantages: unknown kind {kind!r}")
@@ -240,7 +247,11 @@ def _masked_terms(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    """``sum(where(mask != 0, x, 0) * mask)`` over ``dim`` (all dims when None)."""
+    """``sum(where(mask != 0, x, 0) * mask)`` over ``dim`` (all dims when None).
+
+    Edge-case contract of all masked statistics (every backend name): NaN / inf where the mask
+    is 0 is ignored (value and gradient); an empty or fully masked input gives 0 (whiten: all
+    zeros), never NaN; the mask never receives a gradient."""
     acc = acc_dtype(x.dtype)
     t = _masked_terms(x.to(acc), mask.detach().to(acc))
     return t.sum() if dim is None else t.sum(dim=dim)
@@ -645,6 +656,10 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
                   adv_t = A;  ret_t = A + V_t
         masked t: nv, A unchanged;  adv_t = ret_t = 0
 
+    Edge-case contract (every backend): whatever sits at a masked step (NaN / inf included)
+    never enters the recurrence; a NaN reward or value at a valid step t makes adv and ret NaN
+    at the valid steps ``<= t`` of that row (or segment) only.  Empty inputs give empty outputs.
+
     Computed and returned in ``compute_dtype`` (default float64 if rewards or values is
     float64, else float32).  Returns ``(advantages, returns)``, detached.
     """
@@ -697,6 +712,11 @@ def fused_ppo_loss(logits: torch.Tensor, tokens: torch.Tensor, old_logp: torch.T
     ``kl_mean`` (``masked_mean`` of the per-token values).  Packed layout: logits
     ``[1, total, V]``, the per-token inputs ``[1, total]`` and ``cu_seqlens`` ``[S+1]`` (as
     :func:`ppo_policy_loss`).
+
+    Edge-case contract (every backend): a masked token's logits get exactly zero gradient, NaN
+    included; NaN logits at a valid token make the loss NaN and that token's logits row NaN in
+    the gradient (GSPO: every valid token of the sequence); an empty batch gives loss 0 in
+    every ``agg`` mode; the rest as :func:`token_logprobs` and :func:`ppo_policy_loss`.
     """
     acc = acc_dtype(logits.dtype)
     kw = dict(dp_size=dp_size, batch_num_tokens=batch_num_tokens,

@@ -175,9 +175,13 @@ GRAD_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 1.6e-2,
              torch.float16: 2e-3}
 
 
-def close(name: str, got, exp, *, atol: float, rtol: float = 0.0, what: str = "") -> None:
+def close(name: str, got, exp, *, atol: float, rtol: float = 0.0, what: str = "",
+          round_to: Optional[torch.dtype] = None) -> None:
     """``got`` equals ``exp`` (float64 reference): NaN exactly where ``exp`` is NaN, the same
-    infinities, finite values within ``atol + rtol * |exp|``."""
+    infinities, finite values within ``atol + rtol * |exp|``.  ``round_to``: ``got`` is
+    returned in that dtype, so ``exp`` is rounded to it first (overflow to inf included)."""
+    if exp is not None and round_to is not None:
+        exp = exp.detach().to(round_to)
     if got is None or exp is None:
         other = got if exp is None else exp
         assert other is None or not bool(other.detach().ne(0).any()), \
@@ -216,7 +220,7 @@ def grad_tol(dtype: torch.dtype, ref_grad: Optional[torch.Tensor], scale: float 
         fin = fin[fin.isfinite()]
         big = float(fin.abs().max()) if fin.numel() else 0.0
     r = GRAD_RTOL[dtype] * scale
-    return dict(atol=r * big + ATOL[dtype] * scale, rtol=r)
+    return dict(atol=r * big + ATOL[dtype] * scale, rtol=r, round_to=dtype)
 
 
 def bitwise(name: str, a, b) -> None:

@@ -261,8 +261,18 @@ def test_masked(backend, shape, dtype, layout, sp, mk, seed, op, dim, unbiased):
     (gx,), (gr,) = _backward([out], ups, [xl]), _backward([exp], ups, [xr])
     what = f"{backend} {op} {shape} {dtype} {layout} {sp} {mk} {kw}"
     scale = _fwd_scale(lx.values.to(dtype)) ** (2 if op == "masked_var" else 1) * 8
-    close("out", out, exp, **_tol(dtype if dtype == F64 else torch.float32, scale), what=what)
-    close("grad", gx, gr, **grad_tol(dtype, gr, scale * 1e3), what=what)
+    cond = 1.0
+    if op == "masked_whiten":
+        # (x - mean) * rsqrt(var + 1e-8): the rounding of x - mean is divided by std, and the
+        # rounding of var (about eps * x^2) is relative to var + 1e-8 (ill-conditioned for
+        # nearly constant data: a property of whitening, not of a backend).
+        var = float(fr.masked_var(lx.values.to(dtype).to(F64), m,
+                                  backend="reference").nan_to_num(0.0))
+        scale /= (var + 1e-8) ** 0.5
+        cond = 1.0 + _fwd_scale(lx.values.to(dtype)) ** 2 / (var + 1e-8)
+    t = _tol(dtype if dtype == F64 else torch.float32, scale)
+    close("out", out, exp, atol=t["atol"], rtol=t["rtol"] * cond, what=what)
+    close("grad", gx, gr, **grad_tol(dtype, gr, scale * 1e3 * cond), what=what)
 
 
 AGG = fr.AGG_MODES
