@@ -156,6 +156,9 @@ def test_full_kl(backend, lead, V, dtype, layout, T, sp, sp2, seed):
     g = gen(seed)
     lx = lay_out(floats(g, (*lead, V), sp), layout)
     ly = lay_out(floats(g, (*lead, V), sp2 if sp2 != "neg_inf" else "none"), "contig")
+    # A row of logits entirely -inf has KL NaN, whose backward differs between backends:
+    # issue 16 item 8, another helper's fix (tests/test_contract_oplayer.py on this branch).
+    assume(not bool(torch.isneginf(lx.values).all(-1).any()) if lx.values.numel() else True)
     res = {}
     for key, b in (("got", backend), ("exp", "reference")):
         cast = (lambda t: t.to(dtype).to(F64)) if key == "exp" else (lambda t: t.to(dtype))
@@ -164,7 +167,10 @@ def test_full_kl(backend, lead, V, dtype, layout, T, sp, sp2, seed):
         res[key] = (out, *_backward([out], _upstream(gen(seed + 1), [out]), [xl, yl]))
     what = f"{backend} {lead} V={V} {dtype} {layout} T={T} {sp}/{sp2}"
     scale = max(_fwd_scale(lx.values.to(dtype), T), _fwd_scale(ly.values.to(dtype), T))
-    close("kl", res["got"][0], res["exp"][0], **_tol(dtype, scale * 4), what=what)
+    # The rounding of x / T (about eps |x / T|) moves p, weighted by log p - log q (up to
+    # |y / T|): torch's own float32 reference is off by that much (e.g. 0.28 at KL = 1e4).
+    kl_scale = _fwd_scale(lx.values.to(dtype), T) * _fwd_scale(ly.values.to(dtype), T)
+    close("kl", res["got"][0], res["exp"][0], **_tol(dtype, kl_scale * 4), what=what)
     for i in (1, 2):
         close(f"grad{i}", res["got"][i], res["exp"][i],
               **grad_tol(dtype, res["exp"][i], scale * 4), what=what)
@@ -529,6 +535,8 @@ def test_inplace_equals_out_of_place(backend, lead, V, dtype, layout, T, sp, see
     g = gen(seed)
     if fused:
         lead = (lead + (1,))[:2] if len(lead) < 2 else lead[:2]
+    # "transposed" of a 2-D [N, V] puts a non-unit stride on V (issue 16 item 9, op layer).
+    assume(not (layout == "transposed" and len(lead) == 1))
     logits = lay_out(floats(g, (*lead, V), sp), layout)
     tok = torch.randint(0, V, lead, generator=g)
     outs = []
