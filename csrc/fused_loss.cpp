@@ -96,8 +96,7 @@ void fused_impl(const void* logits_v, void* dlogits_v, const int64_t* dims,
       A lr, akl;
       bool ind;
       if (seq) {
-        ind = seq_lr[b] <= A(10);
-        lr = ind ? seq_lr[b] : A(10);
+        log_ratio(logp, o, seq_lr[b], true, lr, ind);  // a NaN row ratio stays NaN
         akl = o - logp;
       } else {
         log_ratio(logp, o, A(0), false, lr, ind);

@@ -47,9 +47,12 @@ inline void policy_terms(A lr, bool ind, A adv, bool bad, const PolicyConsts<A>&
   }
   grad = ind ? dl_dr * r : A(0);
   if (bad) {
-    loss = grad = kNaN<A>;
+    loss = kNaN<A>;
     clipped = lower = false;
   }
+  // The derivative is NaN exactly where the per-token loss is NaN (a NaN input here, a NaN
+  // GSPO row ratio, or logp = old = +-inf).
+  if (loss != loss) grad = kNaN<A>;
 }
 
 // Log-ratio of one token: clamp(lp - old, -20, 20) (NaN stays NaN) or the row's GSPO ratio.
@@ -57,7 +60,7 @@ template <typename A>
 inline void log_ratio(A lp, A old, A seq_s, bool seq, A& lr, bool& ind) {
   if (seq) {
     ind = seq_s <= A(10);
-    lr = ind ? seq_s : A(10);
+    lr = seq_s > A(10) ? A(10) : seq_s;  // a NaN row ratio stays NaN
   } else {
     const A d = lp - old;
     ind = d >= A(-20) && d <= A(20);
@@ -89,9 +92,10 @@ inline void value_terms(A v, A ov, A ret, bool bad, bool has_clip, A clip, A& lo
     grad = w1 * A(2) * e1 + w2 * A(2) * e2 * dvc;
   }
   if (bad) {
-    loss = grad = kNaN<A>;
+    loss = kNaN<A>;
     clipped = false;
   }
+  if (loss != loss) grad = kNaN<A>;
 }
 
 // KL estimators of logp = x against ref_logp = y (codes as kernels/kl.py KINDS).

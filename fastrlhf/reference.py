@@ -33,12 +33,30 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     logits ``[..., V]``, tokens ``[...]`` (int).  Positions with ``tokens == ignore_index`` give
     logp = 0 (and no gradient through it).  With ``return_entropy`` also returns the entropy
     ``-sum_j p_j log p_j`` of the same tempered distribution (computed at every position).
+
+    Edge-case contract (every backend):
+
+    * An id outside ``[0, V)`` that is not ``ignore_index`` raises ValueError in the op (token
+      check on, the default); with the check off (``fastrlhf.config.set_check_tokens(False)``)
+      its logp is NaN, its entropy is still computed, and its gradient is
+      ``-p * dlogp / T`` (the one-hot term is absent: the id selects no logit).
+    * NaN anywhere in a row makes that row's logp, entropy and gradient NaN (other rows are
+      untouched); a row with ``+inf`` is NaN likewise; ``-inf`` entries have p = 0 and
+      contribute nothing (a row entirely ``-inf`` is NaN).  A huge common offset (``x + 1e4``)
+      changes nothing: everything is computed relative to the row max.
+    * Empty leading dims give empty outputs; an empty vocab (V = 0) raises ValueError.
     """
     x = logits.to(acc_dtype(logits.dtype)) / temperature
     logsm = torch.log_softmax(x, dim=-1)
+    V = logits.shape[-1]
     valid = tokens != ignore_index
-    idx = torch.where(valid, tokens, torch.zeros_like(tokens)).long()
+    in_range = (tokens >= 0) & (tokens < V)
+    idx = torch.where(valid & in_range, tokens, torch.zeros_like(tokens)).long()
     logp = logsm.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+    # An id outside [0, V) selects no logit: logp = NaN - logsumexp(x), so its gradient is the
+    # -p part of (onehot - p) alone, as in the kernels (reachable only with the token check off).
+    nan = torch.full_like(logp, float("nan"))
+    logp = torch.where(in_range, logp, nan - torch.logsumexp(x, dim=-1))
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     if return_entropy:
         return logp, _entropy_from_logsm(logsm)
@@ -46,7 +64,10 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 
 
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of softmax(logits / temperature) over the last dim, ``[..., V] -> [...]``."""
+    """Entropy of softmax(logits / temperature) over the last dim, ``[..., V] -> [...]``.
+
+    Edge cases as :func:`token_logprobs`: a row holding NaN or ``+inf`` (or entirely ``-inf``)
+    gives NaN value and gradient in that row only; ``-inf`` entries contribute nothing."""
     x = logits.to(acc_dtype(logits.dtype)) / temperature
     return _entropy_from_logsm(torch.log_softmax(x, dim=-1))
 
@@ -66,6 +87,22 @@ def _kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, base: str) -> torch
     return torch.clamp(torch.exp(kl) - kl - 1, min=-10, max=10)
 
 
+class _ZeroWithGrad(torch.autograd.Function):
+    """``x - x.detach()`` without the NaN at infinite ``x``: value 0, gradient the identity."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.zeros_like(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def _zero_with_grad(x: torch.Tensor) -> torch.Tensor:
+    return _ZeroWithGrad.apply(x)
+
+
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
     """Per-token KL estimator (verl ``kl_penalty_forward``), elementwise, same shape as ``logp``.
 
@@ -74,6 +111,13 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> 
     A ``"+"`` suffix is the straight-through variant: the base value with k2's gradient,
     ``k2 - k2.detach() + base.detach()``.  Computed (and returned) in float32, float64 if either
     input is float64.
+
+    Edge-case contract (every backend): NaN in either input gives NaN value and gradient at that
+    element only.  An infinite difference ``d`` (one input ``+-inf``) gives the base value --
+    k1 ``d``, abs / k2 ``+inf``, k3 ``10`` (its clamps) -- also for the ``"+"`` kinds (never
+    ``inf - inf = NaN``); the gradient is the base kind's (k1 1, abs ``sign(d)``, k2 ``d``, k3 0
+    outside its clamps), and k2's ``d = +-inf`` for every ``"+"`` kind.  Both inputs equal
+    infinities give ``d = NaN``: NaN.
     """
     plus = kind.endswith("+")
     base = KL_BASE.get(kind[:-1] if plus else kind)
@@ -84,8 +128,9 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> 
     fwd = _kl_estimate(x, y, base)
     if not plus or base == "k2":
         return fwd
-    bwd = 0.5 * (x - y).square()
-    return bwd - bwd.detach() + fwd.detach()
+    # k2 - k2.detach() + base.detach(), written so that an infinite k2 (|d| = inf) keeps the
+    # base value instead of giving inf - inf = NaN.
+    return fwd.detach() + _zero_with_grad(0.5 * (x - y).square())
 
 
 def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0
@@ -119,6 +164,10 @@ def group_advantages(scores: torch.Tensor, group_ids: torch.Tensor, kind: str = 
 
     A group of size 1 has m = 0 and s = 1 (verl), i.e. grpo gives ``x / (1 + eps)``, dr_grpo
     ``x``, and rloo leaves ``x`` unchanged.  Returns ``[B]`` float32 (float64 for float64).
+
+    Edge cases: a NaN / inf score makes its group's advantages NaN / non-finite, other groups
+    are untouched; ``B = 0`` gives an empty result.  Known disagreement (issue 16, op layer):
+    the vectorized path's grpo gradient for a group of size 1 is NaN (here it is finite).
     """
     if kind not in GROUP_ADV_KINDS:
         raise ValueError(f"group_advantages: unknown kind {kind!r}")
@@ -182,16 +231,20 @@ def _masked_terms(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    """``sum(where(mask != 0, x, 0) * mask)`` over ``dim`` (all dims when None)."""
+    """``sum(where(mask != 0, x, 0) * mask)`` over ``dim`` (all dims when None).
+
+    Edge-case contract of all masked statistics (every backend name): NaN / inf where the mask
+    is 0 is ignored (value and gradient); an empty or fully masked input gives 0 (whiten: all
+    zeros), never NaN; the mask never receives a gradient."""
     acc = acc_dtype(x.dtype)
-    t = _masked_terms(x.to(acc), mask.to(acc))
+    t = _masked_terms(x.to(acc), mask.detach().to(acc))
     return t.sum() if dim is None else t.sum(dim=dim)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     """``masked_sum(x, mask, dim) / (sum(mask, dim) + 1e-8)``; 0 where the mask is all zero."""
     acc = acc_dtype(x.dtype)
-    m = mask.to(acc)
+    m = mask.detach().to(acc)
     s = masked_sum(x, m, dim)
     n = m.sum() if dim is None else m.sum(dim=dim)
     return s / (n + MASKED_EPS)
@@ -204,7 +257,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     verl raises for ``n <= 1``; here the uncorrected value is returned (0 for a single element
     or an empty mask)."""
     acc = acc_dtype(x.dtype)
-    xv, m = x.to(acc), mask.to(acc)
+    xv, m = x.to(acc), mask.detach().to(acc)
     mean = masked_mean(xv, m)
     var = masked_mean((xv - mean) ** 2, m)
     if unbiased:
@@ -219,7 +272,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     position, with ``mean = masked_mean(x, mask)`` and ``var = masked_var(x, mask)`` (unbiased).
     An all-zero mask gives zeros everywhere."""
     acc = acc_dtype(x.dtype)
-    xv, m = x.to(acc), mask.to(acc)
+    xv, m = x.to(acc), mask.detach().to(acc)
     mean = masked_mean(xv, m)
     var = masked_var(xv, m, unbiased=True)
     w = (xv - mean) * torch.rsqrt(var + MASKED_EPS)
@@ -307,12 +360,17 @@ def agg_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mea
     Packed layout: ``per_token`` / ``mask`` ``[1, total]`` with ``cu_seqlens`` ``[S+1]``; the
     segments ``cu_seqlens[s]:cu_seqlens[s+1]`` are the rows ``b`` above (and the default ``T``
     is the longest segment), so the result equals the padded ``[S, Tmax]`` layout.
-    A zero denominator (fully masked batch) gives 0, never NaN.
+    A zero denominator (fully masked batch) gives 0, never NaN; so does an empty batch
+    (``T = 0``) in every mode, ``seq-mean-token-sum-norm`` included (its default factor is then
+    0).  Edge-case contract (every backend): NaN / inf where the mask is 0 never enters the
+    value or the gradient (the gradient there is exactly 0); NaN / inf at a position with
+    ``mask != 0`` propagates to the loss.  The mask is a constant: it never receives a gradient,
+    even a floating mask with ``requires_grad``.
     """
     if mode not in AGG_MODES:
         raise ValueError(f"agg_loss: unknown mode {mode!r}; expected one of {AGG_MODES}")
     acc = acc_dtype(per_token.dtype)
-    m = mask.to(acc)
+    m = mask.detach().to(acc)
     terms = _masked_terms(per_token.to(acc), m)
     if mode == "token-mean":
         n = m.sum() if batch_num_tokens is None else batch_num_tokens
@@ -327,8 +385,9 @@ def agg_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mea
     g = seq_valid.sum() if global_batch_size is None else global_batch_size
     loss = _div_or_zero(_masked_terms(seq, seq_valid).sum(), g) * dp_size
     if mode == "seq-mean-token-sum-norm":
-        loss = loss / (_default_norm_len(per_token, cu_seqlens) if loss_scale_factor is None
-                       else loss_scale_factor)
+        # The default factor is 0 only for an empty batch (T = 0), whose loss is 0.
+        loss = _div_or_zero(loss, _default_norm_len(per_token, cu_seqlens)
+                            if loss_scale_factor is None else loss_scale_factor)
     return loss
 
 
@@ -346,7 +405,7 @@ def agg_row_weights(mask: torch.Tensor, mode: str = "token-mean", dp_size: int =
     """
     if mode not in AGG_MODES:
         raise ValueError(f"agg_row_weights: unknown mode {mode!r}; expected one of {AGG_MODES}")
-    m = mask.to(dtype)
+    m = mask.detach().to(dtype)
     n_b = _row_sums(m, cu_seqlens)
     if mode == "token-mean":
         n = n_b.sum() if batch_num_tokens is None else batch_num_tokens
@@ -359,9 +418,29 @@ def agg_row_weights(mask: torch.Tensor, mode: str = "token-mean", dp_size: int =
     if mode == "seq-mean-token-mean":
         c = c / (n_b + MASKED_EPS)
     elif mode == "seq-mean-token-sum-norm":
-        c = c / (_default_norm_len(mask, cu_seqlens) if loss_scale_factor is None
-                 else loss_scale_factor)
+        c = _div_or_zero(c, _default_norm_len(mask, cu_seqlens) if loss_scale_factor is None
+                         else loss_scale_factor)
     return c
+
+
+class _NaNGradWhere(torch.autograd.Function):
+    """A 0-dim zero whose gradient w.r.t. ``x`` is NaN where ``bad`` and 0 elsewhere."""
+
+    @staticmethod
+    def forward(ctx, x, bad):
+        ctx.save_for_backward(bad)
+        return x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, g):
+        (bad,) = ctx.saved_tensors
+        return torch.where(bad, float("nan"), 0.0).to(g.dtype) * g, None
+
+
+def _nan_grad_where(x: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """Adding this to a loss makes its gradient NaN at ``bad`` (where autograd of the eager
+    formula may give 0, e.g. through a clamp whose input is NaN), leaving the value unchanged."""
+    return _NaNGradWhere.apply(x, bad)
 
 
 class PolicyTokenTerms(NamedTuple):
@@ -411,7 +490,7 @@ def policy_loss_per_token(logp: torch.Tensor, old_logp: torch.Tensor, advantages
     lp, old, adv = logp.to(acc), old_logp.to(acc), advantages.to(acc)
     if adv.dim() == 1:
         adv = _per_token(adv, lp, cu_seqlens)
-    m = None if mask is None else mask.to(acc)
+    m = None if mask is None else mask.detach().to(acc)
     if ratio_level == "sequence" and m is None:
         raise ValueError("policy_loss_per_token: ratio_level='sequence' needs the mask")
     lr, ind, kl = _policy_log_ratio(lp, old, m, ratio_level, cu_seqlens)
@@ -456,13 +535,30 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     Gradient flows to ``logp`` only.  Packed ``[1, total]`` inputs with ``cu_seqlens``: the
     segments are the sequences (GSPO ratio and seq-mode aggregation per segment; ``advantages``
     ``[1, total]`` or ``[S]``), equal to the padded ``[S, Tmax]`` layout.
+
+    Edge-case contract (every backend):
+
+    * Masked positions (``mask == 0``) never matter: NaN / inf there changes neither the loss,
+      the stats nor the gradient, which is exactly 0 there.
+    * NaN at a valid position makes the loss and ``approx_kl`` NaN; that token's
+      comparisons are false, so it counts in neither ``clipfrac`` nor ``clipfrac_lower``.  The
+      gradient is NaN exactly where the per-token loss is NaN (and the mask is nonzero): at
+      token level the NaN token only; for GSPO every valid token of the row, whose sequence
+      ratio is then NaN.  ``logp = old_logp = +-inf`` (``d = inf - inf``) counts as NaN.
+    * Infinite log-ratios are clamped: token level to ``[-20, 20]`` (gradient 0 outside), GSPO
+      ``exp(min(s_b, 10))``; an infinite ``logp`` at a valid GSPO position gives ``s_b = -inf``
+      (ratio 0) or ``+inf`` (ratio ``e^10``), a finite loss and a zero gradient for that row.
+    * Empty batches (``B = 0`` or ``T = 0``) and fully masked batches give loss 0 and stats 0 in
+      every ``agg`` mode.  The mask, ``old_logp`` and ``advantages`` never receive a gradient.
     """
     acc = acc_dtype(logp, old_logp, advantages)
-    lp = logp.to(acc)
+    m = mask.detach().to(acc)
+    lp_in = logp.to(acc)
+    # Masked positions take no part in the gradient, whatever they hold (NaN / inf included).
+    lp = torch.where(m != 0, lp_in, lp_in.detach())
     old, adv = old_logp.detach().to(acc), advantages.detach().to(acc)
     if adv.dim() == 1:
         adv = _per_token(adv, lp, cu_seqlens)
-    m = mask.to(acc)
     clip_high = clip_low if clip_high is None else clip_high
     if ratio_level == "token":
         neg_kl = torch.clamp(lp - old, min=-20.0, max=20.0)
@@ -472,7 +568,8 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
         neg_kl = lp - old
         seq = (_row_sums(_masked_terms(neg_kl, m), cu_seqlens)
                / _row_sums(m, cu_seqlens).clamp(min=1))
-        log_ratio = lp - lp.detach() + _per_token(seq.detach(), lp, cu_seqlens)
+        # verl's lp - lp.detach() + sg(s_b), without inf - inf = NaN at an infinite logp.
+        log_ratio = _zero_with_grad(lp) + _per_token(seq.detach(), lp, cu_seqlens)
         ratio = torch.exp(torch.clamp(log_ratio, max=10.0))
         approx_kl = masked_mean(-neg_kl, m)
     l1 = -adv * ratio
@@ -488,6 +585,7 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
         clipfrac_lower = torch.zeros((), dtype=acc, device=lp.device)
     loss = agg_loss(per_token, m, agg, dp_size, batch_num_tokens, global_batch_size,
                     loss_scale_factor, cu_seqlens)
+    loss = loss + _nan_grad_where(lp_in, per_token.detach().isnan() & (m != 0))
     stats = {"clipfrac": clipfrac.detach(), "clipfrac_lower": clipfrac_lower.detach(),
              "approx_kl": approx_kl.detach()}
     return loss, stats
@@ -502,11 +600,18 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     ``vc = max(min(v, old + clip), old - clip)``; ``clip=None``: ``0.5 * agg_loss((v - R)^2)``.
     Returns ``(loss, {"clipfrac": masked_mean([(vc - R)^2 > (v - R)^2], mask)})``.
     Gradient flows to ``values`` only.  Packed layout (``cu_seqlens``) as :func:`agg_loss`.
+
+    Edge-case contract (every backend): NaN / inf at masked positions changes nothing (gradient
+    exactly 0 there); NaN at a valid position gives a NaN loss and a NaN gradient at that token
+    (the gradient is NaN exactly where the per-token loss is NaN and the mask nonzero); an
+    empty or fully masked batch gives loss 0 and clipfrac 0.
     """
     acc = acc_dtype(values, old_values, returns)
-    v = values.to(acc)
+    m = mask.detach().to(acc)
+    v_in = values.to(acc)
+    # Masked positions take no part in the gradient, whatever they hold (NaN / inf included).
+    v = torch.where(m != 0, v_in, v_in.detach())
     old, ret = old_values.detach().to(acc), returns.detach().to(acc)
-    m = mask.to(acc)
     l1 = (v - ret) ** 2
     if clip is None:
         per_token = l1
@@ -518,6 +623,7 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
         clipfrac = masked_mean((l2 > l1).to(acc), m)
     loss = 0.5 * agg_loss(per_token, m, agg, dp_size, batch_num_tokens, global_batch_size,
                           loss_scale_factor, cu_seqlens)
+    loss = loss + _nan_grad_where(v_in, per_token.detach().isnan() & (m != 0))
     return loss, {"clipfrac": clipfrac.detach()}
 
 
@@ -562,6 +668,10 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         valid t:  delta = r_t + gamma * nv - V_t;  A = delta + gamma * lam * A;  nv = V_t
                   adv_t = A;  ret_t = A + V_t
         masked t: nv, A unchanged;  adv_t = ret_t = 0
+
+    Edge-case contract (every backend): whatever sits at a masked step (NaN / inf included)
+    never enters the recurrence; a NaN reward or value at a valid step t makes adv and ret NaN
+    at the valid steps ``<= t`` of that row (or segment) only.  Empty inputs give empty outputs.
 
     Computed and returned in ``compute_dtype`` (default float64 if rewards or values is
     float64, else float32).  Returns ``(advantages, returns)``, detached.
@@ -614,6 +724,11 @@ def fused_ppo_loss(logits: torch.Tensor, tokens: torch.Tensor, old_logp: torch.T
     ``kl_mean`` (``masked_mean`` of the per-token values).  Packed layout: logits
     ``[1, total, V]``, the per-token inputs ``[1, total]`` and ``cu_seqlens`` ``[S+1]`` (as
     :func:`ppo_policy_loss`).
+
+    Edge-case contract (every backend): a masked token's logits get exactly zero gradient, NaN
+    included; NaN logits at a valid token make the loss NaN and that token's logits row NaN in
+    the gradient (GSPO: every valid token of the sequence); an empty batch gives loss 0 in
+    every ``agg`` mode; the rest as :func:`token_logprobs` and :func:`ppo_policy_loss`.
     """
     acc = acc_dtype(logits.dtype)
     kw = dict(dp_size=dp_size, batch_num_tokens=batch_num_tokens,

@@ -146,7 +146,7 @@ def _fused_loss_kernel(
         if SEQ:
             seq_s = tl.load(seq_ptr + b).to(ACC)
             ind = seq_s <= 10.0
-            lr = tl.where(ind, seq_s, 10.0)
+            lr = tl.where(seq_s > 10.0, 10.0, seq_s)  # a NaN row ratio stays NaN
             approx_kl = old - logp
         else:
             d = logp - old

@@ -91,7 +91,8 @@ def policy_token_terms(lr, ind, adv, bad, lo, hi, dual_c, HAS_DUAL: tl.constexpr
     """
     r = tl.exp(lr)
     l1 = -adv * r
-    rc = tl.minimum(tl.maximum(r, lo), hi)
+    # where-based clamp: NaN stays NaN (tl.minimum / tl.maximum may drop it).
+    rc = tl.where(r < lo, lo, tl.where(r > hi, hi, r))
     l2 = -adv * rc
     clipped = l2 > l1
     tie = l1 == l2
@@ -112,7 +113,9 @@ def policy_token_terms(lr, ind, adv, bad, lo, hi, dual_c, HAS_DUAL: tl.constexpr
     grad = tl.where(ind, dl_dr * r, 0.0)
     nan = float("nan")
     loss = tl.where(bad, nan, loss)
-    grad = tl.where(bad, nan, grad)
+    # The contract: the derivative is NaN exactly where the per-token loss is NaN (a NaN input
+    # here, a NaN GSPO row ratio, or logp = old = +-inf).
+    grad = tl.where(bad | (loss != loss), nan, grad)
     return loss, grad, clipped & (bad == 0), lower & (bad == 0)
 
 
@@ -142,7 +145,7 @@ def value_token_terms(v, ov, ret, bad, clip, HAS_CLIP: tl.constexpr):
         grad = w1 * 2.0 * e1 + w2 * 2.0 * e2 * dvc
     nan = float("nan")
     loss = tl.where(bad, nan, loss)
-    grad = tl.where(bad, nan, grad)
+    grad = tl.where(bad | (loss != loss), nan, grad)
     return loss, grad, clipped & (bad == 0)
 
 
@@ -222,10 +225,10 @@ def _policy_fwd_kernel(
         if SEQ:
             s_blk = seq_s + tl.zeros([BLOCK_T], ACC)
             ind = s_blk <= 10.0
-            lr = tl.where(ind, s_blk, 10.0)
+            lr = tl.where(s_blk > 10.0, 10.0, s_blk)  # a NaN row ratio stays NaN
         else:
             d = lp - old
-            lr = tl.minimum(tl.maximum(d, -20.0), 20.0)
+            lr = tl.where(d < -20.0, -20.0, tl.where(d > 20.0, 20.0, d))  # NaN stays NaN
             ind = (d >= -20.0) & (d <= 20.0)
             acc_kl += tl.where(m != 0, -lr, 0.0) * m
         loss, _g, clipped, lower = policy_token_terms(lr, ind, adv, bad, lo, hi, dual_c, HAS_DUAL)
@@ -295,10 +298,10 @@ def _policy_bwd_kernel(
         if SEQ:
             s_blk = seq_s + tl.zeros([BLOCK_T], ACC)
             ind = s_blk <= 10.0
-            lr = tl.where(ind, s_blk, 10.0)
+            lr = tl.where(s_blk > 10.0, 10.0, s_blk)  # a NaN row ratio stays NaN
         else:
             d = lp - old
-            lr = tl.minimum(tl.maximum(d, -20.0), 20.0)
+            lr = tl.where(d < -20.0, -20.0, tl.where(d > 20.0, 20.0, d))  # NaN stays NaN
             ind = (d >= -20.0) & (d <= 20.0)
         _l, g, _c, _cl = policy_token_terms(lr, ind, adv, bad, lo, hi, dual_c, HAS_DUAL)
         dx = tl.where(m != 0, gc * m * g, 0.0)
