@@ -166,8 +166,7 @@ def group_advantages(scores: torch.Tensor, group_ids: torch.Tensor, kind: str = 
     ``x``, and rloo leaves ``x`` unchanged.  Returns ``[B]`` float32 (float64 for float64).
 
     Edge cases: a NaN / inf score makes its group's advantages NaN / non-finite, other groups
-    are untouched; ``B = 0`` gives an empty result.  Known disagreement (issue 16, op layer):
-    the vectorized path's grpo gradient for a group of size 1 is NaN (here it is finite).
+    are untouched; ``B = 0`` gives an empty result.
     """
     if kind not in GROUP_ADV_KINDS:
         raise ValueError(f"group_advantages: unknown kind {kind!r}")

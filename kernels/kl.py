@@ -57,7 +57,7 @@ import triton.language as tl
 
 from ..tables import KL_CODES, acc_dtype
 from .utils import (FMA_REF, exp2_, interpreting, load_block, max_nan, row_offset,
-                     stream_block, sub_block_offsets, tl_dtype)
+                    scalar_to, stream_block, sub_block_offsets, tl_dtype)
 
 __all__ = ["KINDS", "kl_penalty_fwd", "kl_penalty_bwd", "full_kl_fwd", "full_kl_bwd", "AOT_SPECS"]
 
@@ -302,9 +302,10 @@ def _merge_ref(m, r, s, c, ACC: tl.constexpr):
 def _full_kl_fwd_kernel(
     x_ptr, y_ptr, kl_ptr, stats_ptr,
     n_rows, V, Dx1, Dx2, sx0, sx1, sx2, Dy1, Dy2, sy0, sy1, sy2,
-    inv_temp,
+    inv_temp_in: tl.float64,
     ACC: tl.constexpr, BLOCK_V: tl.constexpr, PARTIAL: tl.constexpr,
 ):
+    inv_temp = scalar_to(inv_temp_in, ACC)  # fp64 argument: float64 compute stays exact
     row = tl.program_id(0)
     if row >= n_rows:
         return
@@ -409,10 +410,11 @@ def _kl_grad_step(xb, yb, dxp, dyp, start, offs, V, Mxr, Myr, c, L2x, L2y, g, gl
 def _full_kl_bwd_kernel(
     x_ptr, y_ptr, g_ptr, kl_ptr, stats_ptr, dx_ptr, dy_ptr,
     n_rows, V, Dx1, Dx2, sx0, sx1, sx2, Dy1, Dy2, sy0, sy1, sy2,
-    inv_temp,
+    inv_temp_in: tl.float64,
     NEED_DX: tl.constexpr, NEED_DY: tl.constexpr,
     ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    inv_temp = scalar_to(inv_temp_in, ACC)
     row = tl.program_id(0)
     if row >= n_rows:
         return
@@ -536,7 +538,7 @@ def _aot_specs():
                 ))
         row_sig = {"n_rows": "i32", "V": "i32", "Dx1": "i32", "Dx2": "i32",
                    "sx0": "i64", "sx1": "i64", "sx2": "i64", "Dy1": "i32", "Dy2": "i32",
-                   "sy0": "i64", "sy1": "i64", "sy2": "i64", "inv_temp": "fp32"}
+                   "sy0": "i64", "sy1": "i64", "sy2": "i64", "inv_temp_in": "fp64"}
         for partial in (False, True):
             specs.append(dict(
                 name=f"full_kl_fwd[{dt}{',partial' if partial else ''}]",

@@ -90,7 +90,7 @@ def test_help_texts_are_clean(cmd):
         assert "--write" in out and "--out" in out
     if cmd == ("train",):
         flat = " ".join(out.split())
-        assert "--backend {auto,triton,reference}" in flat
+        assert "--backend {auto,triton,native,reference}" in flat
         assert "--kl-loss-kind {k1,kl,abs,k2,mse,k3,low_var_kl}" in flat
         assert "--clip-high FLOAT|none" in flat and "the word none for None" in flat
 

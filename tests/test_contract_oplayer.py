@@ -116,3 +116,58 @@ def test_a_float_mask_gets_no_gradient(backend):
     total.backward()
     assert m.grad is None
     assert lp.grad is not None
+
+
+# Found by the property-based suite's long profile (tests/test_properties.py):
+
+@pytest.mark.parametrize("backend", backends())
+def test_full_kl_where_p_underflows_against_q_zero(backend):
+    """A term with p_j = 0 contributes 0 even where q_j = 0 (also when p_j underflows at a tiny
+    temperature): KL 0, gradient [0, 0], as the reference."""
+    x = torch.tensor([[0.0, -1.0]], requires_grad=True)
+    kl = fr.full_kl(x, torch.tensor([[0.0, float("-inf")]]), temperature=1e-3, backend=backend)
+    kl.sum().backward()
+    assert kl.item() == 0.0
+    assert x.grad.abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_full_kl_backward_of_a_nan_row(backend):
+    """A row whose KL is NaN gets a NaN gradient on every backend; the other rows are finite."""
+    x = torch.tensor([[float("inf"), 0.0], [0.5, 0.0]], requires_grad=True)
+    kl = fr.full_kl(x, torch.zeros(2, 2), backend=backend)
+    kl.backward(torch.ones_like(kl))
+    assert kl[0].isnan() and x.grad[0].isnan().all()
+    assert x.grad[1].isfinite().all()
+
+
+@pytest.mark.parametrize("backend", INPLACE_BACKENDS)
+def test_inplace_with_column_major_logits(backend):
+    """[N, V] logits stored column-major (vocab stride N): same gradient as out of place."""
+    base = torch.randn(2, 5)
+    tok = torch.tensor([0, 1, 1, 0, 1])
+    grads = []
+    for inplace in (True, False):
+        x = base.clone().requires_grad_(True)
+        fr.token_logprobs(x.transpose(0, 1) * 1, tok, inplace_backward=inplace,
+                          backend=backend).sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_meta_tensors_policy_loss():
+    bt = torch.empty(2, 3, device="meta")
+    loss, _ = fr.ppo_policy_loss(bt, bt, bt, torch.ones(2, 3, device="meta"))
+    assert loss.device.type == "meta" and loss.shape == ()
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"] + INPLACE_BACKENDS)
+def test_group_advantages_singleton_group_gradient(backend):
+    """A group of size 1 has mean 0 and std 1 (verl): grpo gives x / (1 + eps), gradient
+    1 / (1 + eps), on the vectorized path as in the reference loop (no sqrt(0) behind a where)."""
+    x = torch.tensor([0.3, 1.0, 2.0], requires_grad=True)
+    fr.group_advantages(x, torch.tensor([0, 1, 1]), kind="grpo", backend=backend).sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    fr.group_advantages(xr, torch.tensor([0, 1, 1]), kind="grpo",
+                        backend="reference").sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)

@@ -45,7 +45,9 @@ def _vectorized(scores: Tensor, group_ids: Tensor, kind: str, eps: float, norm_b
     if kind == "grpo" and norm_by_std:
         dev = x - mean_g[inv]
         ss = group_sums(dev * dev)
-        std_g = torch.sqrt(ss / (cnt - 1).clamp_min(1))
+        var = ss / (cnt - 1).clamp_min(1)
+        # (no sqrt(0) for a single member: its gradient would be 0 * inf = NaN behind the where)
+        std_g = torch.sqrt(torch.where(single, torch.ones_like(var), var))
         # verl: a group of size 1 has mean 0 and std 1.
         mean_g = torch.where(single, torch.zeros_like(mean_g), mean_g)
         std_g = torch.where(single, torch.ones_like(std_g), std_g)
