@@ -65,22 +65,11 @@ def _sass_tools():
 
 
 def compile_one(spec, arch, cuobjdump, workdir):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    sig = dict(spec["signature"])
-    names = list(sig)
-    constexprs = {(names.index(k),): v for k, v in spec.get("constexprs", {}).items()}
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in spec.get("aligned", [])}
-    src = ASTSource(fn=spec["fn"], signature=sig, constexprs=constexprs, attrs=attrs)
-    opts = {"num_warps": spec.get("num_warps", 4)}
-    if "num_stages" in spec:
-        opts["num_stages"] = spec["num_stages"]
-    c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+    # one compile path for the tests and bench/sass_report.py
+    cubin, _, ptx = _sass_tools().compile_spec(spec, arch)
     path = os.path.join(workdir, "k.cubin")
     with open(path, "wb") as f:
-        f.write(c.asm["cubin"])
+        f.write(cubin)
     res = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True,
                          check=True).stdout
     sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True,
@@ -105,7 +94,7 @@ def compile_one(spec, arch, cuobjdump, workdir):
                           "inflight_kib": st["ld_bytes"] * threads / 1024})
     return {"regs": usage.get("REG"), "stack": usage.get("STACK"), "local": usage.get("LOCAL"),
             "shared": usage.get("SHARED"), "mem_ops": sorted(set(ops)),
-            "ptx_has_local": ".local" in c.asm.get("ptx", ""), "loops": loops,
+            "ptx_has_local": ".local" in ptx, "loops": loops,
             "streams": spec.get("streams", 1)}
 
 
