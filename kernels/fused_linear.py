@@ -126,10 +126,13 @@ def _grouped(pid, n_m, n_n, GROUP: tl.constexpr):
 def _fwd_kernel(
     h_ptr, w_ptr, b_ptr, tok_ptr, part_ptr,
     n_rows, V, H, D1, D2, s0, s1, s2, w_stride,
-    n_splits, v_per_split, inv_temp,
+    n_splits, v_per_split, inv_temp, inv_temp_ptr,
     HAS_BIAS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    if ACC == tl.float64:
+        # a float argument arrives as fp32: float64 compute reads the exact value from memory
+        inv_temp = tl.load(inv_temp_ptr)
     pid = tl.program_id(0)
     split = pid % n_splits
     tile = pid // n_splits
@@ -224,11 +227,13 @@ def _merge_kernel(
 def _dlogits_kernel(
     h_ptr, w_ptr, b_ptr, tok_ptr, dlogp_ptr, dent_ptr, lse_ptr, ent_ptr, dl_ptr,
     n_rows, V, H, D1, D2, s0, s1, s2, w_stride, c0, c_len, ld_dl,
-    inv_temp, ignore_index,
+    inv_temp, inv_temp_ptr, ignore_index,
     HAS_BIAS: tl.constexpr, HAS_DLOGP: tl.constexpr, HAS_DENT: tl.constexpr,
     ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
+    if ACC == tl.float64:
+        inv_temp = tl.load(inv_temp_ptr)  # exact (see _fwd_kernel)
     n_m = tl.cdiv(n_rows, BLOCK_N)
     n_v = tl.cdiv(c_len, BLOCK_V)
     pid_m, pid_v = _grouped(tl.program_id(0), n_m, n_v, GROUP)
@@ -417,6 +422,14 @@ def chunk_columns(n_rows: int, H: int, V: int, dtype: torch.dtype) -> int:
     return max(bv, min(vc, cdiv(V, bv) * bv))
 
 
+def _exact_scalar(value: float, acc, dummy):
+    """A float64 scalar argument as a one-element device tensor (``torch.full``: a fill launch,
+    no host-device copy) for float64 compute; ``dummy`` (never read) otherwise."""
+    if acc != torch.float64:
+        return dummy
+    return torch.full((1,), float(value), dtype=torch.float64, device=dummy.device)
+
+
 def linear_logprobs_fwd(hidden, dims, strides, weight, bias, tokens, inv_temp, ignore_index):
     """Launch the forward: hidden rows described by ``dims``/``strides`` (unit stride on H),
     weight [V, H] (unit stride on H), bias [V] or None, tokens contiguous int [N].
@@ -440,7 +453,7 @@ def linear_logprobs_fwd(hidden, dims, strides, weight, bias, tokens, inv_temp, i
     _fwd_kernel[grid](
         hidden, weight, bias if bias is not None else weight, tokens, part,
         n_rows, V, H, D1, D2, strides[0], strides[1], strides[2], weight.stride(0),
-        splits, per, inv_temp,
+        splits, per, inv_temp, _exact_scalar(inv_temp, acc, part),
         HAS_BIAS=bias is not None, ACC=tl_dtype(acc), PREC=dot_precision(hidden.dtype),
         UPCAST=_upcast(hidden.dtype), BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk,
         **_launch_opts(hidden.dtype))
@@ -489,6 +502,7 @@ def linear_logprobs_bwd(hidden, dims, strides, weight, bias, tokens, dlogp, dent
     if need_dh and n_chunks > 1:
         dh_acc = dh if dh.dtype == acc else torch.empty(n_rows, H, dtype=acc, device=dev)
     dummy = lse
+    inv_temp_t = _exact_scalar(inv_temp, acc, lse)
     need_dw_kernel = need_dw or need_db
     for c in range(n_chunks):
         c0 = c * vc
@@ -499,7 +513,7 @@ def linear_logprobs_bwd(hidden, dims, strides, weight, bias, tokens, dlogp, dent
             dlogp if dlogp is not None else dummy, dent if dent is not None else dummy,
             lse, ent, scratch,
             n_rows, V, H, D1, D2, strides[0], strides[1], strides[2], weight.stride(0),
-            c0, c_len, vc, inv_temp, ignore_index,
+            c0, c_len, vc, inv_temp, inv_temp_t, ignore_index,
             HAS_BIAS=bias is not None, HAS_DLOGP=dlogp is not None, HAS_DENT=dent is not None,
             ACC=ACC, PREC=prec, UPCAST=up, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, GROUP=group,
             **opts)
@@ -552,7 +566,7 @@ def _aot_specs():
                 name=f"fused_linear_fwd[{tag},bias={bias}]", fn=_fwd_kernel,
                 signature={"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}",
                            "tok_ptr": "*i64", "part_ptr": "*fp32", **rows,
-                           "n_splits": "i32", "v_per_split": "i32", "inv_temp": "fp32",
+                           "n_splits": "i32", "v_per_split": "i32", "inv_temp": "fp32", "inv_temp_ptr": "*fp32",
                            "HAS_BIAS": "constexpr", "ACC": "constexpr", "PREC": "constexpr",
                            "UPCAST": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr",
                            "BLOCK_K": "constexpr"},
@@ -570,7 +584,7 @@ def _aot_specs():
                            "tok_ptr": "*i64", "dlogp_ptr": "*fp32", "dent_ptr": "*fp32",
                            "lse_ptr": "*fp32", "ent_ptr": "*fp32", "dl_ptr": f"*{dt}",
                            **rows, "c0": "i32", "c_len": "i32", "ld_dl": "i32",
-                           "inv_temp": "fp32", "ignore_index": "i64",
+                           "inv_temp": "fp32", "inv_temp_ptr": "*fp32", "ignore_index": "i64",
                            "HAS_BIAS": "constexpr", "HAS_DLOGP": "constexpr",
                            "HAS_DENT": "constexpr", "ACC": "constexpr", "PREC": "constexpr",
                            "UPCAST": "constexpr", "BLOCK_N": "constexpr",

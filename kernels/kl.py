@@ -317,7 +317,6 @@ def _full_kl_fwd_kernel(
     offs = sub_block_offsets(R, VEC)
     ninf = float("-inf")
     pinf = float("inf")
-    LN2 = 0.6931471805599453
     c = inv_temp * 1.4426950408889634
     mx = tl.full([R], ninf, ACC)
     my = tl.full([R], ninf, ACC)
@@ -337,8 +336,8 @@ def _full_kl_fwd_kernel(
     Mx, wx, drx, Sx, dlx = _merge_ref(mx, rx, sx, c, ACC)
     My, wy, dry, Sy, dly = _merge_ref(my, ry, sy, c, ACC)
     Tsum = tl.sum(tl.where(sx == 0, 0.0, wx * (t + (drx - dry) * sx)), axis=0)
-    lsx = tl.log(Sx) - dlx * LN2
-    lsy = tl.log(Sy) - dly * LN2
+    lsx = tl.log(Sx) - dlx * 0.6931471805599453
+    lsy = tl.log(Sy) - dly * 0.6931471805599453
     # NaN or +inf in either row makes its sums NaN
     any_bad = (Sx != Sx) | (Sy != Sy)
     # q_j = 0 entries: only when some y_j = -inf (rare) is the row swept again for them
@@ -360,12 +359,12 @@ def _full_kl_fwd_kernel(
     if PARTIAL:
         # Vocab-parallel slice partials: E = sum p ((x - M_x) - (y - M_y)) (0 for a slice
         # without p mass) and the two flags; an all -inf slice is not an error here.
-        E = (Tsum / Sx - dlx + dly) * LN2
+        E = (Tsum / Sx - dlx + dly) * 0.6931471805599453
         tl.store(kl_ptr + row, tl.where(Sx > 0, E, 0.0))
         tl.store(srow + 4 * n_rows, (qx > ninf).to(ACC))
         tl.store(srow + 5 * n_rows, any_bad.to(ACC))
     else:
-        kl = (Tsum / Sx) * LN2 - tl.log(Sx) + tl.log(Sy)
+        kl = (Tsum / Sx) * 0.6931471805599453 - tl.log(Sx) + tl.log(Sy)
         # q_j = 0 under p_j > 0 (p_j as the reference forms it: exp(log_softmax)) -> +inf;
         # where p_j underflows to 0 the term is 0 like every p_j = 0 term
         p_q = tl.exp((qx * inv_temp - Mxn) - lsx)
@@ -431,12 +430,11 @@ def _full_kl_bwd_kernel(
     lsy = tl.load(srow + 3 * n_rows).to(ACC)
     kl = tl.load(kl_ptr + row).to(ACC)
     g = tl.load(g_ptr + row).to(ACC) * inv_temp
-    LOG2E = 1.4426950408889634
-    c = inv_temp * LOG2E
+    c = inv_temp * 1.4426950408889634
     Mxr = Mx / inv_temp
     Myr = My / inv_temp
-    L2x = lsx * LOG2E
-    L2y = lsy * LOG2E
+    L2x = lsx * 1.4426950408889634
+    L2y = lsy * 1.4426950408889634
     # dx = p (ln2 (a2 - b2) - KL) g:  gl = g ln2, gk = -KL g
     gl = g * 0.6931471805599453
     gk = -kl * g

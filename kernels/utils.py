@@ -65,9 +65,11 @@ def row_offset(row, D1, D2, s0, s1, s2):
 
 
 # Natural <-> base-2 logarithms: the kernels exponentiate with exp2 (one MUFU.EX2 each, no
-# range fix-ups) and fold log2(e) into the scale they multiply by anyway.
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# range fix-ups) and fold log2(e) into the scale they multiply by anyway.  Write such constants
+# as literals *inside* the expression (``x * 1.4426950408889634``): a float bound to a name in a
+# @triton.jit function (``LN2 = 0.69...``, or a module-level constant) becomes an fp32 constexpr,
+# and multiplying a float64 scalar by it rounds the result to ~1e-8 (full_kl lost float64
+# accuracy that way; tests/test_kl.py::test_full_kl_float64_accuracy guards it).
 # Sub-blocks streamed per iteration of the statistics / gradient loops: every thread loads NSUB
 # 128-bit vectors before it uses any (NSUB x 16 bytes of loads in flight per thread).
 NSUB = 4
