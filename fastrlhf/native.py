@@ -323,7 +323,7 @@ def fused_loss_fwd(logits, dlogits, dims, strides, out_strides, V, B, T, tokens,
 
     Per-token inputs are contiguous ``[B T]`` in the accumulation dtype of ``coef`` (the per-row
     aggregation weights ``[B]``); ``adv`` may be ``[B]``; GSPO (``seq``) runs its log-prob pass
-    inside.  ``aux`` rows as :data:`fastrlhf.kernels.fused_loss.AUX_ROWS`."""
+    inside.  ``aux`` rows: the first seven of :data:`fastrlhf.kernels.fused_loss.AUX_ROWS`."""
     acc = coef.dtype
     aux = torch.empty(7, B * T, dtype=acc)
     loss = torch.empty((), dtype=acc)

@@ -48,12 +48,14 @@ the logits are first swept by :func:`.logprobs.logprobs_fwd` (logp, entropy and 
 ``HAS_LSE`` -- no statistics sweep, only the gradient sweep: two reads and one write.
 
 ``fused_loss_grad`` is the gradient sweep alone, from saved per-row statistics (``lse``, entropy,
-the per-token coefficients) with the upstream gradient read from a device scalar: one read and
-one write of the logits, for a backward that owns the gradient pass.
+the per-token coefficients ``g_lp`` / ``g_h`` that the fused kernel leaves in ``aux``) with the
+upstream gradient read from a device scalar: one read and one write of the logits, the backward
+of ``fused_ppo_loss(grad_timing="backward")``.
 
 ``scale_rows`` multiplies the stored gradient by a factor in place (the upstream gradient, in
 backward); it returns without touching memory when the factor is exactly 1 (``loss.backward()``),
-checked on the device (no host synchronization).
+checked on the device (no host synchronization) by a persistent launch of at most 4 programs per
+SM.  ``fused_loss_grad`` is the backward of ``grad_timing="backward"``, which has no such pass.
 """
 
 from __future__ import annotations
@@ -81,7 +83,10 @@ BLOCK_S = 4096
 NUM_WARPS_S = 8
 
 # Rows of the per-token output buffer aux[N_AUX, N].
-AUX_ROWS = ("loss", "logp", "entropy", "kl", "clipped", "clipped_lower", "approx_kl")
+# ``g_lp`` / ``g_h`` (d loss / d logp, d loss / d H per token) are written only without
+# ``write_grad``: the inputs of a deferred gradient sweep (``fused_loss_grad``).
+AUX_ROWS = ("loss", "logp", "entropy", "kl", "clipped", "clipped_lower", "approx_kl", "g_lp",
+            "g_h")
 N_AUX = len(AUX_ROWS)
 
 
@@ -171,12 +176,17 @@ def _fused_loss_kernel(
         tl.store(aux + 4 * n_rows, clipped.to(ACC))
         tl.store(aux + 5 * n_rows, lower.to(ACC))
         tl.store(aux + 6 * n_rows, approx_kl)
+        # d loss / d logp and d loss / d H of the aggregated loss (0 for tokens that do not
+        # count): the coefficients of the gradient sweep, here or in a deferred backward
+        live = w != 0
+        g_lp = tl.where(live & (ignored == 0), w * (dpg + kl_coef * dkl), 0.0)
+        g_h = tl.where(live, -w * ent_coef, 0.0)
 
-        # ---- 3. the gradient sweep --------------------------------------------------------
-        if WRITE_GRAD:
-            live = w != 0
-            g_lp = tl.where(live & (ignored == 0), w * (dpg + kl_coef * dkl), 0.0)
-            g_h = tl.where(live, -w * ent_coef, 0.0)
+        # ---- 3. the gradient sweep (or its coefficients, for a deferred backward) ---------
+        if not WRITE_GRAD:
+            tl.store(aux + 7 * n_rows, g_lp)
+            tl.store(aux + 8 * n_rows, g_h)
+        else:
             obase = dlogits_ptr + row_offset(r64, D1, D2, o0, o1, o2)
             # The target logit for the one-hot term, read by every thread *before* the barrier:
             # with an in-place gradient another warp's sweep may otherwise overwrite it first.
@@ -236,18 +246,18 @@ def _fused_loss_grad_kernel(
 @triton.jit(do_not_specialize=["n_rows", "D1", "D2"])
 def _scale_rows_kernel(x_ptr, g_ptr, n_rows, V, D1, D2, s0, s1, s2,
                        ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """x[row, :] *= g in place; nothing is read or written when g == 1."""
-    row = tl.program_id(0)
+    """x[row, :] *= g in place, rows ``pid, pid + P, ...``; nothing is read or written when
+    g == 1 (the launch is then a few programs per SM that load one scalar each)."""
     g = tl.load(g_ptr).to(ACC)
-    if g == 1.0:
-        return
-    if row >= n_rows:
-        return
-    base = x_ptr + row_offset(row, D1, D2, s0, s1, s2)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    cm = cols < V
-    x = tl.load(base + cols, mask=cm, other=0.0).to(ACC)
-    tl.store(base + cols, (x * g).to(x_ptr.dtype.element_ty), mask=cm)
+    if g != 1.0:
+        offs = tl.arange(0, BLOCK)
+        for row in tl.range(tl.program_id(0), n_rows, tl.num_programs(0)):
+            base = x_ptr + row_offset(row + tl.zeros([], tl.int64), D1, D2, s0, s1, s2)
+            for start in range(0, V, BLOCK):
+                cols = start + offs
+                cm = cols < V
+                x = tl.load(base + cols, mask=cm, other=0.0).to(ACC)
+                tl.store(base + cols, (x * g).to(x_ptr.dtype.element_ty), mask=cm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,7 +364,10 @@ def scale_rows(x, dims, strides, V, g):
     acc = acc_dtype_of(x.dtype)
     blk = min(BLOCK_S_INTERPRET if interpreting() else BLOCK_S,
               triton.next_power_of_2(max(V, 1)))
-    _scale_rows_kernel[(n_rows, triton.cdiv(V, blk))](
+    # a persistent launch: its size does not grow with the logits (g == 1 costs one tiny launch)
+    grid = (min(n_rows, INTERPRET_PROGRAMS if interpreting() or x.device.type != "cuda"
+                else _device_info(x.device)[0] * MAX_PROGRAMS_PER_SM),)
+    _scale_rows_kernel[grid](
         x, g.to(acc).reshape(1), n_rows, V, D1, D2, strides[0], strides[1], strides[2],
         ACC=tl_dtype(acc), BLOCK=blk, num_warps=max(1, min(NUM_WARPS_S, blk // 256)),
     )

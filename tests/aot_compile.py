@@ -115,11 +115,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80])
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--only", default="", help="compile only specs whose name contains this")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("run without TRITON_INTERPRET: the interpreter cannot compile kernels")
     _cuobjdump()
-    jobs = [(i, arch) for i in range(len(all_specs())) for arch in args.arch]
+    jobs = [(i, arch) for i, (_, spec) in enumerate(all_specs()) if args.only in spec["name"]
+            for arch in args.arch]
     if args.jobs > 1:
         import multiprocessing as mp
         with mp.get_context("spawn").Pool(args.jobs) as pool:

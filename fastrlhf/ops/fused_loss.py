@@ -20,6 +20,13 @@ buffer by ``g_new / g_old``, so a gradient returned by an earlier backward (e.g.
 ``torch.autograd.grad``) changes with it; after a backward with upstream gradient 0 the buffer
 holds zeros and a later backward gives NaN.
 
+With ``grad_timing="backward"`` (Triton) two more ops take their place:
+``fastrlhf::fused_ppo_loss_deferred`` / ``fused_ppo_loss_deferred_ib`` read the logits once in the
+forward (the log-prob kernel's statistics, then the per-token loss terms and the coefficients
+``d loss / d logp``, ``d loss / d H`` of every token: O(B T) saved) and their backward,
+``fastrlhf::fused_ppo_loss_grad`` (fresh buffer) / ``fused_ppo_loss_grad_`` (over the logits),
+sweeps the logits once with the upstream gradient folded into those coefficients.
+
 Both ops have a ``backend`` argument: ``"triton"`` runs :mod:`fastrlhf.kernels.fused_loss` (and
 the log-prob pass of :mod:`fastrlhf.kernels.logprobs` for GSPO), ``"native"`` the C++ loop of
 ``csrc/fused_loss.cpp`` through :mod:`fastrlhf.native`; the op, its checks and its autograd formula
@@ -43,9 +50,11 @@ from .logprobs import inplace_ok, logprobs_stats, vocab_parallel_token_logprobs
 from .losses import compose_ppo_loss
 from .registry import Op, launchers
 
-__all__ = ["fused_ppo_loss", "FUSED_STATS"]
+__all__ = ["fused_ppo_loss", "FUSED_STATS", "GRAD_TIMINGS"]
 
 OP = "fused_ppo_loss"
+# When the Triton backend writes d loss / d logits: see fused_ppo_loss(grad_timing=...).
+GRAD_TIMINGS = ("forward", "backward")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,8 +65,12 @@ def _forward(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tenso
              ref_logp: Optional[Tensor], coef: Tensor, kl_coef: float, kl_kind: str,
              entropy_coef: float, lo: float, hi: float, dual_clip: Optional[float],
              temperature: float, seq: bool, ignore_index: int, write_grad: bool, inplace: bool,
-             cu_seqlens: Optional[Tensor], backend: str):
-    """Returns (loss [], stats [5], per_token [3, B, T], dlogits or None).
+             cu_seqlens: Optional[Tensor], backend: str, defer: bool = False):
+    """Returns (loss [], stats [5], per_token [3, B, T], dlogits or None, lse, coefs).
+
+    ``defer`` (Triton only, ``write_grad`` False): the statistics come from the log-prob pass
+    and the kernel only forms the per-token terms; ``lse`` ``[N, 2]`` and ``coefs`` ``[2, N]``
+    (d loss / d logp, d loss / d H) are returned for the deferred backward (else None).
 
     Packed layout (``cu_seqlens``, ``B = 1``, Triton only): ``coef`` is per segment ``[S]``; the
     per-token weights, per-sequence advantages and GSPO ratios are gathered to ``[total]``
@@ -93,7 +106,7 @@ def _forward(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tenso
             coef.to(acc).contiguous(), seq=seq, **scalars)
         if inplace and write_grad:
             torch.autograd.graph.increment_version(logits)
-        return loss, stats, aux.view(7, B, T)[1:4].clone(), dl
+        return loss, stats, aux.view(7, B, T)[1:4].clone(), dl, None, None
 
     k = launchers(backend, "fused_loss")
     seg = None if cu_seqlens is None else reference.segment_ids(cu_seqlens, T)
@@ -112,11 +125,13 @@ def _forward(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tenso
     # the kernel finds the row of token n as n // k_rows; packed: every [N] vector is per token
     k_rows = T if seg is None else 1
     seq_lr = lse = lp_in = ent_in = None
-    if seq:
-        # GSPO pass 1: logp / entropy / logsumexp of every token, then the rows' mean log-ratio
-        # (verl: sum_t m (logp - old) / max(sum_t m, 1), NaN outside the mask ignored).
+    if seq or defer:
+        # The log-prob pass: logp / entropy / logsumexp of every token.  GSPO needs the rows'
+        # mean log-ratio before any token's loss (verl: sum_t m (logp - old) / max(sum_t m, 1),
+        # NaN outside the mask ignored); a deferred gradient needs the row statistics later.
         lp_in, ent_in, lse = logprobs_stats(logits, tokens, temperature, ignore_index, backend)
         lp_in, ent_in, lse = lp_in.reshape(-1), ent_in.reshape(-1), lse.reshape(-1, 2)
+    if seq:
         d = lp_in.view(B, T) - old.view(B, T)
         seq_lr = (row_sums(torch.where(m != 0, d, torch.zeros_like(d)) * m)
                   / row_sums(m).clamp(min=1)).contiguous()
@@ -132,12 +147,13 @@ def _forward(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tenso
     def terms(x):  # where(m != 0, x, 0) * m: NaN outside the mask never leaks in
         return torch.where(valid, x, torch.zeros_like(x)) * m
 
-    L, lp, ent, kl, clipped, lower, akl = aux.unbind(0)
+    L, lp, ent, kl, clipped, lower, akl = aux[:7].unbind(0)
     sums = row_sums(terms(L))
     loss = torch.where(coef != 0, coef * sums, torch.zeros_like(sums)).sum()
     den = m.sum() + MASKED_EPS
     stats = torch.stack([terms(x).sum() for x in (clipped, lower, akl, ent, kl)]) / den
-    return loss, stats, aux[1:4].clone(), dl
+    coefs = aux[7:9].reshape(2, -1) if defer else None
+    return loss, stats, aux[1:4].clone(), dl, lse, coefs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +166,7 @@ def _fused_impl(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Te
                 dual_clip: Optional[float], temperature: float, seq: bool, ignore_index: int,
                 write_grad: bool, cu_seqlens: Optional[Tensor], backend: str
                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    loss, stats, per_token, dl = _forward(
+    loss, stats, per_token, dl, _, _ = _forward(
         logits, tokens, old_logp, advantages, mask, ref_logp, coef, kl_coef, kl_kind,
         entropy_coef, lo, hi, dual_clip, temperature, seq, ignore_index, write_grad, False,
         cu_seqlens, backend)
@@ -180,7 +196,7 @@ def _fused_ib_impl(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages:
                    write_grad: bool, cu_seqlens: Optional[Tensor], backend: str
                    ) -> Tuple[Tensor, Tensor, Tensor]:
     # Writes d loss / d logits over ``logits`` when write_grad (see the module docstring).
-    loss, stats, per_token, _ = _forward(
+    loss, stats, per_token, _, _, _ = _forward(
         logits, tokens, old_logp, advantages, mask, ref_logp, coef, kl_coef, kl_kind,
         entropy_coef, lo, hi, dual_clip, temperature, seq, ignore_index, write_grad, True,
         cu_seqlens, backend)
@@ -263,6 +279,119 @@ _fused_ib = Op("fused_ppo_loss_ib", _fused_ib_impl, _fused_ib_fake, setup=_setup
 
 
 # ---------------------------------------------------------------------------------------------
+# grad_timing="backward": the forward reads the logits once for the statistics; the backward
+# sweeps them once with the upstream gradient folded into the per-token coefficients
+# ---------------------------------------------------------------------------------------------
+
+def _deferred_impl(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tensor,
+                   mask: Tensor, ref_logp: Optional[Tensor], coef: Tensor, kl_coef: float,
+                   kl_kind: str, entropy_coef: float, lo: float, hi: float,
+                   dual_clip: Optional[float], temperature: float, seq: bool, ignore_index: int,
+                   cu_seqlens: Optional[Tensor], backend: str
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    loss, stats, per_token, _, lse, coefs = _forward(
+        logits, tokens, old_logp, advantages, mask, ref_logp, coef, kl_coef, kl_kind,
+        entropy_coef, lo, hi, dual_clip, temperature, seq, ignore_index, False, False,
+        cu_seqlens, backend, defer=True)
+    return loss, stats, per_token, lse, coefs.clone()  # its own storage (opcheck: no offset)
+
+
+def _deferred_fake(logits, tokens, old_logp, advantages, mask, ref_logp, coef, kl_coef, kl_kind,
+                   entropy_coef, lo, hi, dual_clip, temperature, seq, ignore_index, cu_seqlens,
+                   backend):
+    B, T, _ = logits.shape
+    acc = coef.dtype
+    return (*_fake_outputs(logits, coef), logits.new_empty((B * T, 2), dtype=acc),
+            logits.new_empty((2, B * T), dtype=acc))
+
+
+def _grad_into(logits: Tensor, out: Optional[Tensor], tokens: Tensor, lse: Tensor, ent: Tensor,
+               coefs: Tensor, upstream: Tensor, temperature: float, ignore_index: int,
+               has_ent: bool, backend: str) -> Tensor:
+    """One sweep: ``upstream * (g_lp (onehot - p) - g_H p (log p + H)) / T`` into ``out``
+    (``logits`` itself) or a fresh buffer (``out=None``)."""
+    V = logits.shape[-1]
+    lg, dims, strides = rows_layout(logits)
+    if out is None:
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        ob, ostrides = out, contiguous_row_strides(dims, V)
+    else:
+        ob, ostrides = lg, strides
+    launchers(backend, "fused_loss").fused_loss_grad(
+        lg, ob, dims, strides, ostrides, V, tokens.reshape(-1).contiguous(), lse,
+        ent.reshape(-1).contiguous(), coefs[0], coefs[1], upstream.detach(),
+        inv_temp=1.0 / temperature, ignore_index=ignore_index, has_ent=has_ent)
+    return out
+
+
+def _dgrad_impl(logits: Tensor, tokens: Tensor, lse: Tensor, ent: Tensor, coefs: Tensor,
+                upstream: Tensor, temperature: float, ignore_index: int, has_ent: bool,
+                backend: str) -> Tensor:
+    return _grad_into(logits, None, tokens, lse, ent, coefs, upstream, temperature, ignore_index,
+                      has_ent, backend)
+
+
+def _dgrad_fake(logits, tokens, lse, ent, coefs, upstream, temperature, ignore_index, has_ent,
+                backend):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _dgrad_inplace_impl(logits: Tensor, tokens: Tensor, lse: Tensor, ent: Tensor, coefs: Tensor,
+                        upstream: Tensor, temperature: float, ignore_index: int, has_ent: bool,
+                        backend: str) -> None:
+    _grad_into(logits, logits, tokens, lse, ent, coefs, upstream, temperature, ignore_index,
+               has_ent, backend)
+
+
+def _dgrad_inplace_fake(logits, tokens, lse, ent, coefs, upstream, temperature, ignore_index,
+                        has_ent, backend):
+    return None
+
+
+_dgrad = Op("fused_ppo_loss_grad", _dgrad_impl, _dgrad_fake)
+_dgrad_inplace = Op("fused_ppo_loss_grad_", _dgrad_inplace_impl, _dgrad_inplace_fake,
+                    mutates_args=("logits",))
+
+_N_DEFERRED_INPUTS = 18
+
+
+def _setup_deferred(ctx, inputs, output, *, inplace: bool = False):
+    ctx.set_materialize_grads(False)
+    logits, tokens = inputs[0], inputs[1]
+    ctx.save_for_backward(logits, tokens, output[3], output[2][1], output[4])
+    ctx.temperature, ctx.ignore_index = inputs[13], inputs[15]
+    ctx.has_ent = inputs[9] != 0.0
+    ctx.backend = inputs[-1]
+    ctx.inplace = inplace
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _setup_deferred_ib(ctx, inputs, output):
+    _setup_deferred(ctx, inputs, output, inplace=True)
+
+
+def _backward_deferred(ctx, gloss, *_):
+    if gloss is None:
+        return (None,) * _N_DEFERRED_INPUTS
+    logits, tokens, lse, ent, coefs = ctx.saved_tensors
+    args = (tokens, lse, ent, coefs, gloss.reshape(()).to(coefs.dtype), ctx.temperature,
+            ctx.ignore_index, ctx.has_ent, ctx.backend)
+    if ctx.inplace:
+        _dgrad_inplace(logits, *args)
+        grad = logits
+    else:
+        grad = _dgrad(logits, *args)
+    return (grad,) + (None,) * (_N_DEFERRED_INPUTS - 1)
+
+
+_deferred = Op("fused_ppo_loss_deferred", _deferred_impl, _deferred_fake, setup=_setup_deferred,
+               backward=_backward_deferred)
+# The same forward whose backward writes the gradient over the logits (inplace_backward).
+_deferred_ib = Op("fused_ppo_loss_deferred_ib", _deferred_impl, _deferred_fake,
+                  setup=_setup_deferred_ib, backward=_backward_deferred)
+
+
+# ---------------------------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------------------------
 
@@ -274,7 +403,7 @@ def fused_ppo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages:
                    inplace_backward: bool = False, ignore_index: int = -100,
                    backend: str = "auto", process_group=None,
                    vocab_start_index: Optional[int] = None, cu_seqlens: Optional[Tensor] = None,
-                   **agg_kwargs):
+                   grad_timing: str = "forward", **agg_kwargs):
     """The whole PPO / GRPO / GSPO policy loss of a step from the logits, in one fused pass.
 
     Defined as the composition of the separate ops::
@@ -330,6 +459,26 @@ def fused_ppo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages:
             copied or padded: only ``[total]``-sized vectors are gathered by segment.  Not
             supported by the native backend (``"auto"`` then uses the Triton / reference path;
             ``backend="native"`` raises ValueError).  Validated on the host (one sync).
+        grad_timing: when the Triton backend computes d loss / d logits (the values are the
+            same; only the memory traffic differs, see Cost):
+
+            * ``"forward"`` (default): in the forward launch, right after each row's statistics,
+              while the row is still in L2; the backward multiplies the stored gradient by the
+              upstream gradient -- free when that is exactly 1 (``loss.backward()``), one more
+              read + write of the gradient otherwise.
+            * ``"backward"``: the forward only reads the logits (statistics, O(B T) saved); the
+              backward sweeps them once and writes the gradient with the upstream gradient
+              folded into the per-token coefficients -- one read + one write for *any* upstream
+              gradient, no extra pass and no launch that depends on its value.  Use it when
+              the loss is scaled before ``backward()`` (gradient accumulation ``loss / k``,
+              DeepSpeed / accelerate loss scaling, a sum of several losses).  The logits stay
+              alive until the backward (with ``inplace_backward`` the gradient is written
+              over them there).
+
+            The native backend always computes the gradient in the forward (on the CPU the
+            upstream factor is checked on the host: no work when it is 1); the reference and
+            the vocab-parallel path differentiate the composition, which is already a
+            backward-time sweep.
 
     Returns:
         ``(loss, stats)``: ``loss`` a 0-dim tensor, float32 (float64 for float64 logits; the
@@ -349,8 +498,12 @@ def fused_ppo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages:
     * ``ratio_level="sequence"`` (GSPO): the sequence ratio needs every logp of the row first:
       the ``token_logprobs`` forward kernel sweeps the logits, then this kernel only runs the
       gradient sweep: two reads and one write.
-    * backward: the stored gradient times the upstream gradient, in place: no memory traffic
-      when that is exactly 1 (``loss.backward()``), else one read and one write.
+    * backward (``grad_timing="forward"``): the stored gradient times the upstream gradient, in
+      place: no memory traffic when that is exactly 1 (``loss.backward()``; one small launch of
+      at most a few programs per SM checks it on the device), else one read and one write.
+    * ``grad_timing="backward"``: forward one read (the log-prob kernel's statistics sweep);
+      backward one read and one write, the upstream gradient folded in: for a scaled loss
+      two reads and one write in all instead of two reads and two writes.
     * memory: one ``[B, T, V]`` gradient buffer of the logits' dtype, none with
       ``inplace_backward``; everything else is O(B T).
     * when ``logits`` is a ``[:, :-1]`` view of a model output, autograd itself then scatters the
@@ -371,6 +524,8 @@ def fused_ppo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages:
         cu_seqlens, "logits", logits, "the leading shape of logits")
     temperature = check_positive_float(OP, "temperature", temperature)
     ignore_index = check_int(OP, "ignore_index", ignore_index)
+    if grad_timing not in GRAD_TIMINGS:
+        raise ValueError(f"{OP}: grad_timing must be one of {GRAD_TIMINGS}, got {grad_timing!r}")
     packed = cu_seqlens is not None
     if packed and backend == "native":
         raise ValueError(f"{OP}: cu_seqlens (packed sequences) is not supported by the native "
@@ -398,11 +553,15 @@ def fused_ppo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages:
     kw.pop("cu_seqlens", None)
     coef = reference.agg_row_weights(mask, agg, dtype=acc, cu_seqlens=cu_seqlens, **kw)
     write_grad = torch.is_grad_enabled() and logits.requires_grad
-    fn = _fused_ib if inplace_backward and inplace_ok(logits) else _fused
-    out = fn(logits, tokens, old_logp, advantages, mask, ref_logp, coef, kl_coef, kl_kind,
-             entropy_coef, 1.0 - clip_low, 1.0 + clip_high, dual_clip, temperature,
-             ratio_level == "sequence", ignore_index, write_grad,
-             cu_seqlens.detach().contiguous() if packed else None, which)
+    ib = inplace_backward and inplace_ok(logits)
+    args = (logits, tokens, old_logp, advantages, mask, ref_logp, coef, kl_coef, kl_kind,
+            entropy_coef, 1.0 - clip_low, 1.0 + clip_high, dual_clip, temperature,
+            ratio_level == "sequence", ignore_index)
+    cu = cu_seqlens.detach().contiguous() if packed else None
+    if grad_timing == "backward" and write_grad and which == "triton":
+        out = (_deferred_ib if ib else _deferred)(*args, cu, which)
+    else:
+        out = (_fused_ib if ib else _fused)(*args, write_grad, cu, which)
     loss, scal, per_token = out[0], out[1], out[2]
     stats = {"logp": per_token[0], "entropy": per_token[1], "kl": per_token[2],
              "clipfrac": scal[0], "clipfrac_lower": scal[1], "approx_kl": scal[2],
