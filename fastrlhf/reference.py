@@ -137,9 +137,21 @@ def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float =
             ) -> torch.Tensor:
     """KL(p || q) = sum_j p_j (log p_j - log q_j) over the last dim, ``[..., V] -> [...]``.
 
-    ``p = softmax(logits / T)``, ``q = softmax(ref_logits / T)``.  Terms with ``p_j = 0`` are 0
-    (also when ``q_j = 0``); ``q_j = 0`` with ``p_j > 0`` gives +inf; rows that are entirely
-    ``-inf`` (in either tensor) give NaN.  Float32, float64 if either input is float64.
+    ``p = softmax(logits / T)``, ``q = softmax(ref_logits / T)``.  Float32, float64 if either
+    input is float64.
+
+    Edge-case contract (every backend):
+
+    * Terms with ``p_j = 0`` are 0 in the value and the gradient, also where ``q_j = 0`` -- and
+      ``p_j`` is 0 where it underflows (``full_kl([[0., -1.]], [[0., -inf]], temperature=1e-3)``
+      is 0 with gradient 0).
+    * ``q_j = 0`` under ``p_j > 0`` gives ``+inf``; that row's ``logits`` gradient is not finite
+      (``-inf`` / NaN), its ``ref_logits`` gradient stays finite (``g (q - p) / T``).
+    * A row with NaN, or ``+inf`` in ``logits``, or entirely ``-inf`` in either tensor gives NaN;
+      its ``logits`` gradient is NaN; its ``ref_logits`` gradient is 0 when only ``logits`` is
+      bad and NaN when ``ref_logits`` is (a NaN, or entirely ``-inf``).  Other rows are
+      untouched.
+    * Empty leading dims give an empty result; an empty vocab (V = 0) raises ValueError.
     """
     acc = acc_dtype(logits, ref_logits)
     logp = torch.log_softmax(logits.to(acc) / temperature, dim=-1)
@@ -359,12 +371,16 @@ def agg_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mea
     Packed layout: ``per_token`` / ``mask`` ``[1, total]`` with ``cu_seqlens`` ``[S+1]``; the
     segments ``cu_seqlens[s]:cu_seqlens[s+1]`` are the rows ``b`` above (and the default ``T``
     is the longest segment), so the result equals the padded ``[S, Tmax]`` layout.
-    A zero denominator (fully masked batch) gives 0, never NaN; so does an empty batch
-    (``T = 0``) in every mode, ``seq-mean-token-sum-norm`` included (its default factor is then
-    0).  Edge-case contract (every backend): NaN / inf where the mask is 0 never enters the
-    value or the gradient (the gradient there is exactly 0); NaN / inf at a position with
-    ``mask != 0`` propagates to the loss.  The mask is a constant: it never receives a gradient,
-    even a floating mask with ``requires_grad``.
+
+    Edge-case contract (every backend):
+
+    * A zero denominator (fully masked batch) gives 0, never NaN; so does an empty batch
+      (``B = 0`` or ``T = 0``) in every mode, ``seq-mean-token-sum-norm`` included (its default
+      factor is then 0).
+    * NaN / inf where the mask is 0 never enters the value or the gradient (the gradient there
+      is exactly 0); NaN / inf at a position with ``mask != 0`` propagates to the loss.
+    * The mask is a constant: it never receives a gradient, even a floating mask with
+      ``requires_grad``.
     """
     if mode not in AGG_MODES:
         raise ValueError(f"agg_loss: unknown mode {mode!r}; expected one of {AGG_MODES}")

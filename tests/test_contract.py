@@ -231,3 +231,30 @@ def test_item10_float_mask_gets_no_gradient(backend):
         out.backward()
     assert mask.grad is None, "the mask is a constant"
     assert x.grad is not None and x.grad.isfinite().all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the contract is stated where users read it: on every public op
+# ---------------------------------------------------------------------------------------------
+
+CONTRACT_SPECS = {
+    "token_logprobs": "token_logprobs", "token_entropy": "token_entropy",
+    "kl_penalty": "kl_penalty", "full_kl": "full_kl", "group_advantages": "group_advantages",
+    "masked_sum": "masked_sum", "masked_mean": "masked_sum", "masked_var": "masked_sum",
+    "masked_whiten": "masked_sum", "agg_loss": "agg_loss", "ppo_policy_loss": "ppo_policy_loss",
+    "ppo_value_loss": "ppo_value_loss", "gae": "gae", "fused_ppo_loss": "fused_ppo_loss",
+    "linear_token_logprobs": "token_logprobs", "fused_linear_ppo_loss": "fused_ppo_loss",
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT_SPECS))
+def test_public_op_docstring_states_the_edge_case_contract(name):
+    import inspect
+
+    import fastrlhf.reference as spec_module
+    doc = getattr(fr, name).__doc__
+    spec = inspect.cleandoc(getattr(spec_module, CONTRACT_SPECS[name]).__doc__)
+    contract = spec[spec.index("Edge"):]
+    flat = " ".join(doc.split())
+    assert " ".join(contract.split()) in flat, f"fr.{name}'s docstring lacks its contract"
+    assert f"fastrlhf.reference.{CONTRACT_SPECS[name]}" in doc

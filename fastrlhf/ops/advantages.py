@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import reference
 from ..backend import requested
 from ..tables import FLOAT_DTYPES, GROUP_ADV_KINDS, ID_DTYPES, acc_dtype
-from .common import check_bool, check_same_device, check_shape, check_tensor
+from .common import with_contract, check_bool, check_same_device, check_shape, check_tensor
 
 __all__ = ["group_advantages", "GROUP_ADV_KINDS"]
 
@@ -61,6 +61,7 @@ def _vectorized(scores: Tensor, group_ids: Tensor, kind: str, eps: float, norm_b
     return torch.where(n > 1, loo, x)
 
 
+@with_contract(reference.group_advantages)
 def group_advantages(scores: Tensor, group_ids: Tensor, *, kind: str = "grpo", eps: float = 1e-6,
                      norm_by_std: bool = True, backend: str = "auto") -> Tensor:
     """Outcome advantages relative to each sample's group (GRPO-style training), vectorized.

@@ -7,6 +7,7 @@ wrong) on every backend.  Nothing here imports another op family: the families i
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from typing import Optional, Sequence
@@ -424,3 +425,26 @@ def non_overlapping(t: Tensor) -> bool:
             return False
         extent += (sz - 1) * st
     return True
+
+
+def with_contract(spec):
+    """Decorator: append the edge-case contract of the reference function ``spec`` (the part of
+    its docstring from the line starting "Edge-case contract" / "Edge cases" to its end) to the
+    public op's docstring.  The contract is written once, in :mod:`fastrlhf.reference`, which
+    every backend follows, and ``help()`` on the op shows it."""
+    doc = inspect.cleandoc(spec.__doc__ or "").splitlines()
+    start = next((i for i, line in enumerate(doc)
+                  if line.startswith(("Edge-case contract", "Edge cases"))), None)
+    if start is None:
+        raise ValueError(f"{spec.__qualname__} states no edge-case contract")
+    body = "\n".join(("    " + line) if line else "" for line in doc[start:])
+
+    def deco(fn):
+        own = inspect.cleandoc(fn.__doc__ or "")
+        own = "\n".join(("    " + line) if (line and i) else line
+                         for i, line in enumerate(own.splitlines()))
+        fn.__doc__ = (f"{own}\n\n{body}\n\n    (The contract of "
+                      f":func:`fastrlhf.reference.{spec.__name__}`, the spec of this op.)\n")
+        return fn
+    return deco
+

@@ -21,7 +21,7 @@ from torch import Tensor
 from .. import config, reference
 from ..backend import resolve as resolve_backend
 from ..tables import FLOAT_DTYPES, INT_DTYPES, acc_dtype
-from .common import (check_bool, check_fused_loss_args, check_int, check_positive_float,
+from .common import (with_contract, check_bool, check_fused_loss_args, check_int, check_positive_float,
                      check_same_device, check_shape, check_tensor, check_token_range,
                      checked_tokens, rows_layout)
 from .logprobs import vocab_parallel_token_logprobs
@@ -233,6 +233,7 @@ def check_linear_args(op: str, hidden, weight, tokens, bias, temperature, ignore
     return temperature, ignore_index
 
 
+@with_contract(reference.token_logprobs)
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
                           bias: Optional[Tensor] = None, temperature: float = 1.0,
                           return_entropy: bool = False, ignore_index: int = -100,
@@ -314,6 +315,7 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
 # ---------------------------------------------------------------------------------------------
 
 
+@with_contract(reference.fused_ppo_loss)
 def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_logp: Tensor,
                           advantages: Tensor, mask: Tensor, *, bias: Optional[Tensor] = None,
                           ref_logp: Optional[Tensor] = None, kl_coef: float = 0.0,

@@ -44,7 +44,7 @@ from torch import Tensor
 from .. import reference
 from ..backend import resolve as resolve_backend
 from ..tables import FUSED_STATS, KL_CODES, MASKED_EPS, acc_dtype
-from .common import (check_fused_loss_args, check_logits, check_positive_float, check_int,
+from .common import (with_contract, check_fused_loss_args, check_logits, check_positive_float, check_int,
                      check_token_range, checked_tokens, contiguous_row_strides, rows_layout)
 from .logprobs import inplace_ok, logprobs_stats, vocab_parallel_token_logprobs
 from .losses import compose_ppo_loss
@@ -395,6 +395,7 @@ _deferred_ib = Op("fused_ppo_loss_deferred_ib", _deferred_impl, _deferred_fake,
 # public API
 # ---------------------------------------------------------------------------------------------
 
+@with_contract(reference.fused_ppo_loss)
 def fused_ppo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tensor,
                    mask: Tensor, *, ref_logp: Optional[Tensor] = None, kl_coef: float = 0.0,
                    kl_kind: str = "k3", entropy_coef: float = 0.0, clip_low: float = 0.2,

@@ -18,7 +18,7 @@ from torch import Tensor
 from .. import reference
 from ..backend import resolve as resolve_backend
 from ..tables import FLOAT_DTYPES, MASK_DTYPES, acc_dtype
-from .common import check_cu_seqlens, check_same_device, check_shape, check_tensor
+from .common import with_contract, check_cu_seqlens, check_same_device, check_shape, check_tensor
 from .registry import Op, launchers
 
 __all__ = ["gae"]
@@ -79,6 +79,7 @@ def _check_compute_dtype(op: str, compute_dtype, rewards: Tensor, values: Tensor
 # public API
 # ---------------------------------------------------------------------------------------------
 
+@with_contract(reference.gae)
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, lam: float = 0.95,
         cu_seqlens: Optional[Tensor] = None, compute_dtype: Optional[torch.dtype] = None,
         backend: str = "auto") -> Tuple[Tensor, Tensor]:

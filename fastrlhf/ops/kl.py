@@ -19,7 +19,7 @@ from torch import Tensor
 from .. import reference
 from ..backend import resolve as resolve_backend
 from ..tables import FLOAT_DTYPES, KL_CODES, KL_KINDS, acc_dtype
-from .common import (canonical_kl_kind, check_positive_float, check_same_device, check_shape,
+from .common import (with_contract, canonical_kl_kind, check_positive_float, check_same_device, check_shape,
                      check_tensor, rows_layout)
 from .parallel import check_group, slice_start
 from .registry import Op, launchers
@@ -246,6 +246,7 @@ def vocab_parallel_full_kl(logits, ref_logits, temperature, process_group, vocab
 # public API
 # ---------------------------------------------------------------------------------------------
 
+@with_contract(reference.kl_penalty)
 def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k1", *, backend: str = "auto"
                ) -> Tensor:
     """Per-token KL estimator from sampled log-probs (verl ``kl_penalty``), elementwise.
@@ -293,6 +294,7 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k1", *, backend: str
     return _kl_penalty(logp, ref_logp, canon, which)
 
 
+@with_contract(reference.full_kl)
 def full_kl(logits: Tensor, ref_logits: Tensor, *, temperature: float = 1.0,
             backend: str = "auto", process_group=None,
             vocab_start_index: Optional[int] = None) -> Tensor:

@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import config, reference
 from ..backend import resolve as resolve_backend
 from ..tables import INT_DTYPES, acc_dtype
-from .common import (check_bool, check_int, check_logits, check_positive_float,
+from .common import (with_contract, check_bool, check_int, check_logits, check_positive_float,
                      check_same_device, check_shape, check_tensor, check_token_range,
                      checked_tokens, contiguous_row_strides, non_overlapping, rows_layout)
 from .parallel import (NO_IGNORE, check_full_vocab, check_group, combine_softmax_stats,
@@ -253,6 +253,7 @@ def vocab_parallel_token_logprobs(logits, tokens, temperature, ignore_index, pro
 # public API
 # ---------------------------------------------------------------------------------------------
 
+@with_contract(reference.token_logprobs)
 def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
                    return_entropy: bool = False, ignore_index: int = -100,
                    inplace_backward: bool = False, backend: str = "auto",
@@ -313,6 +314,7 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
     return (logp, ent) if return_entropy else logp
 
 
+@with_contract(reference.token_entropy)
 def token_entropy(logits: Tensor, *, temperature: float = 1.0, backend: str = "auto",
                   process_group=None, vocab_start_index: Optional[int] = None) -> Tensor:
     """Entropy of ``softmax(logits / temperature)`` over the last dim: ``[..., V] -> [...]``.

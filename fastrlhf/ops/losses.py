@@ -41,7 +41,7 @@ from torch import Tensor
 from .. import reference
 from ..backend import resolve as resolve_backend
 from ..tables import AGG_MODES, RATIO_LEVELS, acc_dtype
-from .common import (check_advantages, check_agg, check_backend_name, check_bt, check_clips,
+from .common import (with_contract, check_advantages, check_agg, check_backend_name, check_bt, check_clips,
                      check_mask, check_packed, check_positive_float, check_ratio_level,
                      check_same_device, check_tensor, denominator, row_view)
 from .kl import kl_penalty
@@ -191,6 +191,7 @@ _value = Op("ppo_value_loss", _value_impl, _value_fake, setup=_value_setup,
 # public: aggregation
 # ---------------------------------------------------------------------------------------------
 
+@with_contract(reference.agg_loss)
 def agg_loss(per_token: Tensor, mask: Tensor, mode: str = "token-mean", *, dp_size: int = 1,
              batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None,
              cu_seqlens: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
@@ -261,6 +262,7 @@ def agg_row_weights(mask: Tensor, mode: str = "token-mean", *, dtype: torch.dtyp
 # public: losses
 # ---------------------------------------------------------------------------------------------
 
+@with_contract(reference.ppo_policy_loss)
 def ppo_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
                     clip_low: float = 0.2, clip_high: Optional[float] = None,
                     dual_clip: Optional[float] = None, agg: str = "token-mean",
@@ -342,6 +344,7 @@ def ppo_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
     return loss, {"clipfrac": stats[0], "clipfrac_lower": stats[1], "approx_kl": stats[2]}
 
 
+@with_contract(reference.ppo_value_loss)
 def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *,
                    clip: Optional[float] = 0.5, agg: str = "token-mean",
                    cu_seqlens: Optional[Tensor] = None, backend: str = "auto", **agg_kwargs):

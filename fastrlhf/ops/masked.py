@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import reference
 from ..tables import FLOAT_DTYPES
-from .common import check_backend_name, check_bool, check_mask, check_same_device, check_tensor
+from .common import with_contract, check_backend_name, check_bool, check_mask, check_same_device, check_tensor
 
 __all__ = ["masked_sum", "masked_mean", "masked_var", "masked_whiten"]
 
@@ -46,6 +46,7 @@ def _check(op: str, x, mask, backend) -> Tensor:
     return mask
 
 
+@with_contract(reference.masked_sum)
 def masked_sum(x: Tensor, mask: Tensor, dim=None, *, backend: str = "auto") -> Tensor:
     """Sum of ``x`` over the mask: ``sum(where(mask != 0, x, 0) * mask, dim)``.
 
@@ -62,6 +63,7 @@ def masked_sum(x: Tensor, mask: Tensor, dim=None, *, backend: str = "auto") -> T
     return reference.masked_sum(x, mask, _check_dim(op, dim, x.dim()))
 
 
+@with_contract(reference.masked_sum)
 def masked_mean(x: Tensor, mask: Tensor, dim=None, *, backend: str = "auto"
                 ) -> Tensor:
     """Mean of ``x`` over the mask, as verl: ``masked_sum(x, mask, dim) / (sum(mask, dim) + 1e-8)``.
@@ -74,6 +76,7 @@ def masked_mean(x: Tensor, mask: Tensor, dim=None, *, backend: str = "auto"
     return reference.masked_mean(x, mask, _check_dim(op, dim, x.dim()))
 
 
+@with_contract(reference.masked_sum)
 def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, *, backend: str = "auto"
                ) -> Tensor:
     """Variance of ``x`` over all masked elements (a 0-dim tensor), as verl:
@@ -92,6 +95,7 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, *, backend: str =
     return reference.masked_var(x, mask, unbiased)
 
 
+@with_contract(reference.masked_sum)
 def masked_whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True,
                   backend: str = "auto") -> Tensor:
     """Whiten ``x`` with statistics over the mask, as verl's ``masked_whiten``:
