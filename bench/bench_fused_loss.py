@@ -4,14 +4,16 @@ The loss (GRPO-style, the configuration Liger's kernel also expresses): per-sequ
 PPO clip 0.2, KL to a reference policy with k3 and coefficient 0.04, temperature 1, token-mean
 aggregation (Liger's "bnpo").  Mode ``fwd+bwd`` times ``loss = f(logits); torch.autograd.grad(loss,
 logits)`` -- the gradient handed to the lm_head's backward, no accumulation into a leaf.  Mode
-``fwd+bwd,gspo`` is the same with the GSPO sequence ratio.
+``fwd+bwd,gspo`` is the same with the GSPO sequence ratio; ``fwd+bwd,upstream=0.25`` hands the
+backward an upstream gradient of 0.25 (a loss divided by gradient-accumulation steps).
 
 Implementations:
   eager             the composition as trainers write it (verl style): log_softmax of the fp32
                     logits, gather, the clipped loss, the k3 KL, the masked mean
   compile           torch.compile of that eager function
   fastrlhf          fastrlhf.fused_ppo_loss (backend auto): one kernel, the gradient is written
-                    in the forward; "+inplace": written over the logits (no [N, V] allocation)
+                    in the forward; "+inplace": written over the logits (no [N, V] allocation);
+                    ",grad_timing=backward": read in the forward, gradient swept in the backward
   liger             liger_kernel's triton_grpo_loss (per-token output reduced as "bnpo"), when
                     installed; it reads [B, T + 1, V] logits (one extra position per sequence)
 
@@ -56,14 +58,14 @@ def _eager(logits, tokens, old, adv, mask, ref, seq=False):
     return (per_token * m).sum() / m.sum()
 
 
-def _fastrlhf(inplace, seq):
+def _fastrlhf(inplace, seq, timing="forward"):
     import fastrlhf.ops.fused_loss as F
 
     def f(logits, tokens, old, adv, mask, ref):
         loss, _ = F.fused_ppo_loss(logits, tokens, old, adv, mask, ref_logp=ref, kl_coef=BETA,
                                    kl_kind="k3", clip_low=CLIP,
                                    ratio_level="sequence" if seq else "token",
-                                   inplace_backward=inplace)
+                                   inplace_backward=inplace, grad_timing=timing)
         return loss
     return f
 
@@ -86,6 +88,8 @@ def _impls(with_compile, seq):
         impls["compile"] = lambda: torch.compile(lambda *a: _eager(*a, seq=seq), dynamic=False)
     impls["fastrlhf"] = lambda: _fastrlhf(False, seq)
     impls["fastrlhf+inplace"] = lambda: _fastrlhf(True, seq)
+    impls["fastrlhf,grad_timing=backward"] = lambda: _fastrlhf(False, seq, "backward")
+    impls["fastrlhf+inplace,grad_timing=backward"] = lambda: _fastrlhf(True, seq, "backward")
     if not seq:
         impls["liger"] = _liger
     return impls
@@ -128,8 +132,11 @@ def run(device: str, quick: bool = False, with_compile: bool = True) -> list[dic
         # the logits as the loss sees them: [B, T, V], N rows (what lm_head(hidden[:, :-1])
         # gives); Liger gets the [B, T + 1, V] tensor it expects
         data = full[:, :-1].contiguous()
-        for seq in (False, True):
-            mode = "fwd+bwd,gspo" if seq else "fwd+bwd"
+        # upstream 0.25: a loss scaled before backward (gradient accumulation), where
+        # grad_timing="forward" pays one more read + write of the gradient
+        for seq, up in ((False, 1.0), (False, 0.25), (True, 1.0)):
+            mode = ("fwd+bwd,gspo" if seq else "fwd+bwd") + (f",upstream={up}" if up != 1 else "")
+            g_out = torch.tensor(up, device=device)
             with torch.no_grad():
                 want = _eager(full[:2, :-1], *[t[:2] for t in rest], seq=seq).float()
             for name, make in _impls(with_compile, seq).items():
@@ -155,7 +162,7 @@ def run(device: str, quick: bool = False, with_compile: bool = True) -> list[dic
 
                 def step():
                     loss = fn(leaf, *rest)
-                    return torch.autograd.grad(loss, leaf)
+                    return torch.autograd.grad(loss, leaf, grad_outputs=g_out.to(loss.dtype))
 
                 try:
                     row.update(common.time_stats(step, device, warmup=3, rep=20 if on_gpu else 3))
