@@ -112,9 +112,13 @@ def test_gradcheck_float64(backend):
                                   backend=backend)
         return lp, h
 
-    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-7)
+    # In the interpreter every evaluation is a kernel launch in Python: fast mode (a random
+    # projection of the Jacobian) keeps the check to seconds; CUDA / native / reference check
+    # the full Jacobian.
+    fast = backend == "triton" and not torch.cuda.is_available()
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-7, fast_mode=fast)
     assert torch.autograd.gradcheck(lambda x: fr.token_entropy(x, temperature=1.5, backend=backend),
-                                    (x,), eps=1e-6, atol=1e-7)
+                                    (x,), eps=1e-6, atol=1e-7, fast_mode=fast)
 
 
 @pytest.mark.parametrize("backend", backends(native=True))
