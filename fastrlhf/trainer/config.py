@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-__all__ = ["TrainConfig", "field_docs", "load_config_file"]
+__all__ = ["TrainConfig", "field_docs", "load_config_file", "stream_seed"]
 
 BACKENDS = ("auto", "triton", "native", "reference")
 ARCHS = ("llama", "gpt2")
@@ -30,6 +30,13 @@ LOSS_AGGS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-me
              "seq-mean-token-sum-norm")
 ALGOS = ("ppo", "grpo", "dr_grpo", "rloo")
 KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+
+
+def stream_seed(seed: int, stream: int, rank: int = 0) -> int:
+    """Independent seeds for the random streams (stream id) of each rank: 1 shared data, 2 prompts
+    (per data-parallel rank), 3 rollout sampling, 4 minibatch shuffles, 7 / 8 printed samples,
+    9 held-out evaluation."""
+    return (seed * 1_000_003 + stream * 10_007 + rank) % (2 ** 63)
 
 
 @dataclass
