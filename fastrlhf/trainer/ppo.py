@@ -8,7 +8,9 @@ Read :func:`train` from the top.  Each stage is a small module of its own:
   controller and the rollout metrics;
 * ``update.py``: the :class:`Learner` (optimizers, shuffled minibatch PPO / GRPO updates);
 * ``checkpoint.py``: the run directory, exact-resume checkpoints, the exported ``final/policy``;
-* ``evaluation.py``: printed samples and the held-out score.
+* ``evaluation.py``: printed samples and the held-out score;
+* ``reference_policy.py``: the reference without a second model on the device
+  (``--reference lora`` or ``offload``).
 
 The models are in ``models.py``, the loss math in ``losses.py`` (all on the public ``fastrlhf``
 ops), the data in ``task.py`` / ``data.py`` / ``rewards.py``, data parallelism in
@@ -68,6 +70,7 @@ from .data import PromptTask, load_prompts, load_tokenizer
 from .distributed import PeakMemory, Runtime, setup_runtime, unwrap, wrap_model
 from .evaluation import evaluate, show_samples
 from .models import ValueHead, build_policy, freeze, reward_model_from
+from .reference_policy import AdaptersDisabled, attach_lora, merged_lora_state
 from .report import MetricsLog, plot_curves
 from .reward_model import normalize_reward_model, train_reward_model
 from .rewards import HFRewardModel, TextScorer, load_reward_fn
@@ -148,6 +151,8 @@ def _train(cfg: TrainConfig, rt: Runtime, resume: Optional[str]) -> Dict:
         show_samples(cfg, task, m.policy, rt, "before training", say, m.scorer)
     if m.reward_model is not None:
         freeze(unwrap(m.reward_model))
+    if cfg.reference == "lora":     # adapters (starting at 0) on the SFT / loaded weights
+        attach_lora(unwrap(m.policy), cfg)
     learner = Learner(cfg, m.policy, m.critic, rt)
     if ckpt is not None:
         payload, rng = load_checkpoint(ckpt, rt)
@@ -269,8 +274,11 @@ def build_models(cfg: TrainConfig, rt: Runtime, say):
         critic = ValueHead(policy.config.hidden_size)
     if rt.tp > 1:       # after the reward / value models took their full copies of the body
         shard_vocab(policy, rt.tp_group, rt.tp, rt.tp_rank)
-    ref = copy.deepcopy(policy)
-    policy, ref = policy.to(rt.device), ref.to(rt.device)
+    # the reference: a frozen copy (on the device, or in CPU memory with --reference offload),
+    # or the policy itself with its LoRA adapters off (attached after the warm start)
+    ref = AdaptersDisabled(policy) if cfg.reference == "lora" else copy.deepcopy(policy)
+    policy = policy.to(rt.device)
+    ref = ref.to("cpu" if cfg.reference == "offload" else rt.device)
     policy = wrap_model(policy, rt, trainable=True)
     if critic is not None:
         critic = critic.to(rt.device)
@@ -309,7 +317,8 @@ def _warm_start(cfg: TrainConfig, task: SyntheticTask, m: Models, rt: Runtime,
     if cfg.sft_steps:
         supervised_warm_start(cfg, task, m.policy, rt, gens["data"], say)
     sft_state = model_state(m.policy)
-    load_model_state(m.ref, sft_state)
+    if cfg.reference != "lora":     # lora: the reference is the policy's own base weights
+        load_model_state(m.ref, sft_state)
     # ---- 3. reward model: SFT body + new head, Bradley-Terry on oracle preferences -----------
     rm_state = model_state(m.reward_model)
     prefix = unwrap(m.policy).base_model_prefix + "."
@@ -339,6 +348,8 @@ def _finish(cfg: TrainConfig, task, m: Models, rt: Runtime, say, mem: PeakMemory
     eval_after = (evaluate(cfg, task, m.policy, m.scorer, rt) if m.scorer is not None
                   else float("nan"))
     final_state = model_state(m.policy)
+    if cfg.reference == "lora":     # an ordinary model: adapters merged into the weights
+        final_state = merged_lora_state(unwrap(m.policy), final_state)
     if rt.is_main:
         save_policy(cfg, task, unwrap(m.policy), final_state,
                     os.path.join(cfg.out, "final", "policy"))

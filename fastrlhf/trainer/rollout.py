@@ -19,6 +19,7 @@ from .config import TrainConfig
 from .distributed import Runtime, unwrap
 from .models import (ValueHead, autocast, generate, last_token_scores, policy_logits,
                      policy_logits_and_values, position_values, response_mask)
+from .reference_policy import reference_on_device
 from .rewards import TextScorer
 from .vocab_parallel import op_kwargs
 
@@ -105,38 +106,39 @@ def collect_rollout(cfg: TrainConfig, task, policy: nn.Module, ref: nn.Module,
     parts = {}
     fkl = []
     micro = cfg.micro_batch_size or B
-    for c in range(0, B, micro):
-        q, qm, r, m = (t[c:c + micro] for t in (query, qmask, response, mask))
-        with autocast(rt, cfg.bf16):
-            if isinstance(critic, ValueHead):     # --value-head shared: values from this pass
-                logits, val = policy_logits_and_values(unwrap(policy), critic, q, r, m, qm)
-            else:
-                logits = policy_logits(unwrap(policy), q, r, m, qm)                 # [b, R, V]
-            lp, ent = L.logprobs(logits, r, temperature=cfg.temperature,
-                                 backend=cfg.op_backend, vp=vp)                     # [b, R] x2
-            if cfg.kl_reward_kind != "full":
-                del logits
-            ref_logits = policy_logits(unwrap(ref), q, r, m, qm)
-            ref_lp, _ = L.logprobs(ref_logits, r, temperature=cfg.temperature,
-                                   backend=cfg.op_backend, vp=op_kwargs(unwrap(ref)))
-            if cfg.kl_reward_kind == "full":      # exact KL over the vocabulary, per position
-                fkl.append(L.exact_kl(logits, ref_logits, temperature=cfg.temperature,
-                                      backend=cfg.op_backend, vp=vp))               # [b, R]
-                del logits
-            del ref_logits
-            if critic is None:
-                val = torch.zeros_like(m)
-            elif isinstance(critic, ValueHead):
-                val = val * m
-            else:
-                val = position_values(unwrap(critic), q, r, m, qm) * m              # [b, R]
-            if text:
-                rm, p = reward_model(q, qm, texts[c:c + micro], r, m)               # [b]
-                for k, v in p.items():
-                    parts.setdefault(k, []).append(v)
-            else:
-                rm = last_token_scores(unwrap(reward_model), q, r, m, qm)           # [b]
-        chunks.append((lp, ent, ref_lp, val, rm))
+    with reference_on_device(unwrap(ref), dev, cfg.reference == "offload"):
+        for c in range(0, B, micro):
+            q, qm, r, m = (t[c:c + micro] for t in (query, qmask, response, mask))
+            with autocast(rt, cfg.bf16):
+                if isinstance(critic, ValueHead):     # --value-head shared: values from this pass
+                    logits, val = policy_logits_and_values(unwrap(policy), critic, q, r, m, qm)
+                else:
+                    logits = policy_logits(unwrap(policy), q, r, m, qm)                 # [b, R, V]
+                lp, ent = L.logprobs(logits, r, temperature=cfg.temperature,
+                                     backend=cfg.op_backend, vp=vp)                     # [b, R] x2
+                if cfg.kl_reward_kind != "full":
+                    del logits
+                ref_logits = policy_logits(unwrap(ref), q, r, m, qm)
+                ref_lp, _ = L.logprobs(ref_logits, r, temperature=cfg.temperature,
+                                       backend=cfg.op_backend, vp=op_kwargs(unwrap(ref)))
+                if cfg.kl_reward_kind == "full":      # exact KL over the vocabulary, per position
+                    fkl.append(L.exact_kl(logits, ref_logits, temperature=cfg.temperature,
+                                          backend=cfg.op_backend, vp=vp))               # [b, R]
+                    del logits
+                del ref_logits
+                if critic is None:
+                    val = torch.zeros_like(m)
+                elif isinstance(critic, ValueHead):
+                    val = val * m
+                else:
+                    val = position_values(unwrap(critic), q, r, m, qm) * m              # [b, R]
+                if text:
+                    rm, p = reward_model(q, qm, texts[c:c + micro], r, m)               # [b]
+                    for k, v in p.items():
+                        parts.setdefault(k, []).append(v)
+                else:
+                    rm = last_token_scores(unwrap(reward_model), q, r, m, qm)           # [b]
+            chunks.append((lp, ent, ref_lp, val, rm))
     logp, entropy, ref_logp, values, rm_score = (torch.cat(t) for t in zip(*chunks))
     parts = {k: torch.cat(v) for k, v in parts.items()}
     score = rm_score
