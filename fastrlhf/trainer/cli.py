@@ -33,7 +33,7 @@ __all__ = ["main", "build_parser", "config_from_args", "to_flags"]
 
 # Config fields whose value is one of a fixed set (the set TrainConfig checks).
 CHOICES = {"backend": BACKENDS, "arch": ARCHS, "parallel": PARALLEL, "lr_schedule": SCHEDULES,
-           "loss_agg": LOSS_AGGS, "kl_reward_kind": KL_KINDS, "kl_loss_kind": KL_KINDS,
+           "loss_agg": LOSS_AGGS, "kl_reward_kind": KL_KINDS + ("full",), "kl_loss_kind": KL_KINDS,
            "reference": REFERENCES}
 METAVARS = {"out": "DIR", "model": "DIR", "device": "DEVICE"}
 
