@@ -11,7 +11,8 @@ between positions ``R / 2`` and ``R`` of the response.  With the cache the margi
 stay flat as ``R`` grows (each step feeds one token); without it, every step re-runs the whole
 prefix and the marginal cost grows linearly with ``R``.
 
-    python bench/bench_trainer_generate.py [--device cuda] [--quick] [--no-cache-max R] [--write]
+    python bench/bench_trainer_generate.py [--device cuda] [--quick] [--no-cache-max R]
+                                           [--threads N] [--write]
 
 ``--write`` merges the rows into ``bench/results/trainer-generate-<device>.json`` (a file of its
 own, outside the ops' tables).  On a CPU, ``--no-cache-max 128`` stops the quadratic uncached
@@ -79,7 +80,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cache-max", type=int, default=0,
                     help="longest response timed without the cache (0: all; the uncached loop "
                          "is quadratic, so on a CPU 128 keeps the run to minutes)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads (0: torch's default); on a shared CPU use 1: "
+                         "OpenMP threads competing with other processes distort the timings")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     copy_gbps = common.copy_bandwidth_gbps(args.device)
     rows = [common.finish_row(r, copy_gbps)
             for r in run(args.device, args.quick, args.no_cache_max)]
