@@ -11,7 +11,12 @@ between positions ``R / 2`` and ``R`` of the response.  With the cache the margi
 stay flat as ``R`` grows (each step feeds one token); without it, every step re-runs the whole
 prefix and the marginal cost grows linearly with ``R``.
 
-    python bench/bench_trainer_generate.py [--device cuda] [--quick] [--write]
+    python bench/bench_trainer_generate.py [--device cuda] [--quick] [--no-cache-max R]
+                                           [--threads N] [--write]
+
+``--write`` merges the rows into ``bench/results/trainer-generate-<device>.json`` (a file of its
+own, outside the ops' tables).  On a CPU, ``--no-cache-max 128`` stops the quadratic uncached
+series at 128 tokens.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ def _policy(device: str):
     return disable_dropout(transformers.LlamaForCausalLM(conf)).to(device)
 
 
-def run(device: str, quick: bool) -> list:
+def run(device: str, quick: bool, no_cache_max: int = 0) -> list:
     from fastrlhf.trainer.distributed import Runtime
     from fastrlhf.trainer.models import generate
 
@@ -52,6 +57,8 @@ def run(device: str, quick: bool) -> list:
     for cached in (True, False):
         ms = {}
         for R in (8,) + lengths:
+            if not cached and no_cache_max and R > no_cache_max:
+                continue
             def fn(R=R):
                 g = torch.Generator(device=device).manual_seed(2)
                 return generate(policy, query, R, 1.0, g, rt, eos_id=-1, kv_cache=cached)
@@ -70,15 +77,26 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--no-cache-max", type=int, default=0,
+                    help="longest response timed without the cache (0: all; the uncached loop "
+                         "is quadratic, so on a CPU 128 keeps the run to minutes)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads (0: torch's default); on a shared CPU use 1: "
+                         "OpenMP threads competing with other processes distort the timings")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     copy_gbps = common.copy_bandwidth_gbps(args.device)
-    rows = [common.finish_row(r, copy_gbps) for r in run(args.device, args.quick)]
+    rows = [common.finish_row(r, copy_gbps)
+            for r in run(args.device, args.quick, args.no_cache_max)]
     print(common.format_table(rows))
     for r in rows:
         print(f"{r['impl']:>9} R={r['shape'].split('R=')[1].split()[0]:>4}: "
               f"{r['ms_per_token']:.3f} ms/token, marginal {r['marginal_ms_per_token']:.3f}")
     if args.write:
-        path = os.path.join(common.RESULTS_DIR, f"{common.device_slug(args.device)}.json")
+        # a file of its own: the trainer's results stay out of the ops' table (cpu.json, ...)
+        path = os.path.join(common.RESULTS_DIR,
+                            f"trainer-generate-{common.device_slug(args.device)}.json")
         common.write_results(path, common.environment(args.device), copy_gbps,
                              {"trainer_generate": rows})
         print(f"wrote {path}")

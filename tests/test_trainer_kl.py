@@ -57,3 +57,9 @@ def test_full_kl_reward_penalty_is_the_exact_kl():
 def test_full_kl_needs_the_kl_in_the_reward():
     with pytest.raises(ValueError, match="kl_reward_kind must be a sampled estimator"):
         TrainConfig(kl_reward_kind="full", kl_in_loss=True)
+
+
+def test_full_kl_is_a_command_line_choice():
+    from fastrlhf.trainer.cli import build_parser, config_from_args
+    cfg = config_from_args(build_parser().parse_args(["--kl-reward-kind", "full"]))
+    assert cfg.kl_reward_kind == "full"

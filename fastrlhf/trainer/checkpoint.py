@@ -23,7 +23,7 @@ import os
 import random
 import re
 import shutil
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -33,13 +33,16 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from .config import TrainConfig
+from .data import PromptTask
 from .distributed import Runtime, unwrap
 from .vocab_parallel import (gather_optim_state, gather_state, scatter_optim_state,
                              scatter_state, vocab_shard)
 
 __all__ = ["model_state", "load_model_state", "optim_state", "load_optim_state", "rng_state",
            "set_rng_state", "save_checkpoint", "find_checkpoint", "load_checkpoint",
-           "checkpoint_step", "RUN_MARKER", "is_run_dir", "check_out_dir", "claim_out_dir"]
+           "checkpoint_step", "RUN_MARKER", "is_run_dir", "check_out_dir", "claim_out_dir",
+           "run_root", "open_run_dir", "save_policy", "dump_first_update"]
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -229,3 +232,75 @@ def load_checkpoint(ckpt: str, rt: Runtime):
                          "written with a different number of processes")
     rng = torch.load(rng_file, map_location="cpu", weights_only=False)
     return payload, rng
+
+
+def run_root(ckpt: str) -> str:
+    """The run directory of a checkpoint ``RUN/checkpoints/step_N``."""
+    parent = os.path.dirname(os.path.normpath(ckpt))
+    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else ckpt
+
+
+def open_run_dir(cfg: TrainConfig, rt: Runtime, resume: Optional[str], say
+                 ) -> Tuple[Optional[str], Optional[Dict]]:
+    """Validate ``cfg.out`` (and the checkpoint to resume) before anything is written, then
+    claim it and write ``config.json`` (rank 0).  Returns ``(checkpoint or None, None)``, or
+    ``(checkpoint, summary)`` for a finished run given to ``--resume``: then nothing is written
+    and the run's own ``summary.json`` is returned."""
+    ckpt = None
+    if resume is not None:
+        ckpt = find_checkpoint(resume)
+        if ckpt is None:
+            raise ValueError(f"--resume {resume!r}: no checkpoint found there")
+        done = checkpoint_step(ckpt)
+        if done >= cfg.total_steps:          # a finished run: report it, touch nothing
+            say(f"fastrlhf train: the run in {run_root(ckpt)} is already finished (step {done} "
+                f"of total_steps={cfg.total_steps}); nothing to do (pass --total-steps N > "
+                f"{done} to train it further)")
+            summary_file = os.path.join(run_root(ckpt), "summary.json")
+            if os.path.isfile(summary_file):
+                with open(summary_file) as f:
+                    return ckpt, json.load(f)
+            return ckpt, {"out": run_root(ckpt), "steps": done, "finished": True}
+    resuming_here = ckpt is not None and os.path.abspath(run_root(ckpt)) == \
+        os.path.abspath(cfg.out)
+    check_out_dir(cfg.out, overwrite=cfg.overwrite, resuming_here=resuming_here)
+    rt.barrier()                        # every rank validated before rank 0 writes
+    if rt.is_main:
+        claim_out_dir(cfg.out, fresh=ckpt is None)
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+    return ckpt, None
+
+
+def save_policy(cfg: TrainConfig, task, policy: nn.Module, state: Dict, path: str) -> None:
+    """``final/policy``: the weights, the tokenizer (the model's own with --prompts, a word-level
+    one of the built-in vocabulary otherwise) and a ``generation_config.json`` that samples as
+    the trainer did (pure sampling at ``temperature``, no top-k / top-p, the trained EOS / PAD /
+    BOS, ``response_length`` new tokens), so ``AutoModelForCausalLM`` + ``AutoTokenizer`` +
+    ``generate()`` reproduce the trained behaviour."""
+    import transformers
+
+    policy.generation_config = transformers.GenerationConfig(
+        do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
+        max_new_tokens=cfg.response_length, eos_token_id=task.eos_id, pad_token_id=task.pad_id,
+        bos_token_id=task.bos_id)
+    policy.save_pretrained(path, state_dict=state)
+    tok = task.tokenizer if isinstance(task, PromptTask) else task.hf_tokenizer()
+    tok.save_pretrained(path)
+
+
+def dump_first_update(cfg: TrainConfig, rt: Runtime, batch, kl_coef: float, pre: Dict,
+                      policy: nn.Module, critic: Optional[nn.Module]) -> None:
+    """``--dump-first-update``: ``OUT/debug/`` gets each rank's first rollout and the policy /
+    critic weights before and after the first update (to replay it elsewhere)."""
+    d = os.path.join(cfg.out, "debug")
+    if rt.is_main:
+        os.makedirs(d, exist_ok=True)
+    rt.barrier()
+    torch.save({"batch": batch.to_dict(), "kl_coef": kl_coef},
+               os.path.join(d, f"rollout_rank{rt.rank}.pt"))
+    post = {"policy": model_state(policy), "critic": {} if critic is None else model_state(critic)}
+    if rt.is_main:
+        torch.save({"pre": pre, "post": post, "world": rt.world, "tp": rt.tp},
+                   os.path.join(d, "first_update.pt"))
+    rt.barrier()

@@ -25,15 +25,16 @@ import typing
 from typing import Any, Dict, List, Optional
 
 from ..helptext import HelpFormatter, plain
-from .config import (ARCHS, BACKENDS, KL_KINDS, LOSS_AGGS, PARALLEL, SCHEDULES, TrainConfig,
-                     field_docs, load_config_file)
+from .config import (ARCHS, BACKENDS, KL_KINDS, LOSS_AGGS, PARALLEL, REFERENCES, SCHEDULES,
+                     TrainConfig, field_docs, load_config_file)
 
 __all__ = ["main", "build_parser", "config_from_args", "to_flags"]
 
 
 # Config fields whose value is one of a fixed set (the set TrainConfig checks).
 CHOICES = {"backend": BACKENDS, "arch": ARCHS, "parallel": PARALLEL, "lr_schedule": SCHEDULES,
-           "loss_agg": LOSS_AGGS, "kl_reward_kind": KL_KINDS, "kl_loss_kind": KL_KINDS}
+           "loss_agg": LOSS_AGGS, "kl_reward_kind": KL_KINDS + ("full",), "kl_loss_kind": KL_KINDS,
+           "reference": REFERENCES}
 METAVARS = {"out": "DIR", "model": "DIR", "device": "DEVICE"}
 
 

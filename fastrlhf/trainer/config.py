@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-__all__ = ["TrainConfig", "field_docs", "load_config_file"]
+__all__ = ["TrainConfig", "field_docs", "load_config_file", "stream_seed"]
 
 BACKENDS = ("auto", "triton", "native", "reference")
 ARCHS = ("llama", "gpt2")
@@ -30,6 +30,14 @@ LOSS_AGGS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-me
              "seq-mean-token-sum-norm")
 ALGOS = ("ppo", "grpo", "dr_grpo", "rloo")
 KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+REFERENCES = ("copy", "lora", "offload")
+
+
+def stream_seed(seed: int, stream: int, rank: int = 0) -> int:
+    """Independent seeds for the random streams (stream id) of each rank: 1 shared data, 2 prompts
+    (per data-parallel rank), 3 rollout sampling, 4 minibatch shuffles, 7 / 8 printed samples,
+    9 held-out evaluation."""
+    return (seed * 1_000_003 + stream * 10_007 + rank) % (2 ** 63)
 
 
 @dataclass
@@ -244,6 +252,20 @@ class TrainConfig:
     exact KL(pi || pi_ref) over the whole vocabulary at each position (fastrlhf.full_kl on the
     policy's and the reference's logits: no sampling noise, at the cost of holding both
     [micro, R, V] logits at once); logged as kl_full next to the sampled k1 kl."""
+    reference: str = "copy"
+    """The reference policy (the KL anchor): copy (a frozen copy of the starting policy on the
+    device) | lora (the policy trains LoRA adapters, via peft, on its frozen weights and the
+    reference is the same model with the adapters off: no second model, Adam moments for the
+    adapters only; needs peft; single process, not with vocab_parallel, packed, fused_linear
+    or value_head=shared) | offload (a frozen copy kept in CPU memory, moved to the device only
+    while the rollout computes the reference log-probs, once per rollout; not with fsdp2)."""
+    lora_r: int = 8
+    """Rank of the LoRA adapters (reference=lora)."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: the adapters add (lora_alpha / lora_r) B A (reference=lora)."""
+    lora_target_modules: str = "all-linear"
+    """Comma-separated module names that get LoRA adapters (e.g. q_proj,v_proj), or all-linear:
+    every linear layer but the output head (reference=lora)."""
     kl_loss_kind: str = "k3"
     """KL estimator for the loss term when kl_in_loss (fastrlhf.kl_penalty kind)."""
     fused_loss: bool = False
@@ -316,6 +338,24 @@ class TrainConfig:
         choice("kl_loss_kind", KL_KINDS)
         choice("algo", ALGOS)
         choice("value_head", ("separate", "shared"))
+        choice("reference", REFERENCES)
+        if self.reference == "lora":
+            need(self.lora_r >= 1, "lora_r", "an integer >= 1")
+            need(self.lora_alpha > 0, "lora_alpha", "a finite number > 0")
+            need(bool(self.lora_target_modules.strip()), "lora_target_modules",
+                 "all-linear or comma-separated module names")
+            need(not (self.vocab_parallel > 1 or self.packed or self.fused_linear
+                      or self.value_head == "shared"), "reference",
+                 "copy or offload with vocab_parallel > 1, packed, fused_linear or "
+                 "value_head=shared (lora is not supported together with them)")
+            try:
+                import peft  # noqa: F401  # lazy: optional dependency, checked for lora only
+            except ImportError:
+                raise ValueError("TrainConfig.reference='lora' needs the peft package: pip "
+                                 "install 'fastrlhf[integrations]' (or pip install peft)") from None
+        if self.reference == "offload":
+            need(self.parallel != "fsdp2", "reference",
+                 "copy with parallel=fsdp2 (its reference is already sharded)")
         if self.fused_linear:
             need(not (self.packed or self.fused_loss or self.value_head == "shared"
                       or self.vocab_parallel > 1 or self.parallel == "fsdp2"), "fused_linear",
@@ -373,6 +413,9 @@ class TrainConfig:
         if world % vp:
             raise ValueError(f"TrainConfig.vocab_parallel={vp} must divide the world size {world}"
                              + (" (launch with torchrun)" if world == 1 else ""))
+        if self.reference == "lora" and world > 1:
+            raise ValueError(f"TrainConfig.reference='lora' runs in a single process (world size "
+                             f"{world}); use reference=copy or offload with torchrun")
         dp = world // vp
         what = f"world size {world}" if vp == 1 else f"data-parallel size {dp}"
         for name, div in (("rollout_batch_size", dp * self.num_minibatches),
