@@ -14,6 +14,10 @@ import sys
 
 import pytest
 
+# one worker runs this module under pytest-xdist (--dist loadgroup): its module fixture is
+# expensive and would otherwise be built once per worker
+pytestmark = pytest.mark.xdist_group("aot")
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

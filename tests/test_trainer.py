@@ -37,6 +37,10 @@ from fastrlhf.trainer.ppo import Learner, Rollout, collect_rollout, train  # noq
 from fastrlhf.trainer.report import MetricsLog  # noqa: E402
 from fastrlhf.trainer.task import SyntheticTask  # noqa: E402
 
+# one worker runs this module under pytest-xdist (--dist loadgroup): its module fixture is
+# expensive and would otherwise be built once per worker
+pytestmark = pytest.mark.xdist_group("trainer_short_run")
+
 
 # A small but complete pipeline: SFT, reward model, PPO (a few seconds per phase).
 SMALL = dict(sft_steps=60, rm_train_pairs=1024, rm_eval_pairs=256, rm_epochs=2,

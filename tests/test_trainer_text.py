@@ -27,6 +27,10 @@ from fastrlhf.trainer.ppo import train  # noqa: E402
 from fastrlhf.trainer.report import MetricsLog  # noqa: E402
 from fastrlhf.trainer.rewards import HFRewardModel, call_reward_fn, load_reward_fn  # noqa: E402
 
+# one worker runs this module under pytest-xdist (--dist loadgroup): its module fixture is
+# expensive and would otherwise be built once per worker
+pytestmark = pytest.mark.xdist_group("trainer_text")
+
 REWARD_PY = '''
 def frac_good(prompts, completions):
     """The fraction of the completion's words that are "good"."""
