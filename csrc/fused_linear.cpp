@@ -48,13 +48,17 @@ constexpr int64_t kColTile = 128;    // vocab columns per dW GEMM
 constexpr int64_t kFwdChunk = 512;   // forward: vocab columns per chunk (tile scratch 128 KB)
 constexpr int64_t kBwdChunk = 1024;  // backward: vocab columns per chunk ...
 constexpr int64_t kBwdScratch = int64_t(1) << 23;  // ... and at most this many scratch elements
+constexpr int64_t kMinTaskFlops = int64_t(1) << 22;  // a parallel task gets at least this much
 
-// Runs f(begin, end) over [0, n) on ATen's pool with gradients off (worker threads do not
-// inherit the caller's grad mode; the tensors here are detached anyway).
+// Runs f(begin, end) over the tiles [0, n) on ATen's pool with gradients off (worker threads do
+// not inherit the caller's grad mode; the tensors here are detached anyway).  Small problems
+// stay on the calling thread (a parallel region costs more than a few MFLOP of GEMM, and far
+// more on a loaded machine); the tiles, and so the results, are the same either way.
 template <typename F>
-void parallel_tiles(int64_t n, const F& f) {
+void parallel_tiles(int64_t n, int64_t tile_flops, const F& f) {
   if (n <= 0) return;
-  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+  const int64_t grain = std::max<int64_t>(1, kMinTaskFlops / std::max<int64_t>(tile_flops, 1));
+  at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
     c10::NoGradGuard no_grad;
     f(b, e);
   });
@@ -151,7 +155,7 @@ void fwd_impl(const at::Tensor& hA, const at::Tensor& weight, const A* bias,
     const int64_t n = std::min(Vc, V - c0);
     const at::Tensor wt = weight.narrow(0, c0, n).to(acc).t();  // [H, n]
     const A* b = bias != nullptr ? bias + c0 : nullptr;
-    parallel_tiles(n_tiles, [&](int64_t tb, int64_t te) {
+    parallel_tiles(n_tiles, 2 * kRowTile * n * hA.size(1), [&](int64_t tb, int64_t te) {
       at::Tensor buf = at::empty({kRowTile * n}, hA.options());
       for (int64_t tile = tb; tile < te; ++tile) {
         const int64_t r0 = tile * kRowTile, nr = std::min(kRowTile, N - r0);
@@ -233,7 +237,7 @@ void bwd_impl(const at::Tensor& hA, const at::Tensor& weight, const A* bias, con
     const at::Tensor wt = wc.t();
     const A* b = bias != nullptr ? bias + c0 : nullptr;
     at::Tensor G = scratch.narrow(0, 0, N * n).view({N, n});
-    parallel_tiles(n_tiles, [&](int64_t tb, int64_t te) {
+    parallel_tiles(n_tiles, 4 * kRowTile * n * hA.size(1), [&](int64_t tb, int64_t te) {
       for (int64_t tile = tb; tile < te; ++tile) {
         const int64_t r0 = tile * kRowTile, nr = std::min(kRowTile, N - r0);
         at::Tensor out = G.narrow(0, r0, nr);
@@ -258,7 +262,7 @@ void bwd_impl(const at::Tensor& hA, const at::Tensor& weight, const A* bias, con
     });
     if (!need_dw && !need_db) continue;
     const int64_t n_ct = (n + kColTile - 1) / kColTile;
-    parallel_tiles(n_ct, [&](int64_t tb, int64_t te) {
+    parallel_tiles(n_ct, 2 * kColTile * N * hA.size(1), [&](int64_t tb, int64_t te) {
       for (int64_t ct = tb; ct < te; ++ct) {
         const int64_t j0 = ct * kColTile, nj = std::min(kColTile, n - j0);
         if (need_dw) {
