@@ -24,8 +24,10 @@ Every implementation is checked against eager on the same inputs before it is ti
 disagree are recorded as skipped, with the discrepancy).  ``flops`` counts the useful matmul work,
 2NHV forward and 6NHV forward + backward (the backward's logits recompute, another 2NHV, is not
 counted), from which ``finish_row`` derives ``tflops``.  ``peak_mb`` is the peak memory allocated
-by one call beyond what was live before it (gradients included).  On CPU ``auto`` is the
-reference backend: CPU rows only show that the script runs.
+by one call beyond what was live before it (gradients included; on CPU the sampled resident set
+size, see ``common.peak_extra_bytes``).  On CPU ``auto`` is the native (C++) backend
+(``csrc/fused_linear.cpp``); ``--cpu-shapes 2048x1024x32000`` runs the shapes of issue 19
+(``--dtype float32`` for fp32 inputs).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ GPU_SHAPES = [(16384, 4096, 128256), (16384, 4096, 151936)]
 CPU_SHAPES = [(256, 128, 2048)]
 CPU_QUICK_SHAPES = [(64, 32, 500)]
 PPO_KW = dict(clip_low=0.2, agg="token-mean")
+_DTYPE = {"name": "bf16", "dtype": torch.bfloat16}  # --dtype float32 switches both
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,12 +134,14 @@ def _agree(a, b, atol):
 
 def _skip_rows(rows, op, name, modes, shape, why):
     for mode in modes:
-        rows.append(dict(op=op, impl=name, mode=mode, shape=shape, dtype="bf16", skipped=why))
+        rows.append(dict(op=op, impl=name, mode=mode, shape=shape, dtype=_DTYPE["name"], skipped=why))
 
 
-def _time(row, step, device, on_gpu):
+def _time(row, step, device, on_gpu, pre=None):
     try:
         row.update(common.time_stats(step, device, warmup=2 if on_gpu else 1, rep=10 if on_gpu else 3))
+        if pre is not None:
+            pre()  # drop the last step's gradients, so that the peak counts the new ones
         peak = common.peak_extra_bytes(step, device)
         row["peak_mb"] = None if peak is None else round(peak / 2 ** 20, 1)
     except Exception as e:  # out of memory, compile failure, ...
@@ -170,7 +175,7 @@ def _bench_logprobs(rows, device, N, H, V, hidden, weight, tokens, with_compile,
             _skip_rows(rows, op, name, ("fwd", "fwd+bwd"), shape, common.skip_reason(e, device))
             continue
         for mode in ("fwd", "fwd+bwd"):
-            row = dict(op=op, impl=name, mode=mode, shape=shape, dtype="bf16",
+            row = dict(op=op, impl=name, mode=mode, shape=shape, dtype=_DTYPE["name"],
                        flops=(2 if mode == "fwd" else 6) * N * H * V)
             if name == "fastrlhf":
                 row["backend"] = backend
@@ -186,7 +191,9 @@ def _bench_logprobs(rows, device, N, H, V, hidden, weight, tokens, with_compile,
                     hl.grad = wl.grad = None
                     lp, h = fn(hl, wl, tokens)
                     ((lp * w_lp).sum() + (h * w_h).sum()).backward()
-            _time(row, step, device, on_gpu)
+            _time(row, step, device, on_gpu,
+                  pre=None if mode == "fwd" else lambda: setattr(hl, "grad", None) or setattr(
+                      wl, "grad", None))
             rows.append(row)
             if mode != "fwd":
                 del hl, wl
@@ -226,33 +233,35 @@ def _bench_ppo(rows, device, N, H, V, hidden, weight, tokens, backend):
         except Exception as e:
             _skip_rows(rows, op, name, ("fwd+bwd",), shape, common.skip_reason(e, device))
             continue
-        row = dict(op=op, impl=name, mode="fwd+bwd", shape=shape, dtype="bf16",
+        row = dict(op=op, impl=name, mode="fwd+bwd", shape=shape, dtype=_DTYPE["name"],
                    flops=6 * B * T * H * V)
         if name.startswith("fastrlhf"):
-            # "fastrlhf-logits" runs fused_ppo_loss, which has a native CPU path; the lm_head
-            # ops do not
-            row["backend"] = (common.fastrlhf_backend(device) if name == "fastrlhf-logits"
-                              else backend)
+            row["backend"] = backend
 
         def step():
             hl.grad = wl.grad = None
             fn(hl, wl, tok, old, adv, mask).backward()
-        _time(row, step, device, on_gpu)
+        _time(row, step, device, on_gpu,
+              pre=lambda: setattr(hl, "grad", None) or setattr(wl, "grad", None))
         rows.append(row)
         del hl, wl
 
 
-def run(device: str, quick: bool = False, with_compile: bool = True) -> list[dict]:
+def run(device: str, quick: bool = False, with_compile: bool = True, cpu_shapes=None,
+        dtype: str = "bf16") -> list[dict]:
     on_gpu = device.startswith("cuda")
     shapes = GPU_SHAPES if on_gpu else (CPU_QUICK_SHAPES if quick else CPU_SHAPES)
+    if cpu_shapes and not on_gpu:
+        shapes = cpu_shapes
+    _DTYPE.update(name=dtype, dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
     if quick and on_gpu:
         shapes = shapes[:1]
-    backend = common.fastrlhf_backend(device, native_ok=False)  # lm_head ops: no native path
+    backend = common.fastrlhf_backend(device)  # CPU: native (csrc/fused_linear.cpp)
     rows: list[dict] = []
     for N, H, V in shapes:
         g = torch.Generator(device=device).manual_seed(0)
-        hidden = torch.randn(N, H, device=device, generator=g).to(torch.bfloat16)
-        weight = (torch.randn(V, H, device=device, generator=g) * H ** -0.5).to(torch.bfloat16)
+        hidden = torch.randn(N, H, device=device, generator=g).to(_DTYPE["dtype"])
+        weight = (torch.randn(V, H, device=device, generator=g) * H ** -0.5).to(_DTYPE["dtype"])
         tokens = torch.randint(0, V, (N,), device=device, generator=g)
         _bench_logprobs(rows, device, N, H, V, hidden, weight, tokens, with_compile, backend)
         _bench_ppo(rows, device, N, H, V, hidden, weight, tokens, backend)
@@ -269,8 +278,14 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--write", action="store_true", help="merge into bench/results/<device>.json")
+    ap.add_argument("--cpu-shapes", default="", help="CPU shapes NxHxV[,NxHxV...]")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--out", default="", help="write the rows to this JSON file")
+    ap.add_argument("--note", default="", help="a note stored with the rows (e.g. shared machine)")
     args = ap.parse_args(argv)
-    rows = run(args.device, args.quick, with_compile=not args.no_compile)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.cpu_shapes.split(",") if s]
+    rows = run(args.device, args.quick, with_compile=not args.no_compile, cpu_shapes=shapes,
+               dtype=args.dtype)
     copy_gbps = common.copy_bandwidth_gbps(args.device)
     rows = [common.finish_row(r, copy_gbps) for r in rows]
     print(f"{common.device_name(args.device)}")
@@ -278,10 +293,14 @@ def main(argv=None):
     for r in rows:
         if r.get("tflops"):
             print(f"{r['op']} {r['impl']} {r['mode']} {r['shape']}: {r['tflops']} TFLOP/s")
-    if args.write:
-        path = os.path.join(common.RESULTS_DIR, f"{common.device_slug(args.device)}.json")
-        common.write_results(path, common.environment(args.device), copy_gbps,
-                             {"fused_linear": rows})
+    if args.write or args.out:
+        path = args.out or os.path.join(common.RESULTS_DIR,
+                                        f"{common.device_slug(args.device)}.json")
+        env = common.environment(args.device)
+        env["threads"] = torch.get_num_threads()
+        if args.note:
+            env["note"] = args.note
+        common.write_results(path, env, copy_gbps, {"fused_linear": rows})
         print(f"wrote {path}")
     return 0
 

@@ -6,6 +6,7 @@
 // messages happens in fastrlhf.ops before we get here.  The GIL is released while they run.
 #include <torch/extension.h>
 
+#include "fused_linear.h"
 #include "native.h"
 
 namespace fn = fastrlhf::native;
@@ -295,6 +296,65 @@ void fused_loss_fwd(const Tensor& logits, const optional<Tensor>& dlogits,
                      aux.data_ptr(), loss.data_ptr(), stats.data_ptr());
 }
 
+// ---- fused lm_head: token log-probs from hidden states -------------------------------------
+
+void check_linear_inputs(const Tensor& hidden, const Tensor& weight,
+                         const optional<Tensor>& bias, const Tensor& tokens) {
+  check_cpu(hidden, "hidden");
+  check_cpu(weight, "weight");
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+              "fastrlhf native: hidden [N, H] and weight [V, H] expected");
+  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type() && at::isFloatingType(
+                  hidden.scalar_type()), "fastrlhf native: hidden / weight dtype");
+  if (bias.has_value()) {
+    check_cpu(*bias, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) &&
+                    at::isFloatingType(bias->scalar_type()), "fastrlhf native: bias must be [V]");
+  }
+  check_out(tokens, "tokens", at::kLong, hidden.size(0));
+}
+
+void linear_logprobs_fwd(const Tensor& hidden, const Tensor& weight,
+                         const optional<Tensor>& bias, const Tensor& tokens, double inv_temp,
+                         int64_t ignore_index, int64_t chunk, const Tensor& logp,
+                         const Tensor& ent, const Tensor& lse) {
+  check_linear_inputs(hidden, weight, bias, tokens);
+  const int64_t N = hidden.size(0);
+  const auto acc = acc_of(hidden.scalar_type());
+  check_out(logp, "logp", acc, N);
+  check_out(ent, "ent", acc, N);
+  check_out(lse, "lse", acc, 2 * N);
+  fn::linear_logprobs_fwd(hidden, weight, bias, tokens, inv_temp, ignore_index, chunk, logp, ent,
+                          lse);
+}
+
+void linear_logprobs_bwd(const Tensor& hidden, const Tensor& weight,
+                         const optional<Tensor>& bias, const Tensor& tokens,
+                         const optional<Tensor>& dlogp, const optional<Tensor>& dent,
+                         const Tensor& lse, const optional<Tensor>& ent, double inv_temp,
+                         int64_t ignore_index, int64_t chunk, const optional<Tensor>& dh,
+                         const optional<Tensor>& dw, const optional<Tensor>& db) {
+  check_linear_inputs(hidden, weight, bias, tokens);
+  const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
+  const auto acc = acc_of(hidden.scalar_type());
+  check_out(lse, "lse", acc, 2 * N);
+  if (dlogp.has_value()) check_out(*dlogp, "dlogp", acc, N);
+  if (dent.has_value()) {
+    check_out(*dent, "dent", acc, N);
+    TORCH_CHECK(ent.has_value(), "fastrlhf native: entropy needed with dent");
+    check_out(*ent, "ent", acc, N);
+  }
+  if (dh.has_value()) check_out(*dh, "dhidden", hidden.scalar_type(), N * H);
+  if (dw.has_value()) check_out(*dw, "dweight", weight.scalar_type(), V * H);
+  if (db.has_value()) {
+    TORCH_CHECK(bias.has_value(), "fastrlhf native: dbias without bias");
+    check_out(*db, "dbias", bias->scalar_type(), V);
+  }
+  fn::linear_logprobs_bwd(hidden, weight, bias, tokens, dlogp, dent, lse,
+                          ent.has_value() ? *ent : Tensor(), inv_temp, ignore_index, chunk, dh,
+                          dw, db);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -308,5 +368,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("value_fwd", &value_fwd, rel());
   m.def("value_bwd", &value_bwd, rel());
   m.def("fused_loss_fwd", &fused_loss_fwd, rel());
+  m.def("linear_logprobs_fwd", &linear_logprobs_fwd, rel());
+  m.def("linear_logprobs_bwd", &linear_logprobs_bwd, rel());
   m.def("num_threads", []() { return at::get_num_threads(); });
 }

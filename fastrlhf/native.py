@@ -48,7 +48,8 @@ from torch import Tensor
 from .tables import AGG_MODE_IDS, acc_dtype
 
 __all__ = ["available", "load", "build_error", "source_dir", "logprobs_fwd", "logprobs_bwd",
-           "gae_fwd", "policy_fwd", "policy_bwd", "value_fwd", "value_bwd", "fused_loss_fwd"]
+           "gae_fwd", "policy_fwd", "policy_bwd", "value_fwd", "value_bwd", "fused_loss_fwd",
+           "linear_logprobs_fwd", "linear_logprobs_bwd"]
 
 _log = logging.getLogger("fastrlhf")
 _LOCK = threading.Lock()
@@ -333,3 +334,52 @@ def fused_loss_fwd(logits, dlogits, dims, strides, out_strides, V, B, T, tokens,
         old_logp, adv, ref_logp, mask, coef, inv_temp, ignore_index, lo, hi, dual, seq, kl_coef,
         kl_val, kl_grad, ent_coef, write_grad, aux, loss, stats)
     return loss, stats, aux
+
+
+# ---------------------------------------------------------------------------------------------
+# token log-probs / entropy from hidden states, the lm_head fused in (kernels.fused_linear)
+# ---------------------------------------------------------------------------------------------
+
+def _hidden_rows(hidden: Tensor, dims, strides, H: int) -> Tensor:
+    """The ``[N, H]`` rows of ``hidden`` described by ``dims`` / ``strides`` (a view when the
+    rows are evenly spaced, else a copy; O(N H) either way)."""
+    D0, D1, D2 = dims
+    if D0 * D1 * D2 == 0:
+        return hidden.new_empty(0, H)
+    rows = hidden.as_strided((D0, D1, D2, H), (*strides, 1 if H > 1 else hidden.stride(-1)),
+                             hidden.storage_offset())
+    return rows.reshape(D0 * D1 * D2, H)
+
+
+def linear_logprobs_fwd(hidden: Tensor, dims, strides, weight: Tensor, bias: Optional[Tensor],
+                        tokens: Tensor, inv_temp: float, ignore_index: int, chunk=None):
+    """``(logp, entropy, lse [N, 2])`` of the logits ``(rows @ weight.T + bias) * inv_temp``
+    (see :func:`fastrlhf.kernels.fused_linear.linear_logprobs_fwd`).  ``chunk`` overrides the
+    vocab columns per step (tests)."""
+    V, H = weight.shape
+    h = _hidden_rows(hidden, dims, strides, H)
+    n = h.shape[0]
+    acc = acc_dtype(hidden)
+    logp = torch.empty(n, dtype=acc)
+    ent = torch.empty(n, dtype=acc)
+    lse = torch.empty(n, 2, dtype=acc)
+    _ext().linear_logprobs_fwd(h, weight, bias, _int64(tokens), inv_temp, ignore_index,
+                               int(chunk or 0), logp, ent, lse)
+    return logp, ent, lse
+
+
+def linear_logprobs_bwd(hidden: Tensor, dims, strides, weight: Tensor, bias: Optional[Tensor],
+                        tokens: Tensor, dlogp: Optional[Tensor], dent: Optional[Tensor],
+                        lse: Tensor, ent: Tensor, inv_temp: float, ignore_index: int,
+                        need_dh: bool, need_dw: bool, need_db: bool, chunk=None):
+    """``(dhidden [N, H] or None, dweight [V, H] or None, dbias [V] or None)`` in the dtypes of
+    hidden / weight / bias, recomputing the logits by vocab chunk (see csrc/fused_linear.cpp)."""
+    V, H = weight.shape
+    h = _hidden_rows(hidden, dims, strides, H)
+    n = h.shape[0]
+    dh = torch.empty(n, H, dtype=hidden.dtype) if need_dh else None
+    dw = torch.empty(V, H, dtype=weight.dtype) if need_dw else None
+    db = torch.empty(V, dtype=bias.dtype) if need_db else None
+    _ext().linear_logprobs_bwd(h, weight, bias, _int64(tokens), dlogp, dent, lse, ent, inv_temp,
+                               ignore_index, int(chunk or 0), dh, dw, db)
+    return dh, dw, db

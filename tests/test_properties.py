@@ -447,7 +447,7 @@ def test_fused_ppo_loss(backend, bt, V, dtype, layout, sp, mk, seed, cfg, use_re
     close("dlogits", gl, egl, **grad_tol(dtype, egl, scale * 30), what=what)
 
 
-@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("backend", WITH_NATIVE)
 @examples(ci=8)
 @given(lead=st.sampled_from([(1,), (3,), (0,), (2, 3)]), H=st.sampled_from([1, 8, 17]),
        V=st.sampled_from([1, 5, 40]), dtype=dtypes, layout=layouts, T=temperatures,
@@ -479,7 +479,7 @@ def test_linear_token_logprobs(backend, lead, H, V, dtype, layout, T, bias, seed
         close(f"grad{i}", a, e, **grad_tol(dtype, e, scale * 4), what=what)
 
 
-@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("backend", WITH_NATIVE)
 @examples(ci=6)
 @given(bt=st.sampled_from([(1, 2), (2, 3), (0, 2)]), H=st.sampled_from([4, 9]),
        V=st.sampled_from([3, 20]), dtype=st.sampled_from([torch.float32, F64]), seed=seeds,
@@ -579,6 +579,13 @@ def _native_ops_run(kind, g, shape, V):
                                       generator=g), torch.ones(B, T), backend="native")
         loss.backward()
         return [loss, *st_.values()], [x.grad]
+    if kind == "linear":
+        h = torch.randn(B, T, 5, generator=g).requires_grad_()
+        w = torch.randn(V, 5, generator=g).requires_grad_()
+        lp, ent = fr.linear_token_logprobs(h, w, torch.randint(0, V, (B, T), generator=g),
+                                           return_entropy=True, backend="native")
+        (lp.sum() + ent.sum()).backward()
+        return [lp, ent], [h.grad, w.grad]
     if kind == "gae":
         r, v = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
         return list(fr.gae(r, v, torch.rand(B, T, generator=g) < 0.8, backend="native")), []
@@ -592,7 +599,7 @@ def _native_ops_run(kind, g, shape, V):
 
 @pytest.mark.skipif(not NATIVE, reason="native backend not built here")
 @examples(ci=6)
-@given(kind=st.sampled_from(["logprobs", "policy", "value", "gae", "fused"]),
+@given(kind=st.sampled_from(["logprobs", "policy", "value", "gae", "fused", "linear"]),
        shape=st.sampled_from([(1, 1), (3, 37), (17, 5), (64, 9)]),
        V=st.sampled_from([3, 257]), seed=seeds, threads=st.sampled_from([2, 3, 4]))
 def test_native_thread_count_independence(kind, shape, V, seed, threads):
@@ -660,7 +667,7 @@ def test_repeat_determinism(backend, op, seed, sp):
 # ------------------------------------------------------------------------------------------------
 
 NATIVE_OPS = {"token_logprobs", "token_entropy", "gae", "ppo_policy_loss", "ppo_value_loss",
-              "fused_ppo_loss"}
+              "fused_ppo_loss", "linear_token_logprobs", "fused_linear_ppo_loss"}
 
 
 def _calls():

@@ -14,8 +14,8 @@ import torch.distributed as dist
 from helpers import TRITON_OK, backends, run_gloo
 
 BACKENDS = ["reference"] + (["triton"] if TRITON_OK and not torch.cuda.is_available() else [])
-# fused_ppo_loss's vocab-parallel log-probs also run on the native backend where it builds
-# (full_kl and the lm_head ops have no native path)
+# fused_ppo_loss's and the lm_head ops' vocab-parallel paths also run on the native backend where
+# it builds (full_kl has no native path)
 NATIVE = ["native"] if not torch.cuda.is_available() and "native" in backends(native=True) else []
 ATOL = 1e-9
 TIMEOUT_S = 300
@@ -40,6 +40,8 @@ def _worker(rank, world, splits, backends):
         _check_fused_linear_ppo_loss(splits, sl, backend)
     for backend in NATIVE:
         _check_fused_ppo_loss(splits, sl, backend, False)
+        _check_linear(splits, sl, backend)
+        _check_fused_linear_ppo_loss(splits, sl, backend)
 
 
 def _vp(sl):

@@ -1,13 +1,16 @@
 """linear_token_logprobs: token log-probs and entropy straight from hidden states.
 
-``logits = hidden @ weight.T + bias`` (the lm_head) is folded into the Triton kernels tile by tile,
+``logits = hidden @ weight.T + bias`` (the lm_head) is folded into the kernels chunk by chunk,
 so neither the logits nor anything else of size [N, V] is ever allocated: the forward keeps only
 per-row partials, the backward recomputes the logits tiles from the saved logsumexp, one vocab
-chunk at a time (see :mod:`fastrlhf.kernels.fused_linear`).
+chunk at a time.  Two backends implement the launchers: the Triton kernels
+(:mod:`fastrlhf.kernels.fused_linear`, CUDA) and the C++ one (``csrc/fused_linear.cpp`` through
+:mod:`fastrlhf.native`, CPU tensors: ATen matmul per vocab chunk + an online logsumexp).
 
 The public entry checks its arguments, picks a backend and calls either the eager reference or the
 registered ``torch.library`` op ``fastrlhf::linear_token_logprobs`` (autograd formula: the
-Triton backward), so ``torch.compile(fullgraph=True)`` traces it without graph breaks.
+backend's backward launcher), so ``torch.compile(fullgraph=True)`` traces it without graph
+breaks.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from .logprobs import vocab_parallel_token_logprobs
 from .losses import compose_ppo_loss
 from .parallel import (NO_IGNORE, check_full_vocab, check_group, combine_softmax_stats,
                        copy_to_group, slice_start, split_tokens, zero_rows_where)
-from .registry import Op, launchers
+from .registry import LAUNCH_BACKENDS, Op, launchers
 
 __all__ = ["linear_token_logprobs", "fused_linear_ppo_loss"]
 
@@ -38,7 +41,7 @@ def _weight_view(weight: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# launch (the Triton launchers of kernels.fused_linear; no other backend implements them)
+# launch (kernels.fused_linear on "triton", fastrlhf.native on "native": same names / results)
 # ---------------------------------------------------------------------------------------------
 
 def linear_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor,
@@ -140,7 +143,8 @@ _linear_token_logprobs = Op("linear_token_logprobs", _lin_impl, _lin_fake, setup
 # Megatron's copy_to_tensor_model_parallel_region does the same all-reduce).
 
 class _VocabParallelLinear(torch.autograd.Function):
-    """Triton path: the fused lm_head kernels on the slice, partials combined across ranks."""
+    """Triton / native path: the fused lm_head launchers on the slice, partials combined across
+    ranks."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, tokens, temperature, ignore_index, start, group,
@@ -189,10 +193,10 @@ def vocab_parallel_linear_token_logprobs(hidden, weight, tokens, bias, temperatu
     start = slice_start(op, group, V_r, vocab_start_index)
     if config.check_tokens_enabled():
         check_full_vocab(op, group, V_r, tokens, ignore_index)
-    if backend == "triton":
+    if backend in LAUNCH_BACKENDS:  # triton / native
         return _VocabParallelLinear.apply(hidden, weight, bias, tokens, temperature,
                                           ignore_index, start, group, backend)
-    # reference / native: the slice's logits in plain torch (autograd gives the local dlogits,
+    # reference: the slice's logits in plain torch (autograd gives the local dlogits,
     # dW, db; the all-reduce of dhidden is copy_to_group's backward).
     h = copy_to_group(hidden, group) if hidden.requires_grad else hidden
     logits = reference.linear_logits(h, weight, bias)
@@ -255,7 +259,8 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
         return_entropy: also return ``H = -sum_j p_j log p_j`` per position.
         ignore_index: positions with this token id give logp = 0 and no gradient through logp
             (their entropy is still computed).
-        backend: ``"auto" | "triton" | "reference"`` (see :mod:`fastrlhf.backend`).
+        backend: ``"auto" | "triton" | "native" | "reference"`` (see :mod:`fastrlhf.backend`;
+            ``auto`` picks ``native`` for CPU tensors when the C++ extension builds).
         process_group: vocab parallelism (tensor-parallel lm_head): ``weight`` (and ``bias``)
             hold only this rank's rows ``[vocab_start_index, vocab_start_index + V_local)`` of
             the vocab, ``hidden`` is the same on every rank and ``tokens`` are full-vocab ids.
@@ -285,15 +290,18 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *,
     backward recomputes the logits in vocab chunks of ``Vc`` columns with an ``[N, Vc]`` scratch
     buffer (``N * Vc <= max(2 N H, 2^25)`` elements, input dtype) plus an fp32 ``[N, H]`` dH
     accumulator when there is more than one chunk.  Cost: 2NHV flops forward, 6NHV backward
-    (logits recompute, dH, dW).  Deterministic (no atomics): the same inputs give bitwise the same
-    outputs and gradients on every run.  No filtering of small softmax entries is done (no
-    Cut-Cross-Entropy-style gradient sparsification): the gradient is exact up to rounding.
+    (logits recompute, dH, dW).  The native (CPU) backend does the same with ATen matmuls per
+    vocab chunk (fp32 copies of bf16 / fp16 operands, an fp32 ``[N, Vc]`` scratch, see
+    ``csrc/fused_linear.cpp``).  Deterministic (no atomics): the same inputs give bitwise the same
+    outputs and gradients on every run (native: also for any thread count).  No filtering of
+    small softmax entries is done (no Cut-Cross-Entropy-style gradient sparsification): the
+    gradient is exact up to rounding.
     """
     op = "linear_token_logprobs"
     temperature, ignore_index = check_linear_args(op, hidden, weight, tokens, bias, temperature,
                                                   ignore_index)
     check_bool(op, "return_entropy", return_entropy)
-    which = resolve_backend(backend, hidden.device, op=op)
+    which = resolve_backend(backend, hidden.device, op=op, native_ok=True)
     if process_group is not None:
         logp, ent = vocab_parallel_linear_token_logprobs(
             hidden, weight, tokens, bias, temperature, ignore_index, process_group,
@@ -347,7 +355,7 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_lo
             :func:`fastrlhf.fused_ppo_loss`.
         inplace_backward: accepted for signature parity with ``fused_ppo_loss``; there is no
             logits buffer to write into, so it changes nothing.
-        backend: ``"auto" | "triton" | "reference"``.
+        backend: ``"auto" | "triton" | "native" | "reference"``.
         process_group, vocab_start_index: vocab parallelism, as
             :func:`linear_token_logprobs` (``weight`` / ``bias`` hold this rank's rows): the
             vocab-parallel log-probs and entropy, then the O(B T) loss terms below on every
@@ -362,11 +370,13 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_lo
     ``"clipfrac"``, ``"clipfrac_lower"``, ``"approx_kl"``, ``"entropy_mean"``, ``"kl_mean"``
     (detached).  ``loss`` is float32 (float64 for float64 inputs).
 
-    How: the Triton forward of :func:`linear_token_logprobs` gives logp and H per token; the
-    per-token loss terms are the O(B T) ops above, whose autograd yields ``dloss/dlogp`` and
-    ``dloss/dH`` per token; the lm_head backward kernels take those as upstream gradients
-    (recomputing the logits tiles, dH / dW / db in fp32).  Memory O(B T H + V H); no [B, T, V]
-    tensor.  The reference backend materializes the logits and calls
+    How: the Triton (CUDA) or native (CPU) forward of :func:`linear_token_logprobs` gives logp
+    and H per token; the per-token loss terms are the O(B T) ops above, whose autograd yields
+    ``dloss/dlogp`` and ``dloss/dH`` per token; the lm_head backward launchers take those as
+    upstream gradients (recomputing the logits tiles, dH / dW / db in fp32).  With
+    ``cu_seqlens`` on the native backend the O(B T) loss terms run in the reference (the native
+    loss kernels have no packed path); the lm_head part stays native.  Memory O(B T H + V H);
+    no [B, T, V] tensor.  The reference backend materializes the logits and calls
     :func:`fastrlhf.reference.fused_ppo_loss`.
     """
     op = "fused_linear_ppo_loss"
@@ -382,7 +392,7 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_lo
         cu_seqlens, "hidden", hidden, "the leading shape of hidden")
     if cu_seqlens is not None:
         kw = {**kw, "cu_seqlens": cu_seqlens}  # every loss op below aggregates per segment
-    which = resolve_backend(backend, hidden.device, op=op)
+    which = resolve_backend(backend, hidden.device, op=op, native_ok=True)
     acc = acc_dtype(hidden)
     old_logp, advantages = old_logp.detach().to(acc), advantages.detach().to(acc)
     ref_logp = None if ref_logp is None else ref_logp.detach().to(acc)
@@ -402,6 +412,8 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_lo
     else:
         logp, ent, _ = _linear_token_logprobs(hidden, weight, bias, tokens, temperature,
                                               ignore_index, which)
+    # the native loss kernels have no packed (cu_seqlens) path: the O(B T) terms in plain torch
+    loss_backend = "reference" if which == "native" and cu_seqlens is not None else which
     return compose_ppo_loss(logp, ent, old_logp, advantages, mask, ref_logp, kl_coef, kl_kind,
                             entropy_coef, clip_low, clip_high, dual_clip, agg, ratio_level,
-                            which, kw)
+                            loss_backend, kw)

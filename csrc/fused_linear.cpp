@@ -1,0 +1,377 @@
+// Token log-probs and entropy straight from hidden states, the lm_head fused in (CPU counterpart
+// of kernels/fused_linear.py): x = (hidden @ weight.T + bias) * inv_temp is never stored whole.
+//
+// The logits are formed by vocab chunk of Vc columns with ATen's matmul (the BLAS torch links:
+// MKL here), in the accumulation dtype (fp32; fp64 for fp64 inputs) from the input values --
+// bf16 / fp16 hidden states are converted once to an fp32 [N, H] copy, each weight chunk to an
+// fp32 [Vc, H] copy -- so the logits are not rounded to the input dtype (as the reference and
+// the Triton kernels).  Memory: O(N*H + V*H + N*Vc); nothing of size [N, V].
+//
+// Forward, per chunk: the rows are cut into fixed tiles of kRowTile rows; each tile's
+// [kRowTile, Vc] logits block (a thread-local scratch of a few hundred KB, so it stays in L2) is
+// one GEMM, immediately folded into per-row running statistics (online logsumexp):
+//     chunk:  m_c = max x,  s_c = sum e^(x - m_c),  t_c = sum e^(x - m_c) (x - m_c)
+//     merge:  M = max(m, m_c),  s <- s e^(m - M) + s_c e^(m_c - M),
+//             t <- e^(m - M) (t + (m - M) s) + e^(m_c - M) (t_c + (m_c - M) s_c)
+// and the target logit is picked from the chunk that holds it.  At the end
+// logp = (x_tok - M) - log S, H = log S - T / S; (M, log S) is saved for the backward.
+//
+// Backward: RECOMPUTE per chunk (the logits GEMM again) rather than producing gradients in the
+// forward.  Why: the op's outputs (logp, entropy) feed an arbitrary loss -- clipped PPO with any
+// aggregation, GSPO's per-sequence ratio, KL and entropy terms, or nothing (old / ref log-probs
+// under no_grad) -- so d loss / d logp is not known while the forward runs; gradients in the
+// forward would need the loss inside the kernel (one op per loss, Liger-style) and would cost
+// the backward's 4NHV flops on every no-grad call.  Recomputing costs 2NHV extra flops (8NHV in
+// all instead of 6NHV) and keeps memory at O(N*H + V*H + N*Vc).  Per chunk:
+//   1. row tiles (parallel): the logits tile GEMM, then in place
+//      dlogits = (dlogp (onehot - p) - dH p (log p + H)) * inv_temp   (p from the saved M, log S)
+//      into a [N, Vc] scratch, and dhidden[tile] += dlogits_tile @ W_c (fp32 accumulator);
+//   2. vocab tiles of kColTile columns (parallel): dW[cols] = dlogits[:, cols]^T @ hidden (one
+//      GEMM reducing over all N) and db[cols] = column sums of dlogits (serial over the rows).
+//
+// Determinism: every GEMM is over a fixed tile (fixed by N, Vc and the tile constants, never by
+// the thread count) and runs single-threaded inside at::parallel_for; every output element is
+// owned by one tile; chunks are merged in vocab order.  So the results are bitwise identical for
+// any torch.set_num_threads (tested for 1 and 2 threads).
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+
+#include "common.h"
+#include "fused_linear.h"
+
+namespace fastrlhf {
+namespace native {
+namespace {
+
+constexpr int64_t kRowTile = 64;     // rows per logits GEMM (forward and dhidden)
+constexpr int64_t kColTile = 128;    // vocab columns per dW GEMM
+constexpr int64_t kFwdChunk = 512;   // forward: vocab columns per chunk (tile scratch 128 KB)
+constexpr int64_t kBwdChunk = 1024;  // backward: vocab columns per chunk ...
+constexpr int64_t kBwdScratch = int64_t(1) << 23;  // ... and at most this many scratch elements
+constexpr int64_t kMinTaskFlops = int64_t(1) << 22;  // a parallel task gets at least this much
+
+// Runs f(begin, end) over the tiles [0, n) on ATen's pool with gradients off (worker threads do
+// not inherit the caller's grad mode; the tensors here are detached anyway).  Small problems
+// stay on the calling thread (a parallel region costs more than a few MFLOP of GEMM, and far
+// more on a loaded machine); the tiles, and so the results, are the same either way.
+template <typename F>
+void parallel_tiles(int64_t n, int64_t tile_flops, const F& f) {
+  if (n <= 0) return;
+  const int64_t grain = std::max<int64_t>(1, kMinTaskFlops / std::max<int64_t>(tile_flops, 1));
+  at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+    c10::NoGradGuard no_grad;
+    f(b, e);
+  });
+}
+
+// x[j] = (x[j] + b[j]) * inv_temp, in place.
+template <typename A>
+inline void scale_row(A* x, const A* b, int64_t n, A inv_temp) {
+  if (b != nullptr) {
+    for (int64_t j = 0; j < n; ++j) x[j] = (x[j] + b[j]) * inv_temp;
+  } else {
+    for (int64_t j = 0; j < n; ++j) x[j] = x[j] * inv_temp;
+  }
+}
+
+template <typename A>
+inline Vec<A> tail_vec(const A* x, int64_t k, A fill) {
+  A tmp[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) tmp[l] = l < k ? x[l] : fill;
+  return vload(tmp);
+}
+
+// (m_c, s_c, t_c) of n logits (see the top of the file); `bad` set if the chunk has nothing
+// finite but a NaN (a NaN next to finite values reaches s_c through exp, as +inf does).
+template <typename A>
+void chunk_stats(const A* x, int64_t n, A& mc, A& sc, A& tc, bool& bad) {
+  using VA = Vec<A>;
+  const int64_t nm = n / kLanes * kLanes;
+  const VA tail = tail_vec(x + nm, n - nm, -kInf<A>);
+  VA mx = tail;
+  for (int64_t j = 0; j < nm; j += kLanes) {
+    const VA v = vload(x + j);
+    mx = v > mx ? v : mx;
+  }
+  const A bm = vmax<A>(mx);
+  mc = bm;
+  sc = tc = A(0);
+  if (bm == -kInf<A>) {
+    for (int64_t j = 0; j < n; ++j) bad = bad || x[j] != x[j];
+    return;
+  }
+  VA s = vsplat<A>(0), t = vsplat<A>(0);
+  for (int64_t j = 0; j < nm; j += kLanes) {
+    const VA dc = vclamp_lo<A>(vload(x + j) - bm);
+    const VA e = vexp_clamped(dc);
+    s += e;
+    t += e * dc;
+  }
+  const VA dc = vclamp_lo<A>(tail - bm);  // padding: -inf -> kExpLo, e = 0, adds exactly 0
+  const VA e = vexp_clamped(dc);
+  s += e;
+  t += e * dc;
+  sc = vsum<A>(s);
+  tc = vsum<A>(t);
+}
+
+template <typename A>
+inline void merge_stats(A& m, A& s, A& t, A mc, A sc, A tc) {
+  if (mc == -kInf<A>) return;  // nothing finite in the chunk
+  if (m == -kInf<A>) {
+    m = mc;
+    s = sc;
+    t = tc;
+    return;
+  }
+  const A M = m > mc ? m : mc;
+  const A d1 = m - M, d2 = mc - M;
+  const A a1 = exp_acc(d1), a2 = exp_acc(d2);
+  t = a1 * (t + d1 * s) + a2 * (tc + d2 * sc);
+  s = a1 * s + a2 * sc;
+  m = M;
+}
+
+// One logits tile: out[i, :] = (hidden[r0 + i] . W_c + b_c) * inv_temp, i < nr.
+template <typename A>
+inline void logits_tile(const at::Tensor& hA, const at::Tensor& wt, const A* bias, int64_t r0,
+                        int64_t nr, A inv_temp, at::Tensor& out) {
+  at::mm_out(out, hA.narrow(0, r0, nr), wt);
+  A* L = out.data_ptr<A>();
+  const int64_t n = out.size(1);
+  for (int64_t i = 0; i < nr; ++i) scale_row(L + i * n, bias, n, inv_temp);
+}
+
+template <typename A>
+void fwd_impl(const at::Tensor& hA, const at::Tensor& weight, const A* bias,
+              const int64_t* tok, A inv_temp, int64_t ignore_index, int64_t Vc, A* logp, A* ent,
+              A* lse) {
+  const int64_t N = hA.size(0), V = weight.size(0);
+  const auto acc = hA.scalar_type();
+  std::vector<A> m(N, -kInf<A>), s(N, A(0)), t(N, A(0)), xt(N, kNaN<A>);
+  std::vector<uint8_t> bad(N, 0);
+  const int64_t n_tiles = (N + kRowTile - 1) / kRowTile;
+  for (int64_t c0 = 0; c0 < V; c0 += Vc) {
+    const int64_t n = std::min(Vc, V - c0);
+    const at::Tensor wt = weight.narrow(0, c0, n).to(acc).t();  // [H, n]
+    const A* b = bias != nullptr ? bias + c0 : nullptr;
+    parallel_tiles(n_tiles, 2 * kRowTile * n * hA.size(1), [&](int64_t tb, int64_t te) {
+      at::Tensor buf = at::empty({kRowTile * n}, hA.options());
+      for (int64_t tile = tb; tile < te; ++tile) {
+        const int64_t r0 = tile * kRowTile, nr = std::min(kRowTile, N - r0);
+        at::Tensor out = buf.narrow(0, 0, nr * n).view({nr, n});
+        logits_tile<A>(hA, wt, b, r0, nr, inv_temp, out);
+        const A* L = out.data_ptr<A>();
+        for (int64_t i = 0; i < nr; ++i) {
+          const int64_t r = r0 + i;
+          const A* x = L + i * n;
+          const int64_t k = tok[r] - c0;
+          if (k >= 0 && k < n) xt[r] = x[k];
+          A mc, sc, tc;
+          bool bd = false;
+          chunk_stats(x, n, mc, sc, tc, bd);
+          if (bd) bad[r] = 1;
+          merge_stats(m[r], s[r], t[r], mc, sc, tc);
+        }
+      }
+    });
+  }
+  for (int64_t r = 0; r < N; ++r) {
+    const A S = s[r];
+    A M = m[r], logS, H, lp;
+    if (bad[r] || S != S) {  // a NaN (or +inf) logit makes the whole row NaN, as in torch
+      M = logS = H = lp = kNaN<A>;
+    } else {
+      logS = std::log(S);
+      H = logS - t[r] / S;
+      lp = (xt[r] - M) - logS;  // x_tok stays NaN for an id outside [0, V)
+    }
+    if (tok[r] == ignore_index) lp = A(0);
+    lse[2 * r] = M;
+    lse[2 * r + 1] = logS;
+    ent[r] = H;
+    logp[r] = lp;
+  }
+}
+
+// d loss / d x of one row's chunk, in place over x (the chunk's scaled logits), times inv_temp.
+template <typename A, bool HAS_DENT>
+inline void grad_chunk_row(A* x, int64_t n, int64_t k, A M, A logS, A H, A g_lp, A g_h,
+                           A inv_temp) {
+  const bool has_tok = k >= 0 && k < n;
+  const A xk = has_tok ? x[k] : A(0);
+  auto one = [&](A v) -> A {
+    const A zc = clamp_hi(clamp_lo((v - M) - logS));
+    const A p = exp_clamped(zc);
+    A g = -g_lp * p;
+    if (HAS_DENT) g -= g_h * (p * (zc + H));
+    return g;
+  };
+  const int64_t nm = n / kLanes * kLanes;
+  for (int64_t j = 0; j < nm; j += kLanes) {
+    const Vec<A> zc = vclamp_hi<A>(vclamp_lo<A>((vload(x + j) - M) - logS));
+    const Vec<A> p = vexp_clamped(zc);
+    Vec<A> g = -g_lp * p;
+    if (HAS_DENT) g -= g_h * (p * (zc + H));
+    vstore(x + j, g * inv_temp);
+  }
+  for (int64_t j = nm; j < n; ++j) x[j] = one(x[j]) * inv_temp;
+  if (has_tok) x[k] = (one(xk) + g_lp) * inv_temp;
+}
+
+template <typename A, bool HAS_DENT>
+void bwd_impl(const at::Tensor& hA, const at::Tensor& weight, const A* bias, const int64_t* tok,
+              const A* dlogp, const A* dent, const A* lse, const A* ent, A inv_temp,
+              int64_t ignore_index, int64_t Vc, at::Tensor dh_acc, at::Tensor dw,
+              at::Tensor db_acc) {
+  const int64_t N = hA.size(0), V = weight.size(0);
+  const auto acc = hA.scalar_type();
+  const bool need_dh = dh_acc.defined(), need_dw = dw.defined(), need_db = db_acc.defined();
+  const bool dw_direct = need_dw && dw.scalar_type() == acc;
+  A* db = need_db ? db_acc.data_ptr<A>() : nullptr;
+  at::Tensor scratch = at::empty({N * Vc}, hA.options());
+  const int64_t n_tiles = (N + kRowTile - 1) / kRowTile;
+  for (int64_t c0 = 0; c0 < V; c0 += Vc) {
+    const int64_t n = std::min(Vc, V - c0);
+    const at::Tensor wc = weight.narrow(0, c0, n).to(acc);  // [n, H]
+    const at::Tensor wt = wc.t();
+    const A* b = bias != nullptr ? bias + c0 : nullptr;
+    at::Tensor G = scratch.narrow(0, 0, N * n).view({N, n});
+    parallel_tiles(n_tiles, 4 * kRowTile * n * hA.size(1), [&](int64_t tb, int64_t te) {
+      for (int64_t tile = tb; tile < te; ++tile) {
+        const int64_t r0 = tile * kRowTile, nr = std::min(kRowTile, N - r0);
+        at::Tensor out = G.narrow(0, r0, nr);
+        logits_tile<A>(hA, wt, b, r0, nr, inv_temp, out);
+        A* L = out.data_ptr<A>();
+        for (int64_t i = 0; i < nr; ++i) {
+          const int64_t r = r0 + i;
+          const A g_lp = (tok[r] == ignore_index || dlogp == nullptr) ? A(0) : dlogp[r];
+          grad_chunk_row<A, HAS_DENT>(L + i * n, n, tok[r] - c0, lse[2 * r], lse[2 * r + 1],
+                                      HAS_DENT ? ent[r] : A(0), g_lp,
+                                      HAS_DENT ? dent[r] : A(0), inv_temp);
+        }
+        if (need_dh) {
+          at::Tensor d = dh_acc.narrow(0, r0, nr);
+          if (c0 == 0) {
+            at::mm_out(d, out, wc);
+          } else {
+            d.addmm_(out, wc);
+          }
+        }
+      }
+    });
+    if (!need_dw && !need_db) continue;
+    const int64_t n_ct = (n + kColTile - 1) / kColTile;
+    parallel_tiles(n_ct, 2 * kColTile * N * hA.size(1), [&](int64_t tb, int64_t te) {
+      for (int64_t ct = tb; ct < te; ++ct) {
+        const int64_t j0 = ct * kColTile, nj = std::min(kColTile, n - j0);
+        if (need_dw) {
+          const at::Tensor gt = G.narrow(1, j0, nj).t();  // [nj, N]
+          at::Tensor dst = dw.narrow(0, c0 + j0, nj);
+          if (dw_direct) {
+            at::mm_out(dst, gt, hA);
+          } else {
+            dst.copy_(at::mm(gt, hA));
+          }
+        }
+        if (need_db) {
+          A colsum[kColTile];
+          for (int64_t j = 0; j < nj; ++j) colsum[j] = A(0);
+          const A* g = G.data_ptr<A>() + j0;
+          for (int64_t r = 0; r < N; ++r)
+            for (int64_t j = 0; j < nj; ++j) colsum[j] += g[r * n + j];
+          for (int64_t j = 0; j < nj; ++j) db[c0 + j0 + j] = colsum[j];
+        }
+      }
+    });
+  }
+}
+
+template <typename F>
+void dispatch_acc(at::ScalarType acc, const F& f) {
+  if (acc == at::kDouble) {
+    f(double());
+  } else {
+    f(float());
+  }
+}
+
+at::ScalarType acc_of(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
+
+}  // namespace
+
+void linear_logprobs_fwd(const at::Tensor& hidden, const at::Tensor& weight,
+                         const c10::optional<at::Tensor>& bias, const at::Tensor& tokens,
+                         double inv_temp, int64_t ignore_index, int64_t chunk,
+                         const at::Tensor& logp, const at::Tensor& ent, const at::Tensor& lse) {
+  const int64_t N = hidden.size(0), V = weight.size(0);
+  if (N == 0) return;
+  const auto acc = acc_of(hidden.scalar_type());
+  const at::Tensor hA = hidden.detach().to(acc).contiguous();
+  const at::Tensor w = weight.detach();
+  at::Tensor bA;
+  if (bias.has_value() && bias->defined()) bA = bias->detach().to(acc).contiguous();
+  const int64_t Vc = std::min(V, chunk > 0 ? chunk : kFwdChunk);
+  dispatch_acc(acc, [&](auto a) {
+    using A = decltype(a);
+    fwd_impl<A>(hA, w, bA.defined() ? bA.data_ptr<A>() : nullptr, tokens.data_ptr<int64_t>(),
+                static_cast<A>(inv_temp), ignore_index, Vc, logp.data_ptr<A>(),
+                ent.data_ptr<A>(), lse.data_ptr<A>());
+  });
+}
+
+void linear_logprobs_bwd(const at::Tensor& hidden, const at::Tensor& weight,
+                         const c10::optional<at::Tensor>& bias, const at::Tensor& tokens,
+                         const c10::optional<at::Tensor>& dlogp,
+                         const c10::optional<at::Tensor>& dent, const at::Tensor& lse,
+                         const at::Tensor& ent, double inv_temp, int64_t ignore_index,
+                         int64_t chunk, const c10::optional<at::Tensor>& dh,
+                         const c10::optional<at::Tensor>& dw,
+                         const c10::optional<at::Tensor>& db) {
+  const int64_t N = hidden.size(0), V = weight.size(0);
+  const auto acc = acc_of(hidden.scalar_type());
+  const bool need_dh = dh.has_value() && dh->defined();
+  const bool need_dw = dw.has_value() && dw->defined();
+  const bool need_db = db.has_value() && db->defined();
+  const bool has_dlogp = dlogp.has_value() && dlogp->defined();
+  const bool has_dent = dent.has_value() && dent->defined();
+  if (N == 0 || (!has_dlogp && !has_dent)) {  // no rows / no upstream gradient: zeros
+    if (need_dh) dh->zero_();
+    if (need_dw) dw->zero_();
+    if (need_db) db->zero_();
+    return;
+  }
+  if (!(need_dh || need_dw || need_db)) return;
+  const at::Tensor hA = hidden.detach().to(acc).contiguous();
+  const at::Tensor w = weight.detach();
+  at::Tensor bA;
+  if (bias.has_value() && bias->defined()) bA = bias->detach().to(acc).contiguous();
+  const int64_t cap = std::max<int64_t>(kColTile, kBwdScratch / std::max<int64_t>(N, 1));
+  const int64_t Vc = std::min(V, chunk > 0 ? chunk : std::min(kBwdChunk, cap));
+  // dhidden accumulates over the chunks in the accumulation dtype; written straight into the
+  // output when that is already the accumulation dtype.
+  at::Tensor dh_acc;
+  if (need_dh) dh_acc = dh->scalar_type() == acc ? *dh : at::empty({N, hidden.size(1)},
+                                                                   hA.options());
+  at::Tensor db_acc;
+  if (need_db) db_acc = at::empty({V}, hA.options());
+  dispatch_acc(acc, [&](auto a) {
+    using A = decltype(a);
+    const A* bp = bA.defined() ? bA.data_ptr<A>() : nullptr;
+    const A* dl = has_dlogp ? dlogp->data_ptr<A>() : nullptr;
+    if (has_dent) {
+      bwd_impl<A, true>(hA, w, bp, tokens.data_ptr<int64_t>(), dl, dent->data_ptr<A>(),
+                        lse.data_ptr<A>(), ent.data_ptr<A>(), static_cast<A>(inv_temp),
+                        ignore_index, Vc, dh_acc, need_dw ? *dw : at::Tensor(), db_acc);
+    } else {
+      bwd_impl<A, false>(hA, w, bp, tokens.data_ptr<int64_t>(), dl, nullptr, lse.data_ptr<A>(),
+                         nullptr, static_cast<A>(inv_temp), ignore_index, Vc, dh_acc,
+                         need_dw ? *dw : at::Tensor(), db_acc);
+    }
+  });
+  if (need_dh && !dh_acc.is_same(*dh)) dh->copy_(dh_acc);
+  if (need_db) db->copy_(db_acc);
+}
+
+}  // namespace native
+}  // namespace fastrlhf

@@ -1,0 +1,216 @@
+"""The native (C++) fused lm_head: linear_token_logprobs / fused_linear_ppo_loss on CPU tensors
+with backend="native" (csrc/fused_linear.cpp), against the float64 reference.
+
+Shapes are tiny but cross every boundary of the C++ tiling: more than one 64-row tile, a
+partial last tile, several vocab chunks (the launchers' ``chunk`` override, and V > 1024 for the
+default backward chunk through the public op), a partial last 128-column dW tile, H and V that
+are no multiple of anything.  Also: ignore_index rows, temperature, bias, strided hidden rows,
+gradcheck in float64, bitwise thread-count independence, packed sequences and that ``auto``
+picks native for CPU tensors.  Vocab parallelism on native: tests/test_vocab_parallel_ops.py (it
+runs inside that file's existing gloo process group, so it costs no extra spawn)."""
+
+import pytest
+import torch
+
+import fastrlhf as fr
+import fastrlhf.reference as R
+from fastrlhf import backend as _backend
+from fastrlhf import native
+from helpers import DEVICE, assert_close
+
+pytestmark = pytest.mark.skipif(DEVICE != "cpu" or not _backend.native_available(),
+                                reason="needs the native (C++) backend on CPU tensors")
+
+F64 = torch.float64
+# values accumulate in fp32 (fp64) whatever the input dtype; bf16 / fp16 gradients are stored
+# in the input dtype, so they are held relative to their largest entry
+VAL_TOL = {F64: 1e-12, torch.float32: 3e-5, torch.bfloat16: 3e-5, torch.float16: 3e-5}
+GRAD_REL = {F64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def _inputs(N, H, V, dtype, seed, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g, dtype=F64).to(dtype)
+    w = (torch.randn(V, H, generator=g, dtype=F64) * 0.4).to(dtype)
+    b = torch.randn(V, generator=g, dtype=F64).to(dtype) if bias else None
+    tok = torch.randint(0, V, (N,), generator=g)
+    tok[:: 7] = -100
+    return h, w, b, tok
+
+
+def _ref(h, w, b, tok, T, up):
+    """float64 reference on the same input values: (logp, ent, grads of h, w, b)."""
+    leaves = [None if t is None else t.to(F64).requires_grad_() for t in (h, w, b)]
+    lp, ent = R.linear_token_logprobs(leaves[0], leaves[1], tok, leaves[2], T, True, -100)
+    live = [t for t in leaves if t is not None]
+    gs = iter(torch.autograd.grad((lp * up[0]).sum() + (ent * up[1]).sum(), live))
+    return lp, ent, [None if t is None else next(gs) for t in leaves]
+
+
+def _rel(name, got, exp, rel):
+    scale = max(float(exp.abs().max()), 1e-30)
+    assert_close(name, got.to(F64), exp, atol=rel * scale, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,H,V,chunk", [(70, 13, 203, 48), (5, 40, 97, None), (1, 3, 1, None)])
+def test_launchers_match_float64(dtype, N, H, V, chunk):
+    """The launchers (chunk override: several chunks and a partial one) against float64."""
+    T = 0.7
+    h, w, b, tok = _inputs(N, H, V, dtype, seed=N + V)
+    g = torch.Generator().manual_seed(1)
+    acc = F64 if dtype == F64 else torch.float32
+    up = [torch.randn(N, generator=g, dtype=F64) for _ in range(2)]
+    rl, re, rg = _ref(h, w, b, tok, T, up)
+    lp, ent, lse = native.linear_logprobs_fwd(h, (1, 1, N), (0, 0, H), w, b, tok, 1 / T, -100,
+                                              chunk=chunk)
+    assert lp.dtype == ent.dtype == lse.dtype == acc
+    assert_close("logp", lp.to(F64), rl, atol=VAL_TOL[dtype], rtol=VAL_TOL[dtype])
+    assert_close("entropy", ent.to(F64), re, atol=VAL_TOL[dtype], rtol=VAL_TOL[dtype])
+    dh, dw, db = native.linear_logprobs_bwd(h, (1, 1, N), (0, 0, H), w, b, tok, up[0].to(acc),
+                                            up[1].to(acc), lse, ent, 1 / T, -100, True, True,
+                                            True, chunk=chunk)
+    assert (dh.dtype, dw.dtype, db.dtype) == (dtype,) * 3
+    for name, got, exp in (("dhidden", dh, rg[0]), ("dweight", dw, rg[1]), ("dbias", db, rg[2])):
+        _rel(name, got, exp, GRAD_REL[dtype])
+    # one upstream gradient only (the other is None: its term is left out)
+    dh1, dw1, db1 = native.linear_logprobs_bwd(h, (1, 1, N), (0, 0, H), w, b, tok, None,
+                                             up[1].to(acc), lse, ent, 1 / T, -100, True, True,
+                                             False, chunk=chunk)
+    assert db1 is None
+    _, _, rg2 = _ref(h, w, b, tok, T, [up[0] * 0, up[1]])
+    _rel("dhidden (dent only)", dh1, rg2[0], GRAD_REL[dtype])
+    _rel("dweight (dent only)", dw1, rg2[1], GRAD_REL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_public_op_multi_chunk_strided(dtype, bias):
+    """backend='native' through the op: strided hidden rows (hidden[:, :-1]), 2 row tiles, more
+    than one default backward chunk (V > 1024), temperature, ignore_index."""
+    B, T1, H, V = 3, 25, 7, 1031
+    g = torch.Generator().manual_seed(3)
+    hid = torch.randn(B, T1 + 1, H, generator=g, dtype=F64).to(dtype)
+    w = (torch.randn(V, H, generator=g, dtype=F64) * 0.5).to(dtype)
+    b = torch.randn(V, generator=g, dtype=F64).to(dtype) if bias else None
+    tok = torch.randint(0, V, (B, T1), generator=g)
+    tok[0, 3] = -100
+    tok[1, 0] = V - 1
+    up = [torch.randn(B, T1, generator=g, dtype=F64) for _ in range(2)]
+    leaves = [None if t is None else t.clone().requires_grad_() for t in (hid, w, b)]
+    lp, ent = fr.linear_token_logprobs(leaves[0][:, :-1], leaves[1], tok, bias=leaves[2],
+                                       temperature=1.3, return_entropy=True, backend="native")
+    live = [t for t in leaves if t is not None]
+    gs = torch.autograd.grad((lp * up[0]).sum() + (ent * up[1]).sum(), live)
+    rleaves = [None if t is None else t.to(F64).requires_grad_() for t in (hid, w, b)]
+    rl, re = R.linear_token_logprobs(rleaves[0][:, :-1], rleaves[1], tok, rleaves[2], 1.3, True)
+    rgs = torch.autograd.grad((rl * up[0]).sum() + (re * up[1]).sum(),
+                              [t for t in rleaves if t is not None])
+    assert_close("logp", lp.to(F64), rl, atol=VAL_TOL[dtype], rtol=VAL_TOL[dtype])
+    assert_close("entropy", ent.to(F64), re, atol=VAL_TOL[dtype], rtol=VAL_TOL[dtype])
+    assert float(lp.detach()[0, 3]) == 0.0
+    for i, (a, e) in enumerate(zip(gs, rgs)):
+        _rel(f"grad{i}", a, e, GRAD_REL[dtype])
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(11)
+    h = torch.randn(2, 3, 4, generator=g, dtype=F64, requires_grad=True)
+    w = torch.randn(9, 4, generator=g, dtype=F64, requires_grad=True)
+    b = torch.randn(9, generator=g, dtype=F64, requires_grad=True)
+    tok = torch.randint(0, 9, (2, 3), generator=g)
+    tok[1, 1] = -100
+
+    def f(h, w, b):
+        return fr.linear_token_logprobs(h, w, tok, bias=b, temperature=0.8, return_entropy=True,
+                                        backend="native")
+    assert torch.autograd.gradcheck(f, (h, w, b), eps=1e-6, atol=1e-7)
+
+
+def test_thread_count_independent_bitwise():
+    """Forward and all gradients bitwise equal with 1 and 2 threads (fixed tiles, no atomics):
+    2 row tiles + a partial one, 3 vocab chunks, 2 dW column tiles per chunk."""
+    h, w, b, tok = _inputs(150, 24, 700, torch.float32, seed=5)
+    up = torch.randn(150, generator=torch.Generator().manual_seed(2))
+    n0 = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            lp, ent, lse = native.linear_logprobs_fwd(h, (1, 1, 150), (0, 0, 24), w, b, tok, 1.1,
+                                                      -100, chunk=256)
+            grads = native.linear_logprobs_bwd(h, (1, 1, 150), (0, 0, 24), w, b, tok, up, up * 0.5,
+                                               lse, ent, 1.1, -100, True, True, True, chunk=256)
+            outs.append((lp, ent, lse) + tuple(grads))
+    finally:
+        torch.set_num_threads(n0)
+    for i, (a, c) in enumerate(zip(*outs)):
+        assert torch.equal(a, c), f"output {i} differs between 1 and 2 threads"
+
+
+def test_nan_and_out_of_range_rows():
+    """A NaN hidden row gives NaN outputs on that row only; an out-of-range id (host check off)
+    gives NaN logp without reading out of bounds; ignored rows give logp 0."""
+    h, w, b, tok = _inputs(6, 5, 33, torch.float32, seed=9, bias=False)
+    h[2, 1] = float("nan")
+    tok[4] = 40
+    lp, ent, _ = native.linear_logprobs_fwd(h, (1, 1, 6), (0, 0, 5), w, None, tok, 1.0, -100)
+    assert torch.isnan(lp[2]) and torch.isnan(ent[2]) and torch.isnan(lp[4])
+    assert float(lp[0]) == 0.0  # tok[0] == -100
+    ok = [1, 3, 5]
+    assert torch.isfinite(lp[ok]).all() and torch.isfinite(ent[[0, 1, 3, 4, 5]]).all()
+
+
+def test_auto_picks_native_for_cpu(monkeypatch):
+    seen = []
+    real_f, real_b = native.linear_logprobs_fwd, native.linear_logprobs_bwd
+    monkeypatch.setattr(native, "linear_logprobs_fwd", lambda *a, **k: seen.append("f")
+                        or real_f(*a, **k))
+    monkeypatch.setattr(native, "linear_logprobs_bwd", lambda *a, **k: seen.append("b")
+                        or real_b(*a, **k))
+    h = torch.randn(2, 3, 4, requires_grad=True)
+    w = torch.randn(5, 4)
+    tok = torch.randint(0, 5, (2, 3))
+    fr.linear_token_logprobs(h, w, tok).sum().backward()
+    assert seen == ["f", "b"], seen
+    m = torch.ones(2, 3)
+    fr.fused_linear_ppo_loss(h, w, tok, -torch.rand(2, 3), torch.randn(2, 3), m)[0].backward()
+    assert seen == ["f", "b", "f", "b"], seen
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_fused_linear_ppo_loss_matches_reference(dtype, packed):
+    g = torch.Generator().manual_seed(17)
+    H, V = 6, 37
+    if packed:
+        B, T, cu = 1, 12, torch.tensor([0, 5, 5, 12])
+        adv = torch.randn(3, generator=g, dtype=F64)
+    else:
+        B, T, cu = 3, 4, None
+        adv = torch.randn(B, T, generator=g, dtype=F64)
+    hid = torch.randn(B, T, H, generator=g, dtype=F64).to(dtype)
+    w = (torch.randn(V, H, generator=g, dtype=F64) * 0.5).to(dtype)
+    b = torch.randn(V, generator=g, dtype=F64).to(dtype)
+    tok = torch.randint(0, V, (B, T), generator=g)
+    tok[0, 1] = -100
+    old = -torch.rand(B, T, generator=g, dtype=F64) * 2 - 0.5
+    mask = torch.rand(B, T, generator=g) > 0.2
+    kw = dict(ref_logp=old - 0.1, kl_coef=0.05, entropy_coef=0.01, temperature=0.9,
+              agg="seq-mean-token-mean", cu_seqlens=cu, clip_high=0.3, dual_clip=3.0)
+    res = {}
+    for be in ("native", "reference"):
+        d = dtype if be == "native" else F64
+        leaves = [t.to(d).requires_grad_() for t in (hid, w, b)]
+        acc = F64 if d == F64 else torch.float32
+        loss, st = fr.fused_linear_ppo_loss(leaves[0], leaves[1], tok, old.to(acc), adv.to(acc),
+                                            mask, bias=leaves[2], backend=be,
+                                            **{**kw, "ref_logp": kw["ref_logp"].to(acc)})
+        res[be] = (loss, st, torch.autograd.grad(loss, leaves))
+    tol = 1e-11 if dtype == F64 else 2e-5
+    (loss, st, gr), (rloss, rst, rgr) = res["native"], res["reference"]
+    assert_close("loss", loss.to(F64), rloss, atol=tol, rtol=tol)
+    for k in rst:
+        assert_close(k, st[k].to(F64), rst[k], atol=tol, rtol=tol)
+    for i, (a, e) in enumerate(zip(gr, rgr)):
+        _rel(f"grad{i}", a, e, 1e-11 if dtype == F64 else 2e-5)
