@@ -37,9 +37,9 @@ from fastrlhf.trainer.ppo import Learner, Rollout, collect_rollout, train  # noq
 from fastrlhf.trainer.report import MetricsLog  # noqa: E402
 from fastrlhf.trainer.task import SyntheticTask  # noqa: E402
 
-# one worker runs this module under pytest-xdist (--dist loadgroup): its module fixture is
-# expensive and would otherwise be built once per worker
-pytestmark = pytest.mark.xdist_group("trainer_short_run")
+# The tests that share the module fixture ``short_run`` (a 20-step training run) go to one
+# pytest-xdist worker (--dist loadgroup), so it is built once; the rest spread over workers.
+SHORT_RUN = pytest.mark.xdist_group("trainer_short_run")
 
 
 # A small but complete pipeline: SFT, reward model, PPO (a few seconds per phase).
@@ -81,6 +81,7 @@ def short_run(tmp_path_factory):
     return out, cfg, summary
 
 
+@SHORT_RUN
 def test_short_run_score_rises_kl_bounded(short_run):
     out, cfg, summary = short_run
     rows = MetricsLog.read(os.path.join(out, "metrics.jsonl"))
@@ -111,6 +112,7 @@ def test_short_run_score_rises_kl_bounded(short_run):
     assert os.path.isfile(os.path.join(out, "final", "policy", "config.json"))
 
 
+@SHORT_RUN
 def test_model_flag_loads_local_checkpoint(short_run, tmp_path):
     """--model PATH: a local Hugging Face directory (here the trained policy, and a GPT-2 made
     from a config) initialises the policy; nothing is downloaded."""
