@@ -178,7 +178,8 @@ def group_advantages(scores: torch.Tensor, group_ids: torch.Tensor, kind: str = 
     ``x``, and rloo leaves ``x`` unchanged.  Returns ``[B]`` float32 (float64 for float64).
 
     Edge cases: a NaN / inf score makes its group's advantages NaN / non-finite, other groups
-    are untouched; ``B = 0`` gives an empty result.
+    are untouched; the gradient of a group of size 1 is its closed form (``1 / (1 + eps)`` for
+    grpo, 1 otherwise) even for a NaN / inf score; ``B = 0`` gives an empty result.
     """
     if kind not in GROUP_ADV_KINDS:
         raise ValueError(f"group_advantages: unknown kind {kind!r}")

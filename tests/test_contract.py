@@ -258,3 +258,19 @@ def test_public_op_docstring_states_the_edge_case_contract(name):
     flat = " ".join(doc.split())
     assert " ".join(contract.split()) in flat, f"fr.{name}'s docstring lacks its contract"
     assert f"fastrlhf.reference.{CONTRACT_SPECS[name]}" in doc
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("kind,norm", [("grpo", True), ("dr_grpo", False), ("rloo", True)])
+def test_group_of_one_with_nan_score_keeps_its_gradient(backend, kind, norm):
+    """Found by the long property profile: a size-1 group's NaN score leaked NaN into its own
+    gradient through the unused group statistics (0 * NaN behind a where); the spec's gradient
+    is the closed form, 1 / (1 + eps) for grpo."""
+    x = torch.tensor([float("nan"), 1.0, 3.0, 2.0], dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([-2, 0, 0, 5])
+    out = fr.group_advantages(x, ids, kind=kind, eps=0.1, norm_by_std=norm, backend=backend)
+    out.backward(torch.full_like(out, 0.7))
+    assert torch.isnan(out[0]) and torch.isfinite(out[1:]).all()
+    want0 = 0.7 / 1.1 if kind == "grpo" else 0.7
+    assert abs(float(x.grad[0]) - want0) < 1e-12, x.grad
+    assert abs(float(x.grad[3]) - want0) < 1e-12 and torch.isfinite(x.grad).all()

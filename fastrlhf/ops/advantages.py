@@ -39,11 +39,15 @@ def _vectorized(scores: Tensor, group_ids: Tensor, kind: str, eps: float, norm_b
     def group_sums(v):
         return reference.segment_sum(v[order], cu)
 
-    mean_g = group_sums(x) / cnt
     single = cnt == 1
     n = cnt[inv]
+    # A group of size 1 takes no statistics (mean 0, std 1 below): its score is kept out of the
+    # sums, so a NaN / inf there cannot reach its gradient through the unused branch
+    # (0 * NaN = NaN behind a where).
+    xs = torch.where(single[inv], torch.zeros_like(x), x)
+    mean_g = group_sums(xs) / cnt
     if kind == "grpo" and norm_by_std:
-        dev = x - mean_g[inv]
+        dev = xs - mean_g[inv]
         ss = group_sums(dev * dev)
         var = ss / (cnt - 1).clamp_min(1)
         # (no sqrt(0) for a single member: its gradient would be 0 * inf = NaN behind the where)
