@@ -167,8 +167,22 @@ def test_full_kl(backend, lead, V, dtype, layout, T, sp, sp2, seed):
     # |y / T|): torch's own float32 reference is off by that much (e.g. 0.28 at KL = 1e4).
     kl_scale = _fwd_scale(lx.values.to(dtype), T) * _fwd_scale(ly.values.to(dtype), T)
     close("kl", res["got"][0], res["exp"][0], **_tol(dtype, kl_scale * 4), what=what)
+    # In a row whose KL is not finite the contract says only "not finite" for the gradient:
+    # which entries are +-inf and which NaN depends on which p_j underflow, i.e. on the
+    # precision (float32 compute vs the float64 reference).  There inf and NaN compare equal.
+    bad_row = ~torch.isfinite(res["exp"][0].detach())
+
+    def nonfinite_as_nan(t):
+        if t is None or t.numel() == 0:
+            return t
+        if tuple(t.shape[:-1]) == tuple(bad_row.shape):
+            rows = bad_row.unsqueeze(-1)
+        else:  # a leaf whose rows are not the output's (an expanded / strided layout)
+            rows = bad_row.any()
+        return torch.where(rows & ~torch.isfinite(t), torch.full_like(t, float("nan")), t)
+
     for i in (1, 2):
-        close(f"grad{i}", res["got"][i], res["exp"][i],
+        close(f"grad{i}", nonfinite_as_nan(res["got"][i]), nonfinite_as_nan(res["exp"][i]),
               **grad_tol(dtype, res["exp"][i], scale * 4), what=what)
 
 
