@@ -117,6 +117,19 @@ def contiguous_row_strides(dims, V: int):
     return (D1 * D2 * V, D2 * V, V)
 
 
+def grad_rows(logits: Tensor, out: Optional[Tensor]):
+    """The rows of ``logits`` and where a gradient of their shape goes: over ``logits`` itself
+    (``out`` is ``logits``; the caller checked it can take it) or, with ``out=None``, into a
+    fresh contiguous buffer.  Returns ``(out, lg, dims, strides, ob, ostrides)``: the gradient
+    tensor to return, the rows to read and the rows to write."""
+    V = logits.shape[-1]
+    lg, dims, strides = rows_layout(logits)
+    if out is None:
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        return out, lg, dims, strides, out, contiguous_row_strides(dims, V)
+    return out, lg, dims, strides, lg, strides
+
+
 def check_cu_seqlens(op: str, cu, ref_name: str, ref: torch.Tensor) -> int:
     """Validate ``cu_seqlens`` for the packed layout of ``ref`` (``[1, total, ...]``); returns the
     longest segment.

@@ -45,7 +45,8 @@ from .. import reference
 from ..backend import resolve as resolve_backend
 from ..tables import FUSED_STATS, KL_CODES, MASKED_EPS, acc_dtype
 from .common import (with_contract, check_fused_loss_args, check_logits, check_positive_float, check_int,
-                     check_token_range, checked_tokens, contiguous_row_strides, rows_layout)
+                     check_token_range, checked_tokens, contiguous_row_strides, grad_rows,
+                     rows_layout)
 from .logprobs import inplace_ok, logprobs_stats, vocab_parallel_token_logprobs
 from .losses import compose_ppo_loss
 from .registry import Op, launchers
@@ -310,15 +311,9 @@ def _grad_into(logits: Tensor, out: Optional[Tensor], tokens: Tensor, lse: Tenso
                has_ent: bool, backend: str) -> Tensor:
     """One sweep: ``upstream * (g_lp (onehot - p) - g_H p (log p + H)) / T`` into ``out``
     (``logits`` itself) or a fresh buffer (``out=None``)."""
-    V = logits.shape[-1]
-    lg, dims, strides = rows_layout(logits)
-    if out is None:
-        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        ob, ostrides = out, contiguous_row_strides(dims, V)
-    else:
-        ob, ostrides = lg, strides
+    out, lg, dims, strides, ob, ostrides = grad_rows(logits, out)
     launchers(backend, "fused_loss").fused_loss_grad(
-        lg, ob, dims, strides, ostrides, V, tokens.reshape(-1).contiguous(), lse,
+        lg, ob, dims, strides, ostrides, logits.shape[-1], tokens.reshape(-1).contiguous(), lse,
         ent.reshape(-1).contiguous(), coefs[0], coefs[1], upstream.detach(),
         inv_temp=1.0 / temperature, ignore_index=ignore_index, has_ent=has_ent)
     return out

@@ -27,7 +27,8 @@ from ..backend import resolve as resolve_backend
 from ..tables import INT_DTYPES, acc_dtype
 from .common import (with_contract, check_bool, check_int, check_logits, check_positive_float,
                      check_same_device, check_shape, check_tensor, check_token_range,
-                     checked_tokens, contiguous_row_strides, non_overlapping, rows_layout)
+                     checked_tokens, grad_rows, non_overlapping,
+                     rows_layout)
 from .parallel import (NO_IGNORE, check_full_vocab, check_group, combine_softmax_stats,
                        slice_start, split_tokens, zero_rows_where)
 from .registry import Op, launchers
@@ -64,12 +65,7 @@ def logprobs_grad(logits: Tensor, out: Optional[Tensor], tokens, dlogp, dent, ls
     """Write d loss / d logits into ``out`` (``logits`` itself, checked by :func:`inplace_ok`)
     or, with ``out=None``, into a fresh buffer of the logits' shape; returns it."""
     V = logits.shape[-1]
-    lg, dims, strides = rows_layout(logits)
-    if out is None:
-        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        ob, ostrides = out, contiguous_row_strides(dims, V)
-    else:
-        ob, ostrides = lg, strides
+    out, lg, dims, strides, ob, ostrides = grad_rows(logits, out)
     flat = lambda t: None if t is None else t.reshape(-1).contiguous()  # noqa: E731
     launchers(backend, "logprobs").logprobs_bwd(
         lg, ob, dims, strides, ostrides, V, flat(tokens), flat(dlogp), flat(dent), flat(lse),
