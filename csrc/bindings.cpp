@@ -4,7 +4,13 @@
 // sees them) and calls these functions, which only check what would otherwise be a memory error
 // (device, dtype, size and layout of the buffers) -- argument validation with user-facing
 // messages happens in fastrlhf.ops before we get here.  The GIL is released while they run.
-#include <torch/extension.h>
+// Not <torch/extension.h>: that pulls in the whole C++ frontend (torch/all.h: nn, optim, data)
+// and parsing it was most of the build (about 55 of 78 s of CPU for this file, the longest
+// step of the ~2 minute first build).  This file needs only Tensor, at::parallel and pybind11
+// with torch's type casters.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include "fused_linear.h"
 #include "native.h"

@@ -28,10 +28,6 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict,
-                                                     set_model_state_dict,
-                                                     set_optimizer_state_dict)
 
 from .config import TrainConfig
 from .data import PromptTask
@@ -119,6 +115,13 @@ def _cpu_copy(obj):
     return copy.deepcopy(obj)
 
 
+def _dcp():
+    """``torch.distributed.checkpoint.state_dict`` and the full-state options (FSDP2 only)."""
+    # lazy: importing it pulls in DTensor (about 1 s per process), which only FSDP2 models need
+    import torch.distributed.checkpoint.state_dict as dcp
+    return dcp, dcp.StateDictOptions(full_state_dict=True)
+
+
 def model_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     """A full (unsharded) CPU copy of the model's state dict, on every rank.
 
@@ -127,7 +130,8 @@ def model_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     call it on every rank)."""
     m = unwrap(model)
     if _is_sharded(m):
-        return _cpu_copy(get_model_state_dict(m, options=StateDictOptions(full_state_dict=True)))
+        dcp, full = _dcp()
+        return _cpu_copy(dcp.get_model_state_dict(m, options=full))
     if vocab_shard(m) is not None:
         return _cpu_copy(gather_state(m, m.state_dict()))
     return _cpu_copy(m.state_dict())
@@ -137,7 +141,8 @@ def load_model_state(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
     """Load a full state dict (as :func:`model_state` returns) into any of the model kinds."""
     m = unwrap(model)
     if _is_sharded(m):
-        set_model_state_dict(m, state, options=StateDictOptions(full_state_dict=True))
+        dcp, full = _dcp()
+        dcp.set_model_state_dict(m, state, options=full)
     elif vocab_shard(m) is not None:
         m.load_state_dict(scatter_state(m, state))
     else:
@@ -147,8 +152,8 @@ def load_model_state(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
 def optim_state(model: nn.Module, optim: torch.optim.Optimizer) -> Dict:
     m = unwrap(model)
     if _is_sharded(m):
-        return _cpu_copy(get_optimizer_state_dict(m, optim,
-                                                  options=StateDictOptions(full_state_dict=True)))
+        dcp, full = _dcp()
+        return _cpu_copy(dcp.get_optimizer_state_dict(m, optim, options=full))
     if vocab_shard(m) is not None:
         return _cpu_copy(gather_optim_state(m, optim))
     return _cpu_copy(optim.state_dict())
@@ -157,7 +162,8 @@ def optim_state(model: nn.Module, optim: torch.optim.Optimizer) -> Dict:
 def load_optim_state(model: nn.Module, optim: torch.optim.Optimizer, state: Dict) -> None:
     m = unwrap(model)
     if _is_sharded(m):
-        set_optimizer_state_dict(m, optim, state, options=StateDictOptions(full_state_dict=True))
+        dcp, full = _dcp()
+        dcp.set_optimizer_state_dict(m, optim, state, options=full)
     elif vocab_shard(m) is not None:
         optim.load_state_dict(scatter_optim_state(m, optim, state))
     else:
