@@ -179,7 +179,9 @@ def group_advantages(scores: torch.Tensor, group_ids: torch.Tensor, kind: str = 
 
     Edge cases: a NaN / inf score makes its group's advantages NaN / non-finite, other groups
     are untouched; the gradient of a group of size 1 is its closed form (``1 / (1 + eps)`` for
-    grpo, 1 otherwise) even for a NaN / inf score; ``B = 0`` gives an empty result.
+    grpo, 1 otherwise) even for a NaN / inf score; a group of equal scores (zero std) passes
+    no gradient through the std (``torch.std``'s backward), so grpo's gradient there is
+    ``(onehot - 1 / n) / eps`` (NaN / inf for ``eps = 0``); ``B = 0`` gives an empty result.
     """
     if kind not in GROUP_ADV_KINDS:
         raise ValueError(f"group_advantages: unknown kind {kind!r}")

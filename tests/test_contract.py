@@ -274,3 +274,22 @@ def test_group_of_one_with_nan_score_keeps_its_gradient(backend, kind, norm):
     want0 = 0.7 / 1.1 if kind == "grpo" else 0.7
     assert abs(float(x.grad[0]) - want0) < 1e-12, x.grad
     assert abs(float(x.grad[3]) - want0) < 1e-12 and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_group_of_equal_scores_has_a_finite_gradient(backend, dtype):
+    """Found by the long property profile (bf16 scores near 1e4, where the rounding makes a
+    group's scores equal): a zero std made the vectorized gradient NaN (sqrt'(0) = inf times
+    0).  The spec is torch.std's backward, which passes no gradient through a zero std, so
+    grpo's gradient is the mean-centering's, (onehot - 1/n) / eps."""
+    x = torch.tensor([3.0, 3.0, 3.0, 1.0, 2.0], dtype=dtype, requires_grad=True)
+    ids = torch.tensor([0, 0, 0, 1, 1])
+    up = torch.tensor([0.5, -1.0, 2.0, 1.0, 1.0], dtype=torch.float64)
+    out = fr.group_advantages(x, ids, kind="grpo", eps=0.1, backend=backend)
+    (out.double() * up).sum().backward()
+    assert torch.equal(out[:3].double(), torch.zeros(3, dtype=torch.float64))
+    g = x.grad.double()
+    want = (up[:3] - up[:3].mean()) / 0.1
+    assert torch.isfinite(g).all(), g
+    assert torch.allclose(g[:3], want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6), (g, want)

@@ -14,6 +14,7 @@ docstrings.  Layouts the op layer does not handle yet are kept out of the in-pla
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -187,7 +188,15 @@ def test_full_kl(backend, lead, V, dtype, layout, T, sp, sp2, seed):
     fin = res["exp"][0].detach()[torch.isfinite(res["exp"][0].detach())]
     kl_max = float(fin.abs().max()) if fin.numel() else 0.0
     eps = 1e-15 if dtype == F64 else 1.2e-7
-    cancel = 8 * eps * (1 + kl_max) * float(ups[0].abs().max() if ups[0].numel() else 0) / T
+    up_max = float(ups[0].abs().max()) if ups[0].numel() else 0.0
+    cancel = 8 * eps * (1 + kl_max) * up_max / T
+    # z_j = x_j / T - max_k x_k / T carries an error of about one ulp of |x / T| in the compute
+    # dtype (torch's float32 reference has it for every element but the max, the kernels may
+    # have it for the max too: they keep the max as M / T), so p_j is off by a factor of up
+    # to exp(2 eps |x / T|): at +-1e4 offsets and T = 1e-3 (|x / T| = 1e7, ulp 1) float32 fixes
+    # no digit of the gradient (found by the long profile, V = 1, dy 1350 vs 0).
+    zmax = max(_fwd_scale(lx.values.to(dtype), T), _fwd_scale(ly.values.to(dtype), T)) - 1
+    cancel += math.expm1(min(2 * eps * zmax, 50.0)) * 2 * up_max / T
     for i in (1, 2):
         tol = grad_tol(dtype, res["exp"][i], scale * 4)
         tol["atol"] += cancel

@@ -50,8 +50,12 @@ def _vectorized(scores: Tensor, group_ids: Tensor, kind: str, eps: float, norm_b
         dev = xs - mean_g[inv]
         ss = group_sums(dev * dev)
         var = ss / (cnt - 1).clamp_min(1)
-        # (no sqrt(0) for a single member: its gradient would be 0 * inf = NaN behind the where)
-        std_g = torch.sqrt(torch.where(single, torch.ones_like(var), var))
+        # sqrt only of var > 0: at var = 0 (a single member, or a group of equal scores) the
+        # derivative of sqrt is inf and 0 * inf = NaN would reach the gradient even behind a
+        # where; like torch.std's backward, a zero std passes no gradient
+        pos = var > 0
+        std_g = torch.where(pos, torch.sqrt(torch.where(pos, var, torch.ones_like(var))),
+                            torch.where(var == 0, torch.zeros_like(var), var))
         # verl: a group of size 1 has mean 0 and std 1.
         mean_g = torch.where(single, torch.zeros_like(mean_g), mean_g)
         std_g = torch.where(single, torch.ones_like(std_g), std_g)
