@@ -111,30 +111,30 @@ void policy_fwd_impl(const Mat& lp, const Mat& old, const Mat& adv, const Mat& m
         kl_row = -d_sum;
       }
       seqlr[b] = seq_s;
-      A al[kLanes] = {}, an[kLanes] = {}, ac[kLanes] = {}, acl[kLanes] = {}, ak[kLanes] = {};
+      using V = Vec<A>;
+      const V zero = vsplat<A>(A(0));
+      V al = zero, an = zero, ac = zero, acl = zero, ak = zero;
       for (int64_t j = 0; j < rb.npad; j += kLanes) {
-        for (int l = 0; l < kLanes; ++l) {
-          const A m = M[j + l], x = L[j + l], o = O[j + l], a = D[j + l];
-          const bool bad = x != x || o != o || a != a;
-          A lr;
-          bool ind;
-          log_ratio(x, o, seq_s, pc.seq, lr, ind);
-          if (!pc.seq) ak[l] += (m != A(0) ? -lr : A(0)) * m;
-          A ls, g;
-          bool cl, lo;
-          policy_terms(lr, ind, a, bad, pc, ls, g, cl, lo);
-          const bool valid = m != A(0);
-          al[l] += (valid ? ls : A(0)) * m;
-          an[l] += m;
-          ac[l] += (valid && cl) ? m : A(0);
-          acl[l] += (valid && lo) ? m : A(0);
-        }
+        const V m = vload(M + j), x = vload(L + j), o = vload(O + j), a = vload(D + j);
+        const VMask<A> bad = (x != x) | (o != o) | (a != a);
+        V lr;
+        VMask<A> ind;
+        vlog_ratio(x, o, seq_s, pc.seq, lr, ind);
+        const VMask<A> valid = m != zero;
+        if (!pc.seq) ak += (valid ? -lr : zero) * m;
+        V ls, g;
+        VMask<A> cl, lo;
+        vpolicy_terms(lr, ind, a, bad, pc, ls, g, cl, lo);
+        al += (valid ? ls : zero) * m;
+        an += m;
+        ac += (valid & cl) ? m : zero;
+        acl += (valid & lo) ? m : zero;
       }
-      if (!pc.seq) kl_row = lane_sum(ak);
-      part[kLoss * B + b] = lane_sum(al);
-      part[kCount * B + b] = lane_sum(an);
-      part[kClip * B + b] = lane_sum(ac);
-      part[kClipLower * B + b] = lane_sum(acl);
+      if (!pc.seq) kl_row = vsum<A>(ak);
+      part[kLoss * B + b] = vsum<A>(al);
+      part[kCount * B + b] = vsum<A>(an);
+      part[kClip * B + b] = vsum<A>(ac);
+      part[kClipLower * B + b] = vsum<A>(acl);
       part[kKL * B + b] = kl_row;
     }
   });
@@ -159,16 +159,19 @@ void policy_bwd_impl(double g_d, const Mat& lp, const Mat& old, const Mat& adv, 
       dx.resize(rb.npad);
       const A gc = gout * coef[b];
       const A seq_s = pc.seq ? seqlr[b] : A(0);
-      for (int64_t j = 0; j < rb.npad; ++j) {
-        const A m = rb.m[j], x = rb.a[j], o = rb.b[j], a = rb.c[j];
-        const bool bad = x != x || o != o || a != a;
-        A lr;
-        bool ind;
-        log_ratio(x, o, seq_s, pc.seq, lr, ind);
-        A ls, g;
-        bool cl, lo;
-        policy_terms(lr, ind, a, bad, pc, ls, g, cl, lo);
-        dx[j] = m != A(0) ? gc * m * g : A(0);
+      using V = Vec<A>;
+      const V zero = vsplat<A>(A(0));
+      for (int64_t j = 0; j < rb.npad; j += kLanes) {
+        const V m = vload(rb.m.data() + j), x = vload(rb.a.data() + j);
+        const V o = vload(rb.b.data() + j), a = vload(rb.c.data() + j);
+        const VMask<A> bad = (x != x) | (o != o) | (a != a);
+        V lr;
+        VMask<A> ind;
+        vlog_ratio(x, o, seq_s, pc.seq, lr, ind);
+        V ls, g;
+        VMask<A> cl, lo;
+        vpolicy_terms(lr, ind, a, bad, pc, ls, g, cl, lo);
+        vstore(dx.data() + j, m != zero ? gc * m * g : zero);
       }
       store_any<A>(static_cast<char*>(out) + b * T * osz, out_dt, T, dx.data());
     }
@@ -185,24 +188,26 @@ void value_fwd_impl(const Mat& v, const Mat& ov, const Mat& ret, const Mat& mask
     RowBufs<A> rb;
     for (int64_t b = b0; b < b1; ++b) {
       rb.load(v, ret, has_clip ? &ov : nullptr, mask, b, T);
-      A al[kLanes] = {}, an[kLanes] = {}, ac[kLanes] = {};
+      using V = Vec<A>;
+      const V zero = vsplat<A>(A(0));
+      V al = zero, an = zero, ac = zero;
       for (int64_t j = 0; j < rb.npad; j += kLanes) {
-        for (int l = 0; l < kLanes; ++l) {
-          const A m = rb.m[j + l], x = rb.a[j + l], r = rb.b[j + l];
-          const A o = has_clip ? rb.c[j + l] : x;
-          const bool bad = x != x || r != r || (has_clip && o != o);
-          A ls, g;
-          bool cl;
-          value_terms(x, o, r, bad, has_clip, clip, ls, g, cl);
-          const bool valid = m != A(0);
-          al[l] += (valid ? ls : A(0)) * m;
-          an[l] += m;
-          ac[l] += (valid && cl) ? m : A(0);
-        }
+        const V m = vload(rb.m.data() + j), x = vload(rb.a.data() + j);
+        const V r = vload(rb.b.data() + j);
+        const V o = has_clip ? vload(rb.c.data() + j) : x;
+        VMask<A> bad = (x != x) | (r != r);
+        if (has_clip) bad |= o != o;
+        V ls, g;
+        VMask<A> cl;
+        vvalue_terms(x, o, r, bad, has_clip, clip, ls, g, cl);
+        const VMask<A> valid = m != zero;
+        al += (valid ? ls : zero) * m;
+        an += m;
+        ac += (valid & cl) ? m : zero;
       }
-      part[kLoss * B + b] = lane_sum(al);
-      part[kCount * B + b] = lane_sum(an);
-      part[kClip * B + b] = lane_sum(ac);
+      part[kLoss * B + b] = vsum<A>(al);
+      part[kCount * B + b] = vsum<A>(an);
+      part[kClip * B + b] = vsum<A>(ac);
     }
   });
   finalize<A>(part, B, 1, agg, A(0.5), static_cast<A*>(loss), static_cast<A*>(stats),
@@ -224,14 +229,18 @@ void value_bwd_impl(double g_d, const Mat& v, const Mat& ov, const Mat& ret, con
       rb.load(v, ret, has_clip ? &ov : nullptr, mask, b, T);
       dx.resize(rb.npad);
       const A gc = gout * coef[b];
-      for (int64_t j = 0; j < rb.npad; ++j) {
-        const A m = rb.m[j], x = rb.a[j], r = rb.b[j];
-        const A o = has_clip ? rb.c[j] : x;
-        const bool bad = x != x || r != r || (has_clip && o != o);
-        A ls, g;
-        bool cl;
-        value_terms(x, o, r, bad, has_clip, clip, ls, g, cl);
-        dx[j] = m != A(0) ? gc * m * g : A(0);
+      using V = Vec<A>;
+      const V zero = vsplat<A>(A(0));
+      for (int64_t j = 0; j < rb.npad; j += kLanes) {
+        const V m = vload(rb.m.data() + j), x = vload(rb.a.data() + j);
+        const V r = vload(rb.b.data() + j);
+        const V o = has_clip ? vload(rb.c.data() + j) : x;
+        VMask<A> bad = (x != x) | (r != r);
+        if (has_clip) bad |= o != o;
+        V ls, g;
+        VMask<A> cl;
+        vvalue_terms(x, o, r, bad, has_clip, clip, ls, g, cl);
+        vstore(dx.data() + j, m != zero ? gc * m * g : zero);
       }
       store_any<A>(static_cast<char*>(out) + b * T * osz, out_dt, T, dx.data());
     }
