@@ -45,6 +45,38 @@ A lane_sum(const A* v) {
   return s;
 }
 
+// kLanes tokens j .. j + kLanes of a staged policy row (a = logp, b = old, c = adv, m = mask):
+// the mask, the clamped log-ratio (for the approx-KL sum) and the per-token terms.
+template <typename A>
+struct PolicyLanes {
+  Vec<A> m, lr, loss, grad;
+  VMask<A> clipped, lower;
+  PolicyLanes(const RowBufs<A>& rb, int64_t j, A seq_s, const PolicyConsts<A>& pc) {
+    m = vload(rb.m.data() + j);
+    const Vec<A> x = vload(rb.a.data() + j), o = vload(rb.b.data() + j);
+    const Vec<A> a = vload(rb.c.data() + j);
+    const VMask<A> bad = (x != x) | (o != o) | (a != a);
+    VMask<A> ind;
+    vlog_ratio(x, o, seq_s, pc.seq, lr, ind);
+    vpolicy_terms(lr, ind, a, bad, pc, loss, grad, clipped, lower);
+  }
+};
+
+// The same for a staged value row (a = values, b = returns, c = old values when clipping).
+template <typename A>
+struct ValueLanes {
+  Vec<A> m, loss, grad;
+  VMask<A> clipped;
+  ValueLanes(const RowBufs<A>& rb, int64_t j, bool has_clip, A clip) {
+    m = vload(rb.m.data() + j);
+    const Vec<A> x = vload(rb.a.data() + j), r = vload(rb.b.data() + j);
+    const Vec<A> o = has_clip ? vload(rb.c.data() + j) : x;
+    VMask<A> bad = (x != x) | (r != r);
+    if (has_clip) bad |= o != o;
+    vvalue_terms(x, o, r, bad, has_clip, clip, loss, grad, clipped);
+  }
+};
+
 // Combine the [kParts, B] partials into loss / stats / coef (serially, in row order).
 template <typename A>
 void finalize(const std::vector<A>& part, int64_t B, int n_stats, const AggArgs& agg, A scale,
@@ -95,7 +127,6 @@ void policy_fwd_impl(const Mat& lp, const Mat& old, const Mat& adv, const Mat& m
       rb.load(lp, old, &adv, mask, b, T);
       const A* L = rb.a.data();
       const A* O = rb.b.data();
-      const A* D = rb.c.data();
       const A* M = rb.m.data();
       A seq_s = A(0), kl_row = A(0);
       if (pc.seq) {
@@ -115,20 +146,13 @@ void policy_fwd_impl(const Mat& lp, const Mat& old, const Mat& adv, const Mat& m
       const V zero = vsplat<A>(A(0));
       V al = zero, an = zero, ac = zero, acl = zero, ak = zero;
       for (int64_t j = 0; j < rb.npad; j += kLanes) {
-        const V m = vload(M + j), x = vload(L + j), o = vload(O + j), a = vload(D + j);
-        const VMask<A> bad = (x != x) | (o != o) | (a != a);
-        V lr;
-        VMask<A> ind;
-        vlog_ratio(x, o, seq_s, pc.seq, lr, ind);
-        const VMask<A> valid = m != zero;
-        if (!pc.seq) ak += (valid ? -lr : zero) * m;
-        V ls, g;
-        VMask<A> cl, lo;
-        vpolicy_terms(lr, ind, a, bad, pc, ls, g, cl, lo);
-        al += (valid ? ls : zero) * m;
-        an += m;
-        ac += (valid & cl) ? m : zero;
-        acl += (valid & lo) ? m : zero;
+        const PolicyLanes<A> t(rb, j, seq_s, pc);
+        const VMask<A> valid = t.m != zero;
+        if (!pc.seq) ak += (valid ? -t.lr : zero) * t.m;
+        al += (valid ? t.loss : zero) * t.m;
+        an += t.m;
+        ac += (valid & t.clipped) ? t.m : zero;
+        acl += (valid & t.lower) ? t.m : zero;
       }
       if (!pc.seq) kl_row = vsum<A>(ak);
       part[kLoss * B + b] = vsum<A>(al);
@@ -162,16 +186,8 @@ void policy_bwd_impl(double g_d, const Mat& lp, const Mat& old, const Mat& adv, 
       using V = Vec<A>;
       const V zero = vsplat<A>(A(0));
       for (int64_t j = 0; j < rb.npad; j += kLanes) {
-        const V m = vload(rb.m.data() + j), x = vload(rb.a.data() + j);
-        const V o = vload(rb.b.data() + j), a = vload(rb.c.data() + j);
-        const VMask<A> bad = (x != x) | (o != o) | (a != a);
-        V lr;
-        VMask<A> ind;
-        vlog_ratio(x, o, seq_s, pc.seq, lr, ind);
-        V ls, g;
-        VMask<A> cl, lo;
-        vpolicy_terms(lr, ind, a, bad, pc, ls, g, cl, lo);
-        vstore(dx.data() + j, m != zero ? gc * m * g : zero);
+        const PolicyLanes<A> t(rb, j, seq_s, pc);
+        vstore(dx.data() + j, t.m != zero ? gc * t.m * t.grad : zero);
       }
       store_any<A>(static_cast<char*>(out) + b * T * osz, out_dt, T, dx.data());
     }
@@ -192,18 +208,11 @@ void value_fwd_impl(const Mat& v, const Mat& ov, const Mat& ret, const Mat& mask
       const V zero = vsplat<A>(A(0));
       V al = zero, an = zero, ac = zero;
       for (int64_t j = 0; j < rb.npad; j += kLanes) {
-        const V m = vload(rb.m.data() + j), x = vload(rb.a.data() + j);
-        const V r = vload(rb.b.data() + j);
-        const V o = has_clip ? vload(rb.c.data() + j) : x;
-        VMask<A> bad = (x != x) | (r != r);
-        if (has_clip) bad |= o != o;
-        V ls, g;
-        VMask<A> cl;
-        vvalue_terms(x, o, r, bad, has_clip, clip, ls, g, cl);
-        const VMask<A> valid = m != zero;
-        al += (valid ? ls : zero) * m;
-        an += m;
-        ac += (valid & cl) ? m : zero;
+        const ValueLanes<A> t(rb, j, has_clip, clip);
+        const VMask<A> valid = t.m != zero;
+        al += (valid ? t.loss : zero) * t.m;
+        an += t.m;
+        ac += (valid & t.clipped) ? t.m : zero;
       }
       part[kLoss * B + b] = vsum<A>(al);
       part[kCount * B + b] = vsum<A>(an);
@@ -232,15 +241,8 @@ void value_bwd_impl(double g_d, const Mat& v, const Mat& ov, const Mat& ret, con
       using V = Vec<A>;
       const V zero = vsplat<A>(A(0));
       for (int64_t j = 0; j < rb.npad; j += kLanes) {
-        const V m = vload(rb.m.data() + j), x = vload(rb.a.data() + j);
-        const V r = vload(rb.b.data() + j);
-        const V o = has_clip ? vload(rb.c.data() + j) : x;
-        VMask<A> bad = (x != x) | (r != r);
-        if (has_clip) bad |= o != o;
-        V ls, g;
-        VMask<A> cl;
-        vvalue_terms(x, o, r, bad, has_clip, clip, ls, g, cl);
-        vstore(dx.data() + j, m != zero ? gc * m * g : zero);
+        const ValueLanes<A> t(rb, j, has_clip, clip);
+        vstore(dx.data() + j, t.m != zero ? gc * t.m * t.grad : zero);
       }
       store_any<A>(static_cast<char*>(out) + b * T * osz, out_dt, T, dx.data());
     }
