@@ -151,3 +151,17 @@ def run_gloo(fn, world: int, *args, timeout_s: float = 300.0) -> None:
             ok = False
         msg = open(err.name).read()
         assert ok and not msg, msg or f"a worker failed or did not finish in {timeout_s:.0f} s"
+
+
+# CI runs the suite on two pytest-xdist workers (--dist loadgroup), which take tests in collection
+# order.  A few modules (ahead-of-time compilation, the multi-process and whole-pipeline trainer
+# runs) take most of the time; collected last (alphabetically) they kept one worker busy for the
+# last ~3 minutes while the other idled.  They are collected first, the rest keep their order.
+SLOW_FIRST = ("test_aot.py", "test_trainer_vocab_parallel.py", "test_trainer.py",
+              "test_vocab_parallel_ops.py", "test_vocab_parallel.py", "test_trainer_cli.py",
+              "test_trainer_text.py", "test_trainer_reference.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda it: rank.get(os.path.basename(str(it.path)), len(rank)))  # stable
