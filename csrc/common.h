@@ -33,8 +33,8 @@ using c10::ScalarType;
 
 // Accumulator lanes per row = the target's float SIMD width.  A wider generic vector than the
 // target has is not split into native registers by GCC but "expanded piecewise", lane by lane:
-// 16 lanes on an AVX2 build made the softmax loops ~20x slower (8.6 vs 0.4 ns per element in the
-// exp loop, measured on a 2-core AMD EPYC).  The lane count fixes the summation order, so results
+// 16 lanes on an AVX2 build made the softmax loops ~13x slower (row statistics: 8.6 vs 0.64 ns
+// per element, one thread, measured on a 2-core AMD EPYC).  The lane count fixes the summation order, so results
 // are bitwise independent of the thread count on one build, and may differ in the last bits
 // between builds for different ISAs.
 #if defined(__AVX512F__)
