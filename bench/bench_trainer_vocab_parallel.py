@@ -65,8 +65,8 @@ def _model_dir(root: str, vocab: int) -> str:
 
 
 def _run(cmd, out: str, steps: int):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
+    # (not the checkout on PYTHONPATH: its kernels/ would shadow the PyPI `kernels` package)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if r.returncode != 0:

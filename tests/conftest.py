@@ -11,8 +11,17 @@
 from __future__ import annotations
 
 import os
+import sys
 
-import torch
+# The repository root holds `kernels/`, installed as fastrlhf.kernels.  `python -m pytest` puts
+# the working directory (the root, in CI) first on sys.path, where that directory shadows the
+# PyPI package `kernels`, which recent transformers imports when it is installed: spawned test
+# ranks (which inherit sys.path) then failed with "cannot import name 'CUDAProperties' from
+# 'kernels'".  fastrlhf itself is importable through its (editable) install.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
+
+import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

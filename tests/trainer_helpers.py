@@ -8,10 +8,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def subprocess_env() -> dict:
-    """This environment with the checkout importable, the reference / native backends (no
-    Triton interpreter) and one OpenMP thread per process."""
+    """This environment with the reference / native backends (no Triton interpreter) and one
+    OpenMP thread per process.  fastrlhf is importable through its install; the checkout is
+    not put on PYTHONPATH, where its root's ``kernels/`` would shadow the PyPI ``kernels``
+    package that recent transformers imports."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("TRITON_INTERPRET", None)
     env["OMP_NUM_THREADS"] = "1"
     return env
