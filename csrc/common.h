@@ -205,6 +205,47 @@ inline Vec<double> vexp_clamped(Vec<double> xc) {
   return xc;
 }
 
+// 2^x on a vector, for x already clamped to >= kExp2Lo (and <= 127 where the result is kept).
+// x = n + r with n = round-to-nearest(x) and r in [-1/2, 1/2]; 2^r by a degree-6 polynomial
+// (a relative-error fit on [-1/2, 1/2]: 2e-9 in exact arithmetic, ~1.2 ulp in float with the
+// rounding of the evaluation); 2^n is built in the exponent field, where n = -127 encodes 0.0f
+// exactly (so kExp2Lo gives an exact 0, as exp(-inf) should).  Fewer operations than
+// vexp_clamped (no Cody-Waite reduction: the caller folds log2(e) into a scale it applies
+// anyway), which matters because this is the inner loop of the streaming passes.  NaN in gives
+// NaN out.
+template <typename A>
+constexpr A kExp2Lo = A(-127);
+template <>
+constexpr double kExp2Lo<double> = -1076.0;  // exp2(-1076) == 0 in double
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+
+inline Vec<float> vexp2_clamped(Vec<float> x) {
+  using VI = VecT<float>::itype;
+  // x + 1.5 * 2^23 rounds x to the nearest integer n and holds n + 2^22 in its low mantissa
+  // bits (|x| < 2^22), so the exponent field is built from those bits with no float -> int
+  // conversion.
+  const Vec<float> big = x + 12582912.0f;
+  const Vec<float> r = x - (big - 12582912.0f);
+  Vec<float> p = vsplat(1.5353410e-4f);
+  p = p * r + 1.3398874e-3f;
+  p = p * r + 9.6184369e-3f;
+  p = p * r + 5.5503324e-2f;
+  p = p * r + 2.4022648e-1f;
+  p = p * r + 6.9314718e-1f;
+  p = p * r + 1.0f;
+  VI bits;
+  std::memcpy(&bits, &big, sizeof(bits));
+  bits = (bits + (127 - 0x4B400000)) << 23;
+  Vec<float> scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+inline Vec<double> vexp2_clamped(Vec<double> x) {
+  for (int l = 0; l < kLanes; ++l) x[l] = std::exp2(x[l]);
+  return x;
+}
+
 // ---- element conversions ---------------------------------------------------------------------
 
 inline float load_bf16(uint16_t u) { return bits_to_f32(static_cast<uint32_t>(u) << 16); }

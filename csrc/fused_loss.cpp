@@ -11,7 +11,7 @@
 //      with w = c_b m_bt the token's aggregation weight;
 //   3. gradient: the row is swept again (from L2: a V = 32000 fp32 row is 128 KB) and
 //      dlogits = (g_lp (onehot - p) - g_H p (log p + H)) / T written -- into a fresh buffer or
-//      over the logits (each block is read before it is written).  Masked tokens (w = 0) get a
+//      over the logits (each vector is read before it is written).  Masked tokens (w = 0) get a
 //      zero row without the logits being read again.
 // GSPO (ratio_level="sequence") needs the row's mean log-ratio first: a statistics pass over
 // all rows, the per-sequence log-ratios, then the loss / gradient pass from the saved (M, log S).
@@ -60,7 +60,7 @@ void fused_impl(const void* logits_v, void* dlogits_v, const int64_t* dims,
     sH.resize(N);
     sLp.resize(N);
     parallel_rows(N, rows_grain(V), [&](int64_t r0, int64_t r1) {
-      std::vector<A> buf(kBlock);
+      std::vector<A> buf(kLanes);
       for (int64_t row = r0; row < r1; ++row)
         sLp[row] = row_logp(row, buf.data(), sM[row], sLogS[row], sH[row]);
     });
@@ -78,7 +78,7 @@ void fused_impl(const void* logits_v, void* dlogits_v, const int64_t* dims,
   }
 
   parallel_rows(N, rows_grain(V), [&](int64_t r0, int64_t r1) {
-    std::vector<A> buf(kBlock), gbuf(kBlock);
+    std::vector<A> buf(kLanes);
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t b = row / T;
       A M, logS, H, logp;
@@ -129,10 +129,9 @@ void fused_impl(const void* logits_v, void* dlogits_v, const int64_t* dims,
       const S* x = logits + lay.offset(row);
       if (ent_coef != A(0))
         grad_row<S, A, true>(x, out, V, inv_temp, M, logS, H, g_lp, -w * ent_coef, tok,
-                             buf.data(), gbuf.data());
+                             buf.data());
       else
-        grad_row<S, A, false>(x, out, V, inv_temp, M, logS, H, g_lp, A(0), tok, buf.data(),
-                              gbuf.data());
+        grad_row<S, A, false>(x, out, V, inv_temp, M, logS, H, g_lp, A(0), tok, buf.data());
     }
   });
 

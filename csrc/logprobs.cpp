@@ -4,19 +4,23 @@
 // and unit stride on the vocab (fastrlhf.ops._common.rows_layout), so logits[:, :-1] is read in
 // place.  Each row is one task; rows run in parallel.
 //
-// Forward, one streaming pass per row (online logsumexp at block granularity): the vocab is
-// processed in blocks of kBlock elements that are converted to the accumulation type into an L1
-// buffer (x = logits * inv_temp), the block max is taken, and when it exceeds the running max M
-// the kLanes accumulators are rescaled once:
+// Forward, one streaming pass per row (online logsumexp at block granularity): each block of
+// kBlock elements is read once, converted to the accumulation type in registers (x = logits *
+// inv_temp), and every element adds e = exp(x - M) to the kLanes accumulators s and e * (x - M)
+// to t, against the running max M of the blocks before it (one exp per element, computed as
+// 2^((x - M) log2 e)).  The block's max is taken in the same pass; when it exceeds M the block's
+// sums are merged and the accumulators rescaled once:
 //     s <- s * exp(M - M'),   t <- exp(M - M') * (t + (M - M') s)
-// then every element adds e = exp(x - M) to s and e * (x - M) to t (one exp per element).  At the
-// end S = sum(s), logS = log S, H = logS - sum(t) / S and logp = (x[token] - M) - logS; (M, logS)
-// is saved for backward.  NaN anywhere in a row makes that row's outputs NaN.
+// A block more than kSlack above M is recomputed against its own max instead (bounding e and
+// the cancellation in t), and the first block with a finite value takes its max in a pass of
+// its own.  At the end S = sum(s), logS = log S, H = logS - sum(t) / S and
+// logp = (x[token] - M) - logS; (M, logS) is saved for backward.  NaN anywhere in a row makes
+// that row's outputs NaN.
 //
 // Backward recomputes z = (x - M) - logS, p = exp(z) and writes
 //     dlogits = (dlogp * (onehot - p) - dH * p * (z + H)) * inv_temp
-// block by block into the output (which may be the logits buffer itself: every block is read
-// before it is written).  Nothing of size [N, V] is allocated.
+// one vector at a time into the output (which may be the logits buffer itself: every vector is
+// read before it is written).  Nothing of size [N, V] is allocated.
 #include "native.h"
 #include "softmax_row.h"
 
@@ -36,7 +40,7 @@ void fwd_impl(const void* logits_v, const int64_t* dims, const int64_t* strides,
   const int64_t N = dims[0] * dims[1] * dims[2];
   const A inv_temp = static_cast<A>(inv_temp_d);
   parallel_rows(N, rows_grain(V), [&](int64_t b, int64_t e) {
-    std::vector<A> buf(kBlock);
+    std::vector<A> buf(kLanes);
     for (int64_t row = b; row < e; ++row) {
       const T* x = logits + lay.offset(row);
       A M, logS, H, x_tok;
@@ -66,7 +70,7 @@ void bwd_impl(const void* logits_v, void* out_v, const int64_t* dims, const int6
   const int64_t N = dims[0] * dims[1] * dims[2];
   const A inv_temp = static_cast<A>(inv_temp_d);
   parallel_rows(N, rows_grain(V), [&](int64_t b, int64_t e) {
-    std::vector<A> buf(kBlock), gbuf(kBlock);
+    std::vector<A> buf(kLanes);
     for (int64_t row = b; row < e; ++row) {
       int64_t tok = -1;
       A g_lp = A(0);
@@ -76,7 +80,7 @@ void bwd_impl(const void* logits_v, void* out_v, const int64_t* dims, const int6
       }
       grad_row<T, A, HAS_DENT>(logits + lay.offset(row), out + olay.offset(row), V, inv_temp,
                                lse[2 * row], lse[2 * row + 1], HAS_DENT ? ent[row] : A(0), g_lp,
-                               HAS_DENT ? dent[row] : A(0), tok, buf.data(), gbuf.data());
+                               HAS_DENT ? dent[row] : A(0), tok, buf.data());
     }
   });
 }

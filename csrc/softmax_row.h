@@ -1,6 +1,6 @@
 // Per-row softmax machinery shared by logprobs.cpp and fused_loss.cpp: the strided row layout,
-// block loads / stores with dtype conversion, the one-sweep row statistics (online logsumexp +
-// entropy sum) and the gradient sweep.  See logprobs.cpp for the algorithm.
+// vector loads / stores with dtype conversion (in registers), the one-sweep row statistics
+// (online logsumexp + entropy sum) and the gradient sweep.  See logprobs.cpp for the algorithm.
 #pragma once
 
 #include "common.h"
@@ -8,23 +8,7 @@
 namespace fastrlhf {
 namespace native {
 
-constexpr int64_t kBlock = 2048;  // elements per L1 block (8 KiB of fp32)
-
-template <typename T, typename A>
-inline void load_block(const T* x, int64_t n, A inv_temp, A* buf) {
-  for (int64_t i = 0; i < n; ++i) buf[i] = Elem<T>::template load<A>(x + i) * inv_temp;
-  const int64_t npad = round_up(n, kLanes);
-  for (int64_t i = n; i < npad; ++i) buf[i] = -kInf<A>;
-}
-
-template <typename T>
-inline void store_block(T* out, int64_t n, const float* g) {
-  for (int64_t i = 0; i < n; ++i) Elem<T>::template store<float>(out + i, g[i]);
-}
-template <typename T>
-inline void store_block(T* out, int64_t n, const double* g) {
-  for (int64_t i = 0; i < n; ++i) Elem<T>::template store<double>(out + i, g[i]);
-}
+constexpr int64_t kBlock = 2048;  // elements per block of the online logsumexp
 
 struct RowLayout {
   int64_t D1, D2, s0, s1, s2;
@@ -35,49 +19,168 @@ struct RowLayout {
   }
 };
 
+// kLanes consecutive elements of T converted to A (bf16: a widening shift, in registers).
+template <typename T, typename A>
+inline Vec<A> vload_as(const T* p) {
+  Vec<A> v;
+  for (int l = 0; l < kLanes; ++l) v[l] = Elem<T>::template load<A>(p + l);
+  return v;
+}
+template <>
+inline Vec<float> vload_as<float, float>(const float* p) { return vload(p); }
+template <>
+inline Vec<double> vload_as<double, double>(const double* p) { return vload(p); }
+template <>
+inline Vec<float> vload_as<c10::BFloat16, float>(const c10::BFloat16* p) {
+  typedef uint16_t U16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+  using VI = VecT<float>::itype;
+  U16 u;
+  std::memcpy(&u, p, sizeof(u));
+  const VI w = __builtin_convertvector(u, VI) << 16;
+  Vec<float> f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+}
+
+// 2 kLanes elements of T at p as two vectors of A, in an order of the loader's choosing (the
+// callers only sum and max them).  bf16: one 32-bit word holds two elements, so the word shifted
+// left by 16 is the even element as a float and the word with its low half cleared the odd one
+// (two integer operations per vector, no widening shuffles).
+template <typename T, typename A>
+inline void vload_pair(const T* p, Vec<A>& v0, Vec<A>& v1) {
+  v0 = vload_as<T, A>(p);
+  v1 = vload_as<T, A>(p + kLanes);
+}
+template <>
+inline void vload_pair<c10::BFloat16, float>(const c10::BFloat16* p, Vec<float>& v0,
+                                             Vec<float>& v1) {
+  using VI = VecT<float>::itype;
+  VI w;
+  std::memcpy(&w, p, sizeof(w));
+  const VI even = w << 16, odd = w & static_cast<int32_t>(0xffff0000u);
+  std::memcpy(&v0, &even, sizeof(v0));
+  std::memcpy(&v1, &odd, sizeof(v1));
+}
+
+template <typename A>
+inline Vec<A> vmaxv(const Vec<A>& a, const Vec<A>& b) { return a > b ? a : b; }  // NaN in a: b
+
+// Calls f(v) for every kLanes-vector of x[0, n) * inv_temp; the last, partial vector is padded
+// with -inf (through `tail`, kLanes scratch values).  Two vectors per step (f0, f1) so callers
+// can keep two independent accumulator chains.
+template <typename T, typename A, typename F>
+inline void for_vectors(const T* x, int64_t n, A inv_temp, A* tail, const F& f) {
+  int64_t j = 0;
+  for (; j + 2 * kLanes <= n; j += 2 * kLanes) {
+    Vec<A> v0, v1;
+    vload_pair<T, A>(x + j, v0, v1);
+    f(v0 * inv_temp, v1 * inv_temp, true);
+  }
+  for (; j + kLanes <= n; j += kLanes) f(vload_as<T, A>(x + j) * inv_temp, vsplat(-kInf<A>), false);
+  if (j < n) {
+    for (int64_t i = 0; i < kLanes; ++i)
+      tail[i] = j + i < n ? Elem<T>::template load<A>(x + j + i) * inv_temp : -kInf<A>;
+    f(vload(tail), vsplat(-kInf<A>), false);
+  }
+}
+
+// Max of x[0, n) * inv_temp (NaN skipped).
+template <typename T, typename A>
+inline A block_max(const T* x, int64_t n, A inv_temp, A* tail) {
+  Vec<A> m0 = vsplat(-kInf<A>), m1 = m0;
+  for_vectors(x, n, inv_temp, tail, [&](Vec<A> v0, Vec<A> v1, bool) {
+    m0 = vmaxv<A>(v0, m0);
+    m1 = vmaxv<A>(v1, m1);
+  });
+  return vmax<A>(vmaxv<A>(m0, m1));
+}
+
+// The exp sums of x[0, n) * inv_temp against the reference m:  s += sum e, t += sum e * d with
+// d = max(v - m, kExpLo) and e = exp(d) (computed as 2^(d log2 e)); returns the block's max.
+// d may be positive (v above m) by up to the caller's slack; -inf logits give e = 0 exactly.
+template <typename T, typename A>
+inline A block_exp_sums(const T* x, int64_t n, A inv_temp, A m, A* tail, Vec<A>& s, Vec<A>& t) {
+  using VA = Vec<A>;
+  VA s0 = vsplat<A>(0), s1 = s0, t0 = s0, t1 = s0;
+  VA m0 = vsplat(-kInf<A>), m1 = m0;
+  const A log2e = static_cast<A>(kLog2e);
+  for_vectors(x, n, inv_temp, tail, [&](VA v0, VA v1, bool two) {
+    m0 = vmaxv<A>(v0, m0);
+    const VA d0 = vclamp_lo<A>(v0 - m);
+    const VA e0 = vexp2_clamped(d0 * log2e);
+    s0 += e0;
+    t0 += e0 * d0;
+    if (two) {
+      m1 = vmaxv<A>(v1, m1);
+      const VA d1 = vclamp_lo<A>(v1 - m);
+      const VA e1 = vexp2_clamped(d1 * log2e);
+      s1 += e1;
+      t1 += e1 * d1;
+    }
+  });
+  s = s0 + s1;
+  t = t0 + t1;
+  return vmax<A>(vmaxv<A>(m0, m1));
+}
+
+// Above this much over the running max (in units of the scaled logits) a block's sums are
+// recomputed against its own max, rather than rescaled: it bounds e (<= e^kSlack, no overflow)
+// and the cancellation in the rescale of t (error ~ kSlack ulp of the block's largest term).
+template <typename A>
+constexpr A kSlack = A(8);
+
 // Online logsumexp + entropy sum of one row: returns false if the row holds a NaN.  x_tok gets
 // x[tok] * inv_temp exactly as the max saw it (so logp of a one-hot row is exactly 0), or NaN if
-// tok is outside [0, V).
+// tok is outside [0, V).  `buf`: at least kLanes scratch values.
+//
+// One pass over the logits per block, against the running max M of the blocks before it (the
+// first block with a finite value takes its own max first, in a pass of its own).  A block whose
+// max exceeds M is merged and the kLanes accumulators rescaled once:
+//     s <- s * exp(M - M'),   t <- exp(M - M') * (t + (M - M') s)
+// and one that exceeds it by more than kSlack is recomputed against its own max (rare: a row's
+// max is usually not far above its first block's).
 template <typename T, typename A>
 bool row_stats(const T* x, int64_t V, A inv_temp, A* buf, A& M_out, A& logS_out, A& ent_out,
                int64_t tok, A& x_tok) {
-  x_tok = kNaN<A>;
   using VA = Vec<A>;
+  x_tok = (tok >= 0 && tok < V) ? Elem<T>::template load<A>(x + tok) * inv_temp : kNaN<A>;
   A m = -kInf<A>;
   VA s = vsplat<A>(0), t = vsplat<A>(0);
   bool bad = false;
   for (int64_t start = 0; start < V; start += kBlock) {
     const int64_t n = std::min(kBlock, V - start);
-    load_block(x + start, n, inv_temp, buf);
-    if (tok >= start && tok < start + n) x_tok = buf[tok - start];
-    const int64_t npad = round_up(n, kLanes);
-    VA mx = vsplat<A>(-kInf<A>);
-    for (int64_t j = 0; j < npad; j += kLanes) {
-      const VA v = vload(buf + j);
-      mx = v > mx ? v : mx;  // NaN is skipped here; it reaches s through exp below
-    }
-    const A bm = vmax<A>(mx);
-    if (bm == -kInf<A>) {
-      // Nothing finite in this block: the exp pass adds nothing, so look for a NaN here (rare).
-      for (int64_t j = 0; j < n; ++j) bad = bad || buf[j] != buf[j];
-      if (bad) break;
-      continue;
-    }
-    if (bm > m) {
-      if (m != -kInf<A>) {
-        const A dm = m - bm;
-        const A alpha = exp_acc(dm);
-        t = alpha * (t + dm * s);
-        s = s * alpha;
+    const T* xb = x + start;
+    if (m == -kInf<A>) {
+      const A bm = block_max(xb, n, inv_temp, buf);
+      if (bm == -kInf<A>) {
+        // Nothing finite in this block: it adds nothing, so look for a NaN here (rare).
+        for (int64_t j = 0; j < n && !bad; ++j) {
+          const A v = Elem<T>::template load<A>(xb + j);
+          bad = v != v;
+        }
+        if (bad) break;
+        continue;
       }
       m = bm;
     }
-    for (int64_t j = 0; j < npad; j += kLanes) {
-      // d <= 0; at d = -inf (masked vocab) dc = kExpLo and e = 0, so e * dc adds exactly 0
-      const VA dc = vclamp_lo<A>(vload(buf + j) - m);
-      const VA e = vexp_clamped(dc);
-      s += e;
-      t += e * dc;
+    VA sb, tb;
+    A bm = block_exp_sums(xb, n, inv_temp, m, buf, sb, tb);
+    if (bm > m + kSlack<A>) {  // far above: drop the sums, rescale, redo against bm
+      const A dm = m - bm;
+      const A alpha = exp_acc(dm);
+      t = alpha * (t + dm * s);
+      s = s * alpha;
+      m = bm;
+      bm = block_exp_sums(xb, n, inv_temp, m, buf, sb, tb);
+    }
+    s += sb;
+    t += tb;
+    if (bm > m) {
+      const A dm = m - bm;
+      const A alpha = exp_acc(dm);
+      t = alpha * (t + dm * s);
+      s = s * alpha;
+      m = bm;
     }
   }
   const A S = vsum<A>(s), Ts = vsum<A>(t);
@@ -93,35 +196,74 @@ bool row_stats(const T* x, int64_t V, A inv_temp, A* buf, A& M_out, A& logS_out,
 }
 
 
+// The inverse of vload_as / vload_pair: kLanes (2 kLanes) values of A stored as T, in the same
+// element order as the loader's.  bf16: round to nearest even, NaN -> the canonical NaN 0x7fc0
+// (as store_bf16 and torch), the two halves of each 32-bit word from the even and odd vectors.
+template <typename T, typename A>
+inline void vstore_as(T* p, const Vec<A>& v) {
+  for (int l = 0; l < kLanes; ++l) Elem<T>::template store<A>(p + l, v[l]);
+}
+template <>
+inline void vstore_as<float, float>(float* p, const Vec<float>& v) { vstore(p, v); }
+template <>
+inline void vstore_as<double, double>(double* p, const Vec<double>& v) { vstore(p, v); }
+template <typename T, typename A>
+inline void vstore_pair(T* p, const Vec<A>& v0, const Vec<A>& v1) {
+  vstore_as<T, A>(p, v0);
+  vstore_as<T, A>(p + kLanes, v1);
+}
+inline VecT<float>::itype bf16_round_bits(const Vec<float>& v) {  // bf16 in the high half
+  using VI = VecT<float>::itype;
+  VI u;
+  std::memcpy(&u, &v, sizeof(u));
+  const VI r = u + (0x7fff + ((u >> 16) & 1));
+  return v != v ? VI{} + 0x7fc00000 : r;
+}
+template <>
+inline void vstore_pair<c10::BFloat16, float>(c10::BFloat16* p, const Vec<float>& v0,
+                                              const Vec<float>& v1) {
+  using VI = VecT<float>::itype;
+  const VI w = ((bf16_round_bits(v0) >> 16) & 0xffff) |
+               (bf16_round_bits(v1) & static_cast<int32_t>(0xffff0000u));
+  std::memcpy(p, &w, sizeof(w));
+}
+
 // The gradient sweep of one row: out = (g_lp (onehot(tok) - p) - g_h p (log p + H)) * inv_temp
-// with p = exp((x - M) - logS), block by block (each block is read before it is written, so
-// `out` may alias `x`).  buf / gbuf: kBlock scratch values each.
+// with p = exp((x - M) - logS), one vector at a time straight from x to out (each vector is read
+// before it is written, so `out` may alias `x`; the token's entry is computed before the sweep
+// and written after it).  buf: kLanes scratch values (the partial last vector).
 template <typename T, typename A, bool HAS_DENT>
 void grad_row(const T* x, T* out, int64_t V, A inv_temp, A M, A logS, A H, A g_lp, A g_h,
-              int64_t tok, A* buf, A* gbuf) {
-  for (int64_t start = 0; start < V; start += kBlock) {
-    const int64_t n = std::min(kBlock, V - start);
-    load_block(x + start, n, inv_temp, buf);
-    const int64_t npad = round_up(n, kLanes);
-    for (int64_t j = 0; j < npad; j += kLanes) {
-      // z = log p <= 0 (up to rounding); where p underflows to 0 (x = -inf included) the
-      // clamped zc keeps p * (zc + H) exactly 0
-      const Vec<A> zc = vclamp_hi<A>(vclamp_lo<A>((vload(buf + j) - M) - logS));
-      const Vec<A> p = vexp_clamped(zc);
-      Vec<A> g = -g_lp * p;
-      if (HAS_DENT) g -= g_h * (p * (zc + H));
-      vstore(gbuf + j, g * inv_temp);
-    }
-    if (tok >= start && tok < start + n) {
-      const int64_t k = tok - start;
-      const A zc = clamp_hi(clamp_lo((buf[k] - M) - logS));
-      const A p = exp_clamped(zc);
-      A g = -g_lp * p;
-      if (HAS_DENT) g -= g_h * (p * (zc + H));
-      gbuf[k] = (g + g_lp) * inv_temp;
-    }
-    store_block(out + start, n, gbuf);
+              int64_t tok, A* buf) {
+  using VA = Vec<A>;
+  const A log2e = static_cast<A>(kLog2e);
+  auto grad = [&](const VA& v) -> VA {
+    // z = log p <= 0 (up to rounding); where p underflows to 0 (x = -inf included) the clamped
+    // zc keeps p * (zc + H) exactly 0
+    const VA zc = vclamp_hi<A>(vclamp_lo<A>((v - M) - logS));
+    const VA p = vexp2_clamped(zc * log2e);
+    VA g = -g_lp * p;
+    if (HAS_DENT) g -= g_h * (p * (zc + H));
+    return g * inv_temp;
+  };
+  const bool has_tok = tok >= 0 && tok < V;
+  A g_tok = A(0);
+  if (has_tok) g_tok = grad(vsplat(Elem<T>::template load<A>(x + tok) * inv_temp))[0] +
+                       g_lp * inv_temp;
+  int64_t j = 0;
+  for (; j + 2 * kLanes <= V; j += 2 * kLanes) {
+    VA v0, v1;
+    vload_pair<T, A>(x + j, v0, v1);
+    vstore_pair<T, A>(out + j, grad(v0 * inv_temp), grad(v1 * inv_temp));
   }
+  for (; j + kLanes <= V; j += kLanes) vstore_as<T, A>(out + j, grad(vload_as<T, A>(x + j) * inv_temp));
+  if (j < V) {
+    for (int64_t i = 0; i < kLanes; ++i)
+      buf[i] = j + i < V ? Elem<T>::template load<A>(x + j + i) * inv_temp : A(0);
+    const VA g = grad(vload(buf));
+    for (int64_t i = 0; j + i < V; ++i) Elem<T>::template store<A>(out + j + i, g[i]);
+  }
+  if (has_tok) Elem<T>::template store<A>(out + tok, g_tok);
 }
 
 template <typename T>

@@ -5,6 +5,9 @@
                            device once per call, which CUDA-graph capture forbids).  Out-of-range
                            ids then give NaN log-probs instead of an exception; kernels never read
                            out of bounds either way.
+``FASTRLHF_HUGEPAGES``     ``0`` stops fastrlhf from asking Linux for transparent huge pages on the
+                           large CPU buffers it allocates (gradients of the logits and of lm_head;
+                           see :mod:`fastrlhf.buffers`).
 """
 
 from __future__ import annotations
@@ -38,3 +41,8 @@ def check_tokens(enabled: bool):
         yield
     finally:
         _check_tokens = old
+
+
+def hugepages_enabled() -> bool:
+    """Whether large CPU output buffers are advised to use transparent huge pages (default on)."""
+    return os.environ.get("FASTRLHF_HUGEPAGES", "1").strip().lower() not in ("0", "false", "no", "off")

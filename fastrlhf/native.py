@@ -45,6 +45,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .buffers import grad_empty
 from .tables import AGG_MODE_IDS, acc_dtype
 
 __all__ = ["available", "load", "build_error", "source_dir", "logprobs_fwd", "logprobs_bwd",
@@ -377,8 +378,8 @@ def linear_logprobs_bwd(hidden: Tensor, dims, strides, weight: Tensor, bias: Opt
     V, H = weight.shape
     h = _hidden_rows(hidden, dims, strides, H)
     n = h.shape[0]
-    dh = torch.empty(n, H, dtype=hidden.dtype) if need_dh else None
-    dw = torch.empty(V, H, dtype=weight.dtype) if need_dw else None
+    dh = grad_empty((n, H), hidden.dtype, hidden.device) if need_dh else None
+    dw = grad_empty((V, H), weight.dtype, weight.device) if need_dw else None
     db = torch.empty(V, dtype=bias.dtype) if need_db else None
     _ext().linear_logprobs_bwd(h, weight, bias, _int64(tokens), dlogp, dent, lse, ent, inv_temp,
                                ignore_index, int(chunk or 0), dh, dw, db)

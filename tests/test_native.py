@@ -169,6 +169,45 @@ def test_logprobs_online_max_across_blocks(native):
     assert_close("entropy", h, rh, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("jump", [0.5, 7.9, 8.1, 20.0, 300.0])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_logprobs_block_max_above_the_running_max(native, dtype, jump, temperature):
+    # The forward reads each 2048-wide block once, against the running max of the blocks before
+    # it; a block up to 8 (scaled) above it is rescaled after the fact, one further above is
+    # recomputed against its own max.  Both sides of that threshold, with peaked rows (entropy
+    # near 0, where the rescale's cancellation would show) and flat ones, and the jump in the
+    # last, partial block.
+    V = 2 * 2048 + 37
+    g = torch.Generator().manual_seed(int(jump * 10))
+    x = torch.randn(4, V, generator=g, dtype=torch.float64)
+    x[0, 3000] += jump * temperature           # one peak in block 2
+    x[1, 2048:4096] += jump * temperature      # all of block 2 higher
+    x[2, V - 5] += jump * temperature          # the peak in the partial last block
+    x[3] *= 0.01                               # nearly flat, then a peak (entropy ~ log V)
+    x[3, 4100] += jump * temperature
+    x = x.to(dtype)
+    tok = torch.tensor([3000, 2100, V - 5, 7])
+    lp, h = fr.token_logprobs(x, tok, temperature=temperature, return_entropy=True,
+                              backend="native")
+    rl, rh = _ref_lp(x, tok, temperature)
+    assert_close("logp", lp, rl, atol=2e-5, rtol=2e-5)
+    assert_close("entropy", h, rh, atol=2e-5, rtol=2e-5)
+
+
+def test_logprobs_inf_after_a_finite_block_is_nan(native):
+    V = 3 * 2048
+    x = torch.randn(3, V)
+    x[0, 5000] = float("inf")    # +inf far above the running max: NaN, as log_softmax
+    x[1, 5000] = float("nan")
+    x[2, 2048:] = float("-inf")  # later blocks masked: they add exactly nothing
+    lp, h = fr.token_logprobs(x, torch.tensor([1, 2, 3]), return_entropy=True, backend="native")
+    assert torch.isnan(lp[:2]).all() and torch.isnan(h[:2]).all()
+    rl, rh = _ref_lp(x[2:], torch.tensor([3]))
+    assert_close("logp", lp[2:], rl, atol=2e-5, rtol=2e-5)
+    assert_close("entropy", h[2:], rh, atol=2e-5, rtol=2e-5)
+
+
 def test_logprobs_special_values(native):
     V = 3000  # two blocks
     logits, tok = _logits((6,), V, torch.float32, seed=5, offset=1e4)
@@ -196,8 +235,9 @@ def test_logprobs_special_values(native):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_logprobs_backward_matches_float64(native, dtype, inplace):
-    B, T, V = 2, 5, 2100
+@pytest.mark.parametrize("V", [2100, 2063])  # V % 16 = 4, 15: the partial-vector stores
+def test_logprobs_backward_matches_float64(native, dtype, inplace, V):
+    B, T = 2, 5
     base, _ = _logits((B, T + 1), V, dtype, seed=7)
     tok = torch.randint(0, V, (B, T))
     tok[0, 1] = -100
@@ -241,6 +281,49 @@ def test_inplace_backward_allocates_no_nv_buffer(native, monkeypatch):
     rl, rh = ref.token_logprobs(x64, tok, 1.0, True)
     (rl.sum() + rh.sum()).backward()
     assert_close("dlogits", leaf.grad, x64.grad, atol=2e-5)
+
+
+def test_large_cpu_gradients_are_advised_to_use_huge_pages(monkeypatch):
+    # The fresh [N, V] gradient is advised (madvise MADV_HUGEPAGE) on its 2 MiB-aligned interior
+    # before it is written; small buffers, and FASTRLHF_HUGEPAGES=0, are left alone.
+    from fastrlhf import buffers as C
+    calls = []
+    monkeypatch.setattr(C, "_madvise", lambda addr, n, advice: calls.append((addr, n, advice)) or 0)
+    small = C.grad_empty((4, 100), torch.float32, CPU)
+    assert calls == [] and small.shape == (4, 100)
+    big = C.grad_empty((C.HUGEPAGE_MIN_BYTES // 4 // 1000 + 1, 1000), torch.float32, CPU)
+    ((addr, n, advice),) = calls
+    lo, hi = big.data_ptr(), big.data_ptr() + big.numel() * 4
+    assert advice == 14 and addr % (1 << 21) == 0 and n % (1 << 21) == 0 and n > 0
+    assert lo <= addr and addr + n <= hi and hi - (addr + n) < (1 << 21) and addr - lo < (1 << 21)
+    calls.clear()
+    monkeypatch.setenv("FASTRLHF_HUGEPAGES", "0")
+    C.grad_empty((C.HUGEPAGE_MIN_BYTES // 4 + 8,), torch.float32, CPU)
+    assert calls == []
+
+
+def test_native_backward_writes_into_an_advised_buffer(native, monkeypatch):
+    from fastrlhf import buffers as C
+    advised = []
+    monkeypatch.setattr(C, "advise_hugepages", lambda t: advised.append(t.data_ptr()) or True)
+    N, V = 8, 1000
+    base, tok = _logits((N,), V, torch.float32, seed=11)
+    leaf = base.clone().requires_grad_(True)
+    lp, h = fr.token_logprobs(leaf, tok, return_entropy=True, backend="native")
+    (lp.sum() + h.sum()).backward()
+    assert advised == [leaf.grad.data_ptr()]  # autograd keeps the op's buffer as .grad
+    x64 = base.double().requires_grad_(True)
+    rl, rh = ref.token_logprobs(x64, tok, 1.0, True)
+    (rl.sum() + rh.sum()).backward()
+    assert_close("dlogits", leaf.grad, x64.grad, atol=2e-5)
+    # the fused loss's gradient (computed in its forward) too
+    advised.clear()
+    from fastrlhf.ops.fused_loss import fused_ppo_loss
+    x = base.view(2, 4, V).clone().requires_grad_(True)
+    loss, _ = fused_ppo_loss(x, tok.view(2, 4), torch.zeros(2, 4), torch.ones(2, 4),
+                             torch.ones(2, 4), backend="native")
+    loss.backward()
+    assert advised == [x.grad.data_ptr()]
 
 
 def test_logprobs_strided_views_read_in_place(native, monkeypatch):

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import config
+from ..buffers import grad_empty
 from ..tables import (AGG_KWARGS, AGG_MODES, BACKENDS, FLOAT_DTYPES, INT_DTYPES, KL_BASE,
                       KL_KINDS, MASK_DTYPES, RATIO_LEVELS)
 
@@ -125,7 +126,7 @@ def grad_rows(logits: Tensor, out: Optional[Tensor]):
     V = logits.shape[-1]
     lg, dims, strides = rows_layout(logits)
     if out is None:
-        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        out = grad_empty(logits.shape, logits.dtype, logits.device)
         return out, lg, dims, strides, out, contiguous_row_strides(dims, V)
     return out, lg, dims, strides, lg, strides
 

@@ -45,7 +45,7 @@ from .. import reference
 from ..backend import resolve as resolve_backend
 from ..tables import FUSED_STATS, KL_CODES, MASKED_EPS, acc_dtype
 from .common import (with_contract, check_fused_loss_args, check_logits, check_positive_float, check_int,
-                     check_token_range, checked_tokens, contiguous_row_strides, grad_rows,
+                     check_token_range, checked_tokens, contiguous_row_strides, grad_empty, grad_rows,
                      rows_layout)
 from .logprobs import inplace_ok, logprobs_stats, vocab_parallel_token_logprobs
 from .losses import compose_ppo_loss
@@ -86,7 +86,7 @@ def _forward(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tenso
         if inplace:
             dl = lg
         else:
-            dl = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+            dl = grad_empty(logits.shape, logits.dtype, logits.device)
             ostrides = contiguous_row_strides(dims, V)
     flat = lambda t: t.to(acc).reshape(-1).contiguous()  # noqa: E731  (O(B T) copies at most)
     m = mask.to(acc)
