@@ -175,10 +175,29 @@ inline A vmax(const Vec<A>& v) {  // NaN lanes are skipped
   for (int l = 0; l < kLanes; ++l) m = v[l] > m ? v[l] : m;
   return m;
 }
+// max(lo, x) / min(hi, x) with NaN x kept.  x86's maxps / minps compute exactly that (NaN in
+// the second operand is returned), but inside the softmax loops GCC emits a compare and a blend
+// for the select, so the 8-lane float case (AVX / AVX2 builds) names the instruction.
 template <typename A>
-inline Vec<A> vclamp_lo(const Vec<A>& x) { return x < kExpLo<A> ? vsplat<A>(kExpLo<A>) : x; }
+inline Vec<A> vclamp_lo(const Vec<A>& x) {
+  const Vec<A> lo = vsplat<A>(kExpLo<A>);
+  return lo > x ? lo : x;
+}
 template <typename A>
-inline Vec<A> vclamp_hi(const Vec<A>& x) { return x > kExpHi<A> ? vsplat<A>(kExpHi<A>) : x; }
+inline Vec<A> vclamp_hi(const Vec<A>& x) {
+  const Vec<A> hi = vsplat<A>(kExpHi<A>);
+  return hi < x ? hi : x;
+}
+#if defined(__AVX__) && !defined(__AVX512F__)
+template <>
+inline Vec<float> vclamp_lo<float>(const Vec<float>& x) {
+  return __builtin_ia32_maxps256(vsplat<float>(kExpLo<float>), x);
+}
+template <>
+inline Vec<float> vclamp_hi<float>(const Vec<float>& x) {
+  return __builtin_ia32_minps256(vsplat<float>(kExpHi<float>), x);
+}
+#endif
 
 // exp_clamped on a vector: the float version is the same polynomial, lane-parallel.
 inline Vec<float> vexp_clamped(Vec<float> xc) {

@@ -65,62 +65,55 @@ inline void vload_pair<c10::BFloat16, float>(const c10::BFloat16* p, Vec<float>&
 template <typename A>
 inline Vec<A> vmaxv(const Vec<A>& a, const Vec<A>& b) { return a > b ? a : b; }  // NaN in a: b
 
-// Calls f(v) for every kLanes-vector of x[0, n) * inv_temp; the last, partial vector is padded
-// with -inf (through `tail`, kLanes scratch values).  Two vectors per step (f0, f1) so callers
-// can keep two independent accumulator chains.
+// Calls f(v) for every kLanes-vector of x[0, n) * inv_temp, in order except that the bf16 loader
+// hands over each 2 kLanes elements as its even / odd halves (vload_pair); the last, partial
+// vector is padded with -inf (through `tail`, kLanes scratch values).
 template <typename T, typename A, typename F>
 inline void for_vectors(const T* x, int64_t n, A inv_temp, A* tail, const F& f) {
   int64_t j = 0;
   for (; j + 2 * kLanes <= n; j += 2 * kLanes) {
     Vec<A> v0, v1;
     vload_pair<T, A>(x + j, v0, v1);
-    f(v0 * inv_temp, v1 * inv_temp, true);
+    f(v0 * inv_temp);
+    f(v1 * inv_temp);
   }
-  for (; j + kLanes <= n; j += kLanes) f(vload_as<T, A>(x + j) * inv_temp, vsplat(-kInf<A>), false);
+  for (; j + kLanes <= n; j += kLanes) f(vload_as<T, A>(x + j) * inv_temp);
   if (j < n) {
     for (int64_t i = 0; i < kLanes; ++i)
       tail[i] = j + i < n ? Elem<T>::template load<A>(x + j + i) * inv_temp : -kInf<A>;
-    f(vload(tail), vsplat(-kInf<A>), false);
+    f(vload(tail));
   }
 }
 
 // Max of x[0, n) * inv_temp (NaN skipped).
 template <typename T, typename A>
 inline A block_max(const T* x, int64_t n, A inv_temp, A* tail) {
-  Vec<A> m0 = vsplat(-kInf<A>), m1 = m0;
-  for_vectors(x, n, inv_temp, tail, [&](Vec<A> v0, Vec<A> v1, bool) {
-    m0 = vmaxv<A>(v0, m0);
-    m1 = vmaxv<A>(v1, m1);
-  });
-  return vmax<A>(vmaxv<A>(m0, m1));
+  Vec<A> m = vsplat(-kInf<A>);
+  for_vectors(x, n, inv_temp, tail, [&](Vec<A> v) { m = vmaxv<A>(v, m); });
+  return vmax<A>(m);
 }
 
 // The exp sums of x[0, n) * inv_temp against the reference m:  s += sum e, t += sum e * d with
 // d = max(v - m, kExpLo) and e = exp(d) (computed as 2^(d log2 e)); returns the block's max.
 // d may be positive (v above m) by up to the caller's slack; -inf logits give e = 0 exactly.
+// One accumulator chain each: the exp's ~20 vector operations per step take longer than the
+// chains' latency, and more live accumulators spill to the stack on AVX2 (16 registers, nine
+// of them the exp's constants).
 template <typename T, typename A>
 inline A block_exp_sums(const T* x, int64_t n, A inv_temp, A m, A* tail, Vec<A>& s, Vec<A>& t) {
   using VA = Vec<A>;
-  VA s0 = vsplat<A>(0), s1 = s0, t0 = s0, t1 = s0;
-  VA m0 = vsplat(-kInf<A>), m1 = m0;
+  VA sb = vsplat<A>(0), tb = sb, mx = vsplat(-kInf<A>);
   const A log2e = static_cast<A>(kLog2e);
-  for_vectors(x, n, inv_temp, tail, [&](VA v0, VA v1, bool two) {
-    m0 = vmaxv<A>(v0, m0);
-    const VA d0 = vclamp_lo<A>(v0 - m);
-    const VA e0 = vexp2_clamped(d0 * log2e);
-    s0 += e0;
-    t0 += e0 * d0;
-    if (two) {
-      m1 = vmaxv<A>(v1, m1);
-      const VA d1 = vclamp_lo<A>(v1 - m);
-      const VA e1 = vexp2_clamped(d1 * log2e);
-      s1 += e1;
-      t1 += e1 * d1;
-    }
+  for_vectors(x, n, inv_temp, tail, [&](VA v) {
+    mx = vmaxv<A>(v, mx);
+    const VA d = vclamp_lo<A>(v - m);
+    const VA e = vexp2_clamped(d * log2e);
+    sb += e;
+    tb += e * d;
   });
-  s = s0 + s1;
-  t = t0 + t1;
-  return vmax<A>(vmaxv<A>(m0, m1));
+  s = sb;
+  t = tb;
+  return vmax<A>(mx);
 }
 
 // Above this much over the running max (in units of the scaled logits) a block's sums are
