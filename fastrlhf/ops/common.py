@@ -222,6 +222,9 @@ def check_token_range(op: str, tokens: Tensor, V: int, ignore_index: int,
     :func:`checked_tokens` for the eager-reference path)."""
     if not config.check_tokens_enabled() or tokens.numel() == 0 or tokens.is_meta:
         return  # (meta tensors carry no data to check)
+    lo, hi = torch.aminmax(tokens)  # one pass; the exact check only when some id is outside
+    if (int(lo) >= 0 and int(hi) < V) if tokens.device.type == "cpu" else bool((lo >= 0) & (hi < V)):
+        return
     bad = ((tokens < 0) | (tokens >= V)) & (tokens != ignore_index)
     if bool(bad.any()):
         _raise_bad_token(op, tokens, bad, V, ignore_index, what)

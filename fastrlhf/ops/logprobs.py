@@ -123,7 +123,7 @@ def _bwd_inplace_fake(logits, tokens, dlogp, dent, lse, ent, temperature, ignore
     return None
 
 
-_bwd = Op("token_logprobs_bwd", _bwd_impl, _bwd_fake)
+_bwd = Op("token_logprobs_bwd", _bwd_impl, _bwd_fake, fast_eager=True)
 _bwd_inplace = Op("token_logprobs_bwd_", _bwd_inplace_impl, _bwd_inplace_fake,
                   mutates_args=("logits",))
 
@@ -166,12 +166,14 @@ def _te_backward(ctx, dent, dlse):
     return _grad(ctx, None, dent), None, None
 
 
-_token_logprobs = Op("token_logprobs", _tl_impl, _tl_fake, setup=_setup, backward=_tl_backward)
+_token_logprobs = Op("token_logprobs", _tl_impl, _tl_fake, setup=_setup, backward=_tl_backward,
+                     fast_eager=True)
 # The same forward whose backward writes the gradient into the logits buffer: a separate op (not
 # a flag) so that each registered schema states honestly what it does.
 _token_logprobs_ib = Op("token_logprobs_ib", _tl_impl, _tl_fake, setup=_setup_ib,
-                        backward=_tl_backward)
-_token_entropy = Op("token_entropy", _te_impl, _te_fake, setup=_setup, backward=_te_backward)
+                        backward=_tl_backward, fast_eager=True)
+_token_entropy = Op("token_entropy", _te_impl, _te_fake, setup=_setup, backward=_te_backward,
+                    fast_eager=True)
 
 
 # ---------------------------------------------------------------------------------------------
