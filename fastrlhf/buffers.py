@@ -18,7 +18,9 @@ from torch import Tensor
 
 from . import config
 
-HUGEPAGE_MIN_BYTES = 64 << 20  # above glibc's largest mmap threshold: the buffer has its own mapping
+# glibc's largest mmap threshold (32 MiB on 64-bit): a buffer this big has a mapping of its own,
+# so advising it never touches (or splits) the heap.
+HUGEPAGE_MIN_BYTES = 32 << 20
 _HUGE = 1 << 21
 _MADV_HUGEPAGE = 14
 _madvise = None  # None: not looked up yet; False: unavailable

@@ -274,7 +274,8 @@ def _backward(ctx, gloss, *_):
     return (buf,) + (None,) * (_N_INPUTS - 1)
 
 
-_fused = Op("fused_ppo_loss", _fused_impl, _fused_fake, setup=_setup, backward=_backward)
+_fused = Op("fused_ppo_loss", _fused_impl, _fused_fake, setup=_setup, backward=_backward,
+            fast_eager=True)
 _fused_ib = Op("fused_ppo_loss_ib", _fused_ib_impl, _fused_ib_fake, setup=_setup_ib,
                backward=_backward)
 
@@ -343,7 +344,7 @@ def _dgrad_inplace_fake(logits, tokens, lse, ent, coefs, upstream, temperature, 
     return None
 
 
-_dgrad = Op("fused_ppo_loss_grad", _dgrad_impl, _dgrad_fake)
+_dgrad = Op("fused_ppo_loss_grad", _dgrad_impl, _dgrad_fake, fast_eager=True)
 _dgrad_inplace = Op("fused_ppo_loss_grad_", _dgrad_inplace_impl, _dgrad_inplace_fake,
                     mutates_args=("logits",))
 
@@ -380,7 +381,7 @@ def _backward_deferred(ctx, gloss, *_):
 
 
 _deferred = Op("fused_ppo_loss_deferred", _deferred_impl, _deferred_fake, setup=_setup_deferred,
-               backward=_backward_deferred)
+               backward=_backward_deferred, fast_eager=True)
 # The same forward whose backward writes the gradient over the logits (inplace_backward).
 _deferred_ib = Op("fused_ppo_loss_deferred_ib", _deferred_impl, _deferred_fake,
                   setup=_setup_deferred_ib, backward=_backward_deferred)
