@@ -45,6 +45,27 @@ def test_kernels_install_under_fastrlhf_only(tmp_path):
     assert out.stdout.strip() == "none"
 
 
+def test_top_level_kernels_from_a_checkout_hands_over(tmp_path):
+    """Run from the repository root, `import kernels` (newer transformers import the PyPI package
+    of that name) finds the checkout's kernels/ first; it hands the import over to the installed
+    package, or raises a clear ImportError when there is none."""
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("WHO = 'pypi'\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [sys.executable, "-c", "import kernels, fastrlhf.kernels as k; print(kernels.WHO, k.__name__)"],
+        cwd=ROOT, env={**env, "PYTHONPATH": str(tmp_path / "site")}, capture_output=True,
+        text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["pypi", "fastrlhf.kernels"]
+    # no site-packages (-S) and no PYTHONPATH: nothing else named kernels exists
+    out = subprocess.run([sys.executable, "-S", "-c", "import kernels"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "ImportError" in out.stderr and "imported as fastrlhf.kernels" in out.stderr
+
+
 def test_cli_help_and_unknown_command():
     from fastrlhf import cli
     assert cli.main(["--help"]) == 0
