@@ -139,6 +139,13 @@ bool row_stats(const T* x, int64_t V, A inv_temp, A* buf, A& M_out, A& logS_out,
   x_tok = (tok >= 0 && tok < V) ? Elem<T>::template load<A>(x + tok) * inv_temp : kNaN<A>;
   A m = -kInf<A>;
   VA s = vsplat<A>(0), t = vsplat<A>(0);
+  auto rescale_to = [&](A bm) {  // the accumulators against the new max bm > m
+    const A dm = m - bm;
+    const A alpha = exp_acc(dm);
+    t = alpha * (t + dm * s);
+    s = s * alpha;
+    m = bm;
+  };
   bool bad = false;
   for (int64_t start = 0; start < V; start += kBlock) {
     const int64_t n = std::min(kBlock, V - start);
@@ -159,22 +166,12 @@ bool row_stats(const T* x, int64_t V, A inv_temp, A* buf, A& M_out, A& logS_out,
     VA sb, tb;
     A bm = block_exp_sums(xb, n, inv_temp, m, buf, sb, tb);
     if (bm > m + kSlack<A>) {  // far above: drop the sums, rescale, redo against bm
-      const A dm = m - bm;
-      const A alpha = exp_acc(dm);
-      t = alpha * (t + dm * s);
-      s = s * alpha;
-      m = bm;
+      rescale_to(bm);
       bm = block_exp_sums(xb, n, inv_temp, m, buf, sb, tb);
     }
     s += sb;
     t += tb;
-    if (bm > m) {
-      const A dm = m - bm;
-      const A alpha = exp_acc(dm);
-      t = alpha * (t + dm * s);
-      s = s * alpha;
-      m = bm;
-    }
+    if (bm > m) rescale_to(bm);
   }
   const A S = vsum<A>(s), Ts = vsum<A>(t);
   if (bad || S != S) {  // a NaN logit (or +inf, as in torch) makes the whole row NaN
