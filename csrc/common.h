@@ -263,6 +263,29 @@ inline Vec<double> vexp2_clamped(Vec<double> x) {
   return x;
 }
 
+// vexp2_clamped with a degree-5 polynomial: one FMA fewer in the forward sweeps' inner loop
+// (~10% of its operations; measured 2.5 -> 3.0 G elements / s on one core here), for terms that
+// are only summed (the logsumexp / entropy sums), where a per-term error of <= 2.02 ulp
+// (relative 1.7e-7, measured over [-126, 12]) moves log S by at most that much, a fifth of an
+// ulp of a log-prob of -1 and in line with the GPU backends' ex2.approx (2 ulp).  The constant
+// term is exactly 1 (a fit of 1 + r q(r)), so 2^0 = 1 exactly and a one-hot row's sum is
+// exactly 1.  The gradient sweep, whose p = exp(z) values are outputs, keeps vexp2_clamped.
+inline Vec<float> vexp2_sum_term(Vec<float> x) {
+  using VI = VecT<float>::itype;
+  const Vec<float> big = x + 12582912.0f;  // as in vexp2_clamped
+  const Vec<float> r = x - (big - 12582912.0f);
+  Vec<float> p = vsplat(1.326472731307149e-3f);
+  p = p * r + 9.671512991189957e-3f;
+  p = p * r + 5.550733581185341e-2f;
+  p = p * r + 2.4022242426872253e-1f;
+  p = p * r + 6.931470036506653e-1f;
+  p = p * r + 1.0f;
+  VI bits;
+  std::memcpy(&bits, &big, sizeof(bits));
+  return vscale_pow2(p, bits + (127 - 0x4B400000));
+}
+inline Vec<double> vexp2_sum_term(Vec<double> x) { return vexp2_clamped(x); }
+
 // ---- element conversions ---------------------------------------------------------------------
 
 inline float load_bf16(uint16_t u) { return bits_to_f32(static_cast<uint32_t>(u) << 16); }

@@ -26,17 +26,17 @@ namespace fastrlhf {
 namespace native {
 namespace {
 
-template <typename S, typename A>
+template <typename S, typename A, typename Sc>
 void fused_impl(const void* logits_v, void* dlogits_v, const int64_t* dims,
                 const int64_t* strides, const int64_t* ostrides, int64_t V, int64_t B, int64_t T,
                 const int64_t* tokens, const A* old, const A* adv, const A* ref, const A* m,
-                const A* coef, const FusedArgs& fa, A* aux, A* loss_out, A* stats_out) {
+                const A* coef, const FusedArgs& fa, const Sc& sc, A* aux, A* loss_out,
+                A* stats_out) {
   const S* logits = static_cast<const S*>(logits_v);
   S* dlogits = static_cast<S*>(dlogits_v);
   const RowLayout lay{dims[1], dims[2], strides[0], strides[1], strides[2]};
   const RowLayout olay{dims[1], dims[2], ostrides[0], ostrides[1], ostrides[2]};
   const int64_t N = B * T;
-  const A inv_temp = static_cast<A>(fa.inv_temp);
   const A kl_coef = static_cast<A>(fa.kl_coef);
   const A ent_coef = static_cast<A>(fa.ent_coef);
   const PolicyConsts<A> pc(fa.pol);
@@ -46,8 +46,7 @@ void fused_impl(const void* logits_v, void* dlogits_v, const int64_t* dims,
   auto row_logp = [&](int64_t row, A* buf, A& M, A& logS, A& H) -> A {
     const int64_t tok = tokens[row];
     A x_tok;
-    const bool ok = row_stats<S, A>(logits + lay.offset(row), V, inv_temp, buf, M, logS, H, tok,
-                                    x_tok);
+    const bool ok = row_stats<S, A>(logits + lay.offset(row), V, sc, buf, M, logS, H, tok, x_tok);
     A lp = ok ? (x_tok - M) - logS : kNaN<A>;
     if (tok == fa.ignore_index) lp = A(0);
     return lp;
@@ -128,10 +127,10 @@ void fused_impl(const void* logits_v, void* dlogits_v, const int64_t* dims,
       const A g_lp = tok == fa.ignore_index ? A(0) : w * (dpg + kl_coef * dkl);
       const S* x = logits + lay.offset(row);
       if (ent_coef != A(0))
-        grad_row<S, A, true>(x, out, V, inv_temp, M, logS, H, g_lp, -w * ent_coef, tok,
+        grad_row<S, A, true>(x, out, V, sc, M, logS, H, g_lp, -w * ent_coef, tok,
                              buf.data());
       else
-        grad_row<S, A, false>(x, out, V, inv_temp, M, logS, H, g_lp, A(0), tok, buf.data());
+        grad_row<S, A, false>(x, out, V, sc, M, logS, H, g_lp, A(0), tok, buf.data());
     }
   });
 
@@ -166,11 +165,13 @@ void fused_loss_fwd(const void* logits, void* dlogits, ScalarType dt, const int6
   dispatch_logits(dt, [&](auto t, auto a) {
     using T_ = decltype(t);
     using A = decltype(a);
-    fused_impl<T_, A>(logits, dlogits, dims, strides, ostrides, V, B, T, tokens,
-                      static_cast<const A*>(old_logp), static_cast<const A*>(adv),
-                      static_cast<const A*>(ref_logp), static_cast<const A*>(mask),
-                      static_cast<const A*>(coef), fa, static_cast<A*>(aux),
-                      static_cast<A*>(loss), static_cast<A*>(stats));
+    with_logit_scale(static_cast<A>(fa.inv_temp), [&](const auto sc) {
+      fused_impl<T_, A>(logits, dlogits, dims, strides, ostrides, V, B, T, tokens,
+                        static_cast<const A*>(old_logp), static_cast<const A*>(adv),
+                        static_cast<const A*>(ref_logp), static_cast<const A*>(mask),
+                        static_cast<const A*>(coef), fa, sc, static_cast<A*>(aux),
+                        static_cast<A*>(loss), static_cast<A*>(stats));
+    });
   });
 }
 

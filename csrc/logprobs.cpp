@@ -38,14 +38,14 @@ void fwd_impl(const void* logits_v, const int64_t* dims, const int64_t* strides,
   A* lse = static_cast<A*>(lse_v);
   const RowLayout lay{dims[1], dims[2], strides[0], strides[1], strides[2]};
   const int64_t N = dims[0] * dims[1] * dims[2];
-  const A inv_temp = static_cast<A>(inv_temp_d);
+  with_logit_scale(static_cast<A>(inv_temp_d), [&](const auto sc) {
   parallel_rows(N, rows_grain(V), [&](int64_t b, int64_t e) {
     std::vector<A> buf(kLanes);
     for (int64_t row = b; row < e; ++row) {
       const T* x = logits + lay.offset(row);
       A M, logS, H, x_tok;
       const int64_t tok = tokens ? tokens[row] : -1;
-      const bool ok = row_stats<T, A>(x, V, inv_temp, buf.data(), M, logS, H, tok, x_tok);
+      const bool ok = row_stats<T, A>(x, V, sc, buf.data(), M, logS, H, tok, x_tok);
       lse[2 * row] = M;
       lse[2 * row + 1] = logS;
       if (ent) ent[row] = H;
@@ -56,6 +56,7 @@ void fwd_impl(const void* logits_v, const int64_t* dims, const int64_t* strides,
         logp[row] = lp;
       }
     }
+  });
   });
 }
 
@@ -68,7 +69,7 @@ void bwd_impl(const void* logits_v, void* out_v, const int64_t* dims, const int6
   const RowLayout lay{dims[1], dims[2], strides[0], strides[1], strides[2]};
   const RowLayout olay{dims[1], dims[2], ostrides[0], ostrides[1], ostrides[2]};
   const int64_t N = dims[0] * dims[1] * dims[2];
-  const A inv_temp = static_cast<A>(inv_temp_d);
+  with_logit_scale(static_cast<A>(inv_temp_d), [&](const auto sc) {
   parallel_rows(N, rows_grain(V), [&](int64_t b, int64_t e) {
     std::vector<A> buf(kLanes);
     for (int64_t row = b; row < e; ++row) {
@@ -78,10 +79,11 @@ void bwd_impl(const void* logits_v, void* out_v, const int64_t* dims, const int6
         tok = tokens[row];
         g_lp = (tok == ignore_index || dlogp == nullptr) ? A(0) : dlogp[row];
       }
-      grad_row<T, A, HAS_DENT>(logits + lay.offset(row), out + olay.offset(row), V, inv_temp,
+      grad_row<T, A, HAS_DENT>(logits + lay.offset(row), out + olay.offset(row), V, sc,
                                lse[2 * row], lse[2 * row + 1], HAS_DENT ? ent[row] : A(0), g_lp,
                                HAS_DENT ? dent[row] : A(0), tok, buf.data());
     }
+  });
   });
 }
 

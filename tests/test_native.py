@@ -153,6 +153,49 @@ def test_logprobs_forward_matches_float64(native, dtype, shape, V, temperature):
         assert torch.all(lp == 0)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("scale", [1.0, 8.0])
+def test_logprobs_fp32_within_ulps_of_float64(native, temperature, scale):
+    # The forward sums use a degree-5 exp (<= 2.02 ulp per term) and temperature 1 its own
+    # multiply-free loops: log-probs stay within 2 ulp of max(1, |logp|) of float64 (measured:
+    # <= 1.2), much tighter than the generic tolerance above.
+    g = torch.Generator().manual_seed(int(scale * 10 + temperature * 100))
+    x = torch.randn(64, 3001, generator=g) * scale
+    tok = torch.randint(0, 3001, (64,), generator=g)
+    lp = fr.token_logprobs(x, tok, temperature=temperature, backend="native").double()
+    # the reference starts from the logits as the kernel scales them (x * float32(1 / T)): the
+    # rounding of x / T itself is an error of every float32 implementation, eager's included
+    z = (x * torch.tensor(1.0 / temperature, dtype=torch.float32)).double()
+    want = torch.log_softmax(z, -1).gather(-1, tok[:, None]).squeeze(-1)
+    eps = torch.finfo(torch.float32).eps
+    err = ((lp - want).abs() / want.abs().clamp(min=1)).max().item()
+    assert err <= 2 * eps, f"logp error {err / eps:.2f} ulp"
+    # the argmax token's logp is -log S alone (|logp| often << 1): an absolute bound on the sum's
+    # error (~375 additions per lane: measured <= 8.5 eps, with the degree-6 exp as well)
+    top = x.argmax(-1)
+    lp = fr.token_logprobs(x, top, temperature=temperature, backend="native").double()
+    want = torch.log_softmax(z, -1).gather(-1, top[:, None]).squeeze(-1)
+    err = (lp - want).abs().max().item()
+    assert err <= 12 * eps, f"argmax logp error {err / eps:.2f} eps"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_logprobs_one_hot_rows_are_exact(native, dtype, temperature):
+    # exp(0) is exactly 1 in the forward's exp (its constant term is 1), so a row with one
+    # finite logit has log S = 0: logp exactly 0 and entropy exactly 0, at any temperature.
+    x = torch.full((3, 5000), float("-inf"))
+    x[0, 7] = 3.25
+    x[1, 4999] = -11.5
+    x[2, 2500] = 0.0
+    x = x.to(dtype)
+    tok = torch.tensor([7, 4999, 2500])
+    lp, h = fr.token_logprobs(x, tok, temperature=temperature, return_entropy=True,
+                              backend="native")
+    assert torch.all(lp == 0), lp
+    assert torch.all(h == 0), h
+
+
 def test_logprobs_online_max_across_blocks(native):
     # The running max moves in every 2048-wide block (increasing logits), and also only in the
     # last one: the rescaling of the lane accumulators must be exact enough.
