@@ -248,3 +248,32 @@ def test_unused_entropy_gets_no_materialized_gradient(backend, inplace, monkeypa
     ent2 = fr.token_entropy(x * 1.0, backend=backend)
     ent2.sum().backward()      # no log-probs at all
     assert seen == [(True, False), (True, False), (False, True)], seen
+
+
+def test_fast_eager_records_an_autograd_node_only_when_autograd_would(monkeypatch):
+    """``Op.__call__`` on plain tensors: through the ``autograd.Function`` when grad mode is on
+    and an input requires grad, straight to the implementation otherwise (no node, and none of
+    the Function's ~20 us); either way the same values."""
+    if not fr.backend.native_available():
+        pytest.skip("needs the native backend (the reference does not go through registry.Op)")
+    from fastrlhf.ops import logprobs as lp
+    op = lp._token_logprobs
+    calls = []
+    real_apply = op._function.apply
+    monkeypatch.setattr(op._function, "apply",
+                        lambda *a: calls.append(1) or real_apply(*a))
+    backend = "native"
+    x = torch.randn(3, 40, requires_grad=True)
+    t = torch.randint(0, 40, (3,))
+    want = fr.token_logprobs(x.detach().double(), t, backend="reference")
+    with_grad = fr.token_logprobs(x, t, backend=backend)
+    assert calls == [1] and with_grad.grad_fn is not None
+    with torch.no_grad():
+        no_grad = fr.token_logprobs(x, t, backend=backend)
+    plain = fr.token_logprobs(x.detach(), t, backend=backend)
+    assert calls == [1], "the Function ran although autograd records nothing"
+    assert no_grad.grad_fn is None and not no_grad.requires_grad and plain.grad_fn is None
+    for got in (with_grad, no_grad, plain):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    with_grad.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
