@@ -196,6 +196,27 @@ def test_logprobs_one_hot_rows_are_exact(native, dtype, temperature):
     assert torch.all(h == 0), h
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fp16_rows_compute_exactly_as_their_fp32_values(native, temperature):
+    # fp16 -> fp32 is exact and the fp16 loader (one vector conversion) hands the loop the same
+    # elements in the same order as the fp32 loader: bitwise equal results, subnormals, -inf
+    # and an odd tail included.
+    g = torch.Generator().manual_seed(7)
+    V = 2 * 2048 + 37
+    x = (torch.randn(5, V, generator=g) * 4).half()
+    x[0, ::5] = float("-inf")
+    x[1, :300] = torch.tensor(6e-8).half()          # fp16 subnormals
+    x[2, 100] = 65504.0                              # the largest fp16
+    x[3] = torch.linspace(-20, 20, V).half()
+    tok = torch.randint(0, V, (5,), generator=g)
+    a = fr.token_logprobs(x, tok, temperature=temperature, return_entropy=True,
+                          backend="native")
+    b = fr.token_logprobs(x.float(), tok, temperature=temperature, return_entropy=True,
+                          backend="native")
+    for u, w in zip(a, b):
+        assert torch.equal(u, w), (u, w)
+
+
 def test_logprobs_online_max_across_blocks(native):
     # The running max moves in every 2048-wide block (increasing logits), and also only in the
     # last one: the rescaling of the lane accumulators must be exact enough.
