@@ -297,6 +297,32 @@ def test_logprobs_special_values(native):
     assert torch.isfinite(x.grad[ok]).all()
 
 
+def test_bf16_gradient_store_nan_rules(native):
+    # The bf16 gradient store skips its NaN select on rows whose scalars are all finite (they
+    # cannot produce NaN); rows that can keep torch's canonical NaN 0x7fc0.
+    V = 2 * 2048 + 37
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, V, generator=g) * 3).bfloat16()
+    x[1, ::7] = float("-inf")
+    x[2, 999] = float("nan")            # a NaN row: M is NaN, so is every gradient element
+    x[3, ::5] = float("-inf")           # p = 0 there: inf * 0 = NaN under an infinite upstream
+    tok = torch.randint(0, V, (4,), generator=g)
+    up = torch.tensor([0.5, -1.25, 1.0, float("inf")])   # row 3: an infinite upstream factor
+    leaf = x.clone().requires_grad_(True)
+    lp = fr.token_logprobs(leaf, tok, backend="native")
+    lp.backward(up)
+    gb = leaf.grad
+    ref = x.float().requires_grad_(True)
+    fr.token_logprobs(ref, tok, backend="reference").backward(up)
+    finite_rows = [0, 1]
+    assert_close("bf16 grad", gb[finite_rows].float(), ref.grad[finite_rows], atol=2e-3, rtol=1e-2)
+    assert torch.all(gb[1, ::7] == 0)
+    bits = gb.view(torch.int16)
+    assert torch.all(bits[2] == 0x7FC0), "NaN row: not the canonical bf16 NaN"
+    nan3 = torch.isnan(gb[3])
+    assert nan3.any() and torch.all(bits[3][nan3] == 0x7FC0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("V", [2100, 2063])  # V % 16 = 4, 15: the partial-vector stores
