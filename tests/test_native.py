@@ -7,6 +7,7 @@ is cached in $TORCH_EXTENSIONS_DIR).
 """
 
 import importlib
+import os
 import warnings
 
 import pytest
@@ -124,7 +125,6 @@ def test_disabled_by_env_is_silent(monkeypatch):
 def test_sources_are_found_and_named_by_content():
     d = _native.source_dir()
     assert d is not None
-    import os
     for f in ("bindings.cpp", "logprobs.cpp", "gae.cpp", "losses.cpp", "fused_loss.cpp",
               "common.h"):
         assert os.path.isfile(os.path.join(d, f)), f
@@ -832,3 +832,25 @@ def test_torch_compile_fullgraph(native):
     out.backward()
     assert_close("compiled loss", out, eager, atol=1e-6)
     assert_close("compiled grad", lin.weight.grad, g, atol=1e-6)
+
+
+def test_bench_cpu_rate_reports_every_loop(native, tmp_path):
+    # bench/bench_cpu_rate.py (the loops' compute-rate instrument) on a tiny problem: one row per
+    # (loop, dtype, temperature), positive rates, and the JSON it writes.
+    import importlib.util
+    import json
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_cpu_rate.py")
+    spec = importlib.util.spec_from_file_location("bench_cpu_rate", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "rate.json"
+    threads = torch.get_num_threads()
+    try:
+        rows = mod.main(["--rows", "3", "--vocab", "70", "--reps", "1", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    keys = {(r["loop"], r["dtype"], r["temperature"]) for r in rows}
+    assert keys == {(lp, d, t) for lp in ("fwd", "grad") for d in ("fp32", "bf16")
+                    for t in (1.0, 0.7)}
+    assert all(r["gelem_s"] > 0 and r["ms"] > 0 for r in rows)
+    assert json.loads(out.read_text())["rows"] == rows
