@@ -240,13 +240,22 @@ inline Vec<double> vexp_clamped(Vec<double> xc) {
 // this is the inner loop of the streaming passes.  NaN in gives NaN out.
 constexpr double kLog2e = 1.4426950408889634;
 
+// The two ends of the vector 2^x: x = n + r, with `big` = x + 1.5 * 2^23 holding n + 2^22 in its
+// low mantissa bits (|x| < 2^22, so the exponent field is built from those bits with no
+// float -> int conversion) and r in [-1/2, 1/2]; then 2^r (p) times 2^n.
+inline Vec<float> vexp2_reduce(const Vec<float>& x, Vec<float>& big) {
+  big = x + 12582912.0f;
+  return x - (big - 12582912.0f);
+}
+inline Vec<float> vexp2_join(const Vec<float>& p, const Vec<float>& big) {
+  VecT<float>::itype bits;
+  std::memcpy(&bits, &big, sizeof(bits));
+  return vscale_pow2(p, bits + (127 - 0x4B400000));
+}
+
 inline Vec<float> vexp2_clamped(Vec<float> x) {
-  using VI = VecT<float>::itype;
-  // x + 1.5 * 2^23 rounds x to the nearest integer n and holds n + 2^22 in its low mantissa
-  // bits (|x| < 2^22), so the exponent field is built from those bits with no float -> int
-  // conversion.
-  const Vec<float> big = x + 12582912.0f;
-  const Vec<float> r = x - (big - 12582912.0f);
+  Vec<float> big;
+  const Vec<float> r = vexp2_reduce(x, big);
   Vec<float> p = vsplat(1.5353410e-4f);
   p = p * r + 1.3398874e-3f;
   p = p * r + 9.6184369e-3f;
@@ -254,9 +263,7 @@ inline Vec<float> vexp2_clamped(Vec<float> x) {
   p = p * r + 2.4022648e-1f;
   p = p * r + 6.9314718e-1f;
   p = p * r + 1.0f;
-  VI bits;
-  std::memcpy(&bits, &big, sizeof(bits));
-  return vscale_pow2(p, bits + (127 - 0x4B400000));
+  return vexp2_join(p, big);
 }
 inline Vec<double> vexp2_clamped(Vec<double> x) {
   for (int l = 0; l < kLanes; ++l) x[l] = std::exp2(x[l]);
@@ -271,18 +278,15 @@ inline Vec<double> vexp2_clamped(Vec<double> x) {
 // term is exactly 1 (a fit of 1 + r q(r)), so 2^0 = 1 exactly and a one-hot row's sum is
 // exactly 1.  The gradient sweep, whose p = exp(z) values are outputs, keeps vexp2_clamped.
 inline Vec<float> vexp2_sum_term(Vec<float> x) {
-  using VI = VecT<float>::itype;
-  const Vec<float> big = x + 12582912.0f;  // as in vexp2_clamped
-  const Vec<float> r = x - (big - 12582912.0f);
+  Vec<float> big;
+  const Vec<float> r = vexp2_reduce(x, big);
   Vec<float> p = vsplat(1.326472731307149e-3f);
   p = p * r + 9.671512991189957e-3f;
   p = p * r + 5.550733581185341e-2f;
   p = p * r + 2.4022242426872253e-1f;
   p = p * r + 6.931470036506653e-1f;
   p = p * r + 1.0f;
-  VI bits;
-  std::memcpy(&bits, &big, sizeof(bits));
-  return vscale_pow2(p, bits + (127 - 0x4B400000));
+  return vexp2_join(p, big);
 }
 inline Vec<double> vexp2_sum_term(Vec<double> x) { return vexp2_clamped(x); }
 

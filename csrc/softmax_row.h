@@ -319,19 +319,20 @@ void grad_row(const T* x, T* out, int64_t V, const Sc& sc, A M, A logS, A H, A g
                       std::isfinite(sc(A(1))) &&
                       (!HAS_DENT || (std::isfinite(H) && std::isfinite(g_h)));
   int64_t j = 0;
-  if (finite) {
+  auto sweep = [&](auto no_nan) {  // the main loop, instantiated with and without the NaN select
     for (; j + 2 * kLanes <= V; j += 2 * kLanes) {
       VA v0, v1;
       vload_pair<T, A>(x + j, v0, v1);
-      vstore_pair_no_nan<T, A>(out + j, grad(sc(v0)), grad(sc(v1)));
+      if constexpr (decltype(no_nan)::value)
+        vstore_pair_no_nan<T, A>(out + j, grad(sc(v0)), grad(sc(v1)));
+      else
+        vstore_pair<T, A>(out + j, grad(sc(v0)), grad(sc(v1)));
     }
-  } else {
-    for (; j + 2 * kLanes <= V; j += 2 * kLanes) {
-      VA v0, v1;
-      vload_pair<T, A>(x + j, v0, v1);
-      vstore_pair<T, A>(out + j, grad(sc(v0)), grad(sc(v1)));
-    }
-  }
+  };
+  if (finite)
+    sweep(std::true_type{});
+  else
+    sweep(std::false_type{});
   for (; j + kLanes <= V; j += kLanes) vstore_as<T, A>(out + j, grad(sc(vload_as<T, A>(x + j))));
   if (j < V) {
     for (int64_t i = 0; i < kLanes; ++i)
