@@ -91,7 +91,7 @@ class Op:
         if self.fast_eager and _plain_eager(args):
             if self._function is not None and _needs_graph(args):
                 return self._function.apply(*args)
-            return self.impl(*args)  # no autograd node to record (no_grad, or no grad inputs)
+            return self.impl(*args)  # not differentiable, or autograd would record nothing
         return self.op(*args)
 
 
