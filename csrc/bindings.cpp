@@ -251,20 +251,15 @@ void value_bwd(double g, const Tensor& values, const Tensor& old_values, const T
 
 // ---- fused PPO loss ---------------------------------------------------------------------------
 
-void fused_loss_fwd(const Tensor& logits, const optional<Tensor>& dlogits,
-                    std::vector<int64_t> dims, std::vector<int64_t> strides,
-                    std::vector<int64_t> ostrides, int64_t V, int64_t B, int64_t T,
-                    const Tensor& tokens, const Tensor& old_logp, const Tensor& adv,
-                    const optional<Tensor>& ref_logp, const Tensor& mask, const Tensor& coef,
-                    double inv_temp, int64_t ignore_index, double lo, double hi,
-                    optional<double> dual, bool seq, double kl_coef, int64_t kl_val,
-                    int64_t kl_grad, double ent_coef, bool write_grad, const Tensor& aux,
-                    const Tensor& loss, const Tensor& stats) {
-  check_cpu(logits, "logits");
-  check_rows_in_bounds(logits, dims, strides, V, "logits");
-  const int64_t N = dims[0] * dims[1] * dims[2];
-  TORCH_CHECK(N == B * T, "fastrlhf native fused_ppo_loss: rows != B * T");
-  const auto acc = acc_of(logits.scalar_type());
+// Checks the per-token inputs / outputs shared by the two fused-loss entries (N = B T rows) and
+// gathers the scalars.
+fn::FusedArgs fused_args(int64_t N, int64_t B, at::ScalarType acc, const Tensor& tokens,
+                         const Tensor& old_logp, const Tensor& adv,
+                         const optional<Tensor>& ref_logp, const Tensor& mask, const Tensor& coef,
+                         double inv_temp, int64_t ignore_index, double lo, double hi,
+                         optional<double> dual, bool seq, double kl_coef, int64_t kl_val,
+                         int64_t kl_grad, double ent_coef, bool write_grad, const Tensor& aux,
+                         const Tensor& loss, const Tensor& stats) {
   check_out(tokens, "tokens", at::kLong, N);
   check_out(old_logp, "old_logp", acc, N);
   const bool adv_row = adv.numel() == B && N != B;
@@ -277,14 +272,6 @@ void fused_loss_fwd(const Tensor& logits, const optional<Tensor>& dlogits,
   check_out(stats, "stats", acc, 5);
   TORCH_CHECK(kl_val >= 0 && kl_val <= 3 && kl_grad >= 0 && kl_grad <= 3,
               "fastrlhf native: bad KL kind code");
-  void* dl = nullptr;
-  if (write_grad) {
-    TORCH_CHECK(dlogits.has_value(), "fastrlhf native: gradient buffer missing");
-    check_cpu(*dlogits, "dlogits");
-    TORCH_CHECK(dlogits->scalar_type() == logits.scalar_type(), "fastrlhf native: dlogits dtype");
-    check_rows_in_bounds(*dlogits, dims, ostrides, V, "dlogits");
-    dl = dlogits->data_ptr();
-  }
   fn::FusedArgs fa;
   fa.inv_temp = inv_temp;
   fa.ignore_index = ignore_index;
@@ -296,6 +283,34 @@ void fused_loss_fwd(const Tensor& logits, const optional<Tensor>& dlogits,
   fa.kl_grad = static_cast<int>(kl_grad);
   fa.ent_coef = ent_coef;
   fa.write_grad = write_grad;
+  return fa;
+}
+
+void fused_loss_fwd(const Tensor& logits, const optional<Tensor>& dlogits,
+                    std::vector<int64_t> dims, std::vector<int64_t> strides,
+                    std::vector<int64_t> ostrides, int64_t V, int64_t B, int64_t T,
+                    const Tensor& tokens, const Tensor& old_logp, const Tensor& adv,
+                    const optional<Tensor>& ref_logp, const Tensor& mask, const Tensor& coef,
+                    double inv_temp, int64_t ignore_index, double lo, double hi,
+                    optional<double> dual, bool seq, double kl_coef, int64_t kl_val,
+                    int64_t kl_grad, double ent_coef, bool write_grad, const Tensor& aux,
+                    const Tensor& loss, const Tensor& stats) {
+  check_cpu(logits, "logits");
+  check_rows_in_bounds(logits, dims, strides, V, "logits");
+  const int64_t N = dims[0] * dims[1] * dims[2];
+  TORCH_CHECK(N == B * T, "fastrlhf native: fused_ppo_loss: rows != B * T");
+  const fn::FusedArgs fa = fused_args(
+      N, B, acc_of(logits.scalar_type()), tokens, old_logp, adv, ref_logp, mask, coef, inv_temp,
+      ignore_index, lo, hi, dual, seq, kl_coef, kl_val, kl_grad, ent_coef, write_grad, aux, loss,
+      stats);
+  void* dl = nullptr;
+  if (write_grad) {
+    TORCH_CHECK(dlogits.has_value(), "fastrlhf native: gradient buffer missing");
+    check_cpu(*dlogits, "dlogits");
+    TORCH_CHECK(dlogits->scalar_type() == logits.scalar_type(), "fastrlhf native: dlogits dtype");
+    check_rows_in_bounds(*dlogits, dims, ostrides, V, "dlogits");
+    dl = dlogits->data_ptr();
+  }
   fn::fused_loss_fwd(logits.data_ptr(), dl, logits.scalar_type(), dims.data(), strides.data(),
                      ostrides.data(), V, B, T, tokens.data_ptr<int64_t>(), old_logp.data_ptr(),
                      adv.data_ptr(), ptr_or_null(ref_logp), mask.data_ptr(), coef.data_ptr(), fa,
@@ -361,6 +376,33 @@ void linear_logprobs_bwd(const Tensor& hidden, const Tensor& weight,
                           dw, db);
 }
 
+void fused_linear_loss_fwd(const Tensor& hidden, const Tensor& weight,
+                           const optional<Tensor>& bias, const Tensor& tokens, int64_t B,
+                           int64_t T, const Tensor& old_logp, const Tensor& adv,
+                           const optional<Tensor>& ref_logp, const Tensor& mask,
+                           const Tensor& coef, double inv_temp, int64_t ignore_index, double lo,
+                           double hi, optional<double> dual, double kl_coef, int64_t kl_val,
+                           int64_t kl_grad, double ent_coef, bool write_grad, int64_t block_rows,
+                           const Tensor& aux, const Tensor& loss, const Tensor& stats,
+                           const optional<Tensor>& dh, const optional<Tensor>& dw,
+                           const optional<Tensor>& db) {
+  check_linear_inputs(hidden, weight, bias, tokens);
+  const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
+  TORCH_CHECK(N == B * T, "fastrlhf native: fused_linear_ppo_loss: rows != B * T");
+  const fn::FusedArgs fa = fused_args(
+      N, B, acc_of(hidden.scalar_type()), tokens, old_logp, adv, ref_logp, mask, coef, inv_temp,
+      ignore_index, lo, hi, dual, false, kl_coef, kl_val, kl_grad, ent_coef, write_grad, aux,
+      loss, stats);
+  if (dh.has_value()) check_out(*dh, "dhidden", hidden.scalar_type(), N * H);
+  if (dw.has_value()) check_out(*dw, "dweight", weight.scalar_type(), V * H);
+  if (db.has_value()) {
+    TORCH_CHECK(bias.has_value(), "fastrlhf native: dbias without bias");
+    check_out(*db, "dbias", bias->scalar_type(), V);
+  }
+  fn::fused_linear_loss_fwd(hidden, weight, bias, tokens, T, old_logp, adv, ref_logp, mask, coef,
+                            fa, block_rows, aux, loss, stats, dh, dw, db);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -376,5 +418,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_loss_fwd", &fused_loss_fwd, rel());
   m.def("linear_logprobs_fwd", &linear_logprobs_fwd, rel());
   m.def("linear_logprobs_bwd", &linear_logprobs_bwd, rel());
+  m.def("fused_linear_loss_fwd", &fused_linear_loss_fwd, rel());
   m.def("num_threads", []() { return at::get_num_threads(); });
 }

@@ -22,7 +22,8 @@
 // under no_grad) -- so d loss / d logp is not known while the forward runs; gradients in the
 // forward would need the loss inside the kernel (one op per loss, Liger-style) and would cost
 // the backward's 4NHV flops on every no-grad call.  Recomputing costs 2NHV extra flops (8NHV in
-// all instead of 6NHV) and keeps memory at O(N*H + V*H + N*Vc).  Per chunk:
+// all instead of 6NHV) and keeps memory at O(N*H + V*H + N*Vc).  (The one such fused op, the
+// token-level PPO loss, is fused_linear_loss_fwd at the end of this file.)  Per chunk:
 //   1. row tiles (parallel): the logits tile GEMM, then in place
 //      dlogits = (dlogp (onehot - p) - dH p (log p + H)) * inv_temp   (p from the saved M, log S)
 //      into a [N, Vc] scratch, and dhidden[tile] += dlogits_tile @ W_c (fp32 accumulator);
@@ -38,6 +39,7 @@
 
 #include "common.h"
 #include "fused_linear.h"
+#include "fused_row.h"
 
 namespace fastrlhf {
 namespace native {
@@ -287,6 +289,100 @@ void bwd_impl(const at::Tensor& hA, const at::Tensor& weight, const A* bias, con
   }
 }
 
+// ---- the fused PPO loss from hidden states, gradients produced in the forward --------------
+//
+// fused_linear_ppo_loss is a scalar, so d loss / d logits is known for a row as soon as its
+// logits and its per-token loss terms are (token-level ratio: the weights c_b m_bt come from the
+// mask alone).  Rows are taken in blocks of R whose whole [R, V] logits fit a scratch buffer:
+//   1. x = h_blk W^T + b                        (GEMM tasks: 64 rows x Vc columns)
+//   2. per row: statistics, loss terms, then d loss / d x over x in place (fused_row.h)
+//   3. dhidden_blk = dx W                       (GEMM tasks: 64 rows x kHTile columns, K = V)
+//   4. dW (+)= dx^T h_blk, db (+)= colsum(dx)   (GEMM tasks: kColTile vocab rows, K = R)
+// Three GEMMs in all (6NHV flops) against the four of forward + recomputing backward (8NHV);
+// the cost is memory: the [R, V] block, and dW accumulated over the blocks in the accumulation
+// dtype (for bf16 / fp16 weights an fp32 [V, H] buffer, plus an fp32 copy of W).  The backward
+// then only scales the stored gradients by the upstream gradient.  Deterministic as the rest:
+// every task is a fixed tile, every output element has one owner per block, blocks in order.
+constexpr int64_t kBlockElems = int64_t(1) << 24;  // logits row block [R, V] (64 MB in fp32)
+constexpr int64_t kHTile = 256;                    // dhidden columns per GEMM task
+
+template <typename A, typename Sc>
+void fused_linear_impl(const at::Tensor& hA, const at::Tensor& wA, const A* bias,
+                       const FusedTokens<A>& in, const FusedArgs& fa, const Sc& sc, int64_t R,
+                       A* aux, at::Tensor dh_acc, at::Tensor dw_acc, A* db) {
+  const int64_t N = hA.size(0), H = hA.size(1), V = wA.size(0);
+  const FusedRow<A, A, Sc> op(in, fa, sc, V, N, aux);
+  at::Tensor X = at::empty({std::min(R, N), V}, hA.options());
+  A* xp = X.data_ptr<A>();
+  const int64_t Vc = std::min(V, kFwdChunk);
+  const int64_t n_vc = (V + Vc - 1) / Vc;
+  const int64_t n_ht = (H + kHTile - 1) / kHTile;
+  const int64_t n_ct = (V + kColTile - 1) / kColTile;
+  for (int64_t r0 = 0; r0 < N; r0 += R) {
+    const int64_t nr = std::min(R, N - r0);
+    const at::Tensor Xb = X.narrow(0, 0, nr);
+    const at::Tensor hb = hA.narrow(0, r0, nr);
+    const int64_t n_rt = (nr + kRowTile - 1) / kRowTile;
+    parallel_tiles(n_rt * n_vc, 2 * kRowTile * Vc * H, [&](int64_t tb, int64_t te) {
+      for (int64_t task = tb; task < te; ++task) {
+        const int64_t i0 = (task / n_vc) * kRowTile, ni = std::min(kRowTile, nr - i0);
+        const int64_t c0 = (task % n_vc) * Vc, nc = std::min(Vc, V - c0);
+        at::Tensor out = Xb.narrow(0, i0, ni).narrow(1, c0, nc);
+        at::mm_out(out, hb.narrow(0, i0, ni), wA.narrow(0, c0, nc).t());
+        if (bias == nullptr) continue;
+        for (int64_t i = 0; i < ni; ++i) {
+          A* x = xp + (i0 + i) * V + c0;
+          for (int64_t j = 0; j < nc; ++j) x[j] += bias[c0 + j];
+        }
+      }
+    });
+    parallel_rows(nr, rows_grain(V), [&](int64_t a, int64_t b) {
+      std::vector<A> buf(kLanes);
+      for (int64_t i = a; i < b; ++i) {
+        A* x = xp + i * V;
+        A M, logS, Hr;
+        const A lp = op.stats(r0 + i, x, buf.data(), M, logS, Hr);
+        op.finish(r0 + i, x, x, M, logS, Hr, lp, A(0), buf.data());
+      }
+    });
+    if (!fa.write_grad) continue;
+    if (dh_acc.defined()) {
+      parallel_tiles(n_rt * n_ht, 2 * kRowTile * V * kHTile, [&](int64_t tb, int64_t te) {
+        for (int64_t task = tb; task < te; ++task) {
+          const int64_t i0 = (task / n_ht) * kRowTile, ni = std::min(kRowTile, nr - i0);
+          const int64_t h0 = (task % n_ht) * kHTile, nh = std::min(kHTile, H - h0);
+          at::Tensor d = dh_acc.narrow(0, r0 + i0, ni).narrow(1, h0, nh);
+          at::mm_out(d, Xb.narrow(0, i0, ni), wA.narrow(1, h0, nh));
+        }
+      });
+    }
+    if (!dw_acc.defined() && db == nullptr) continue;
+    parallel_tiles(n_ct, 2 * kColTile * nr * H, [&](int64_t tb, int64_t te) {
+      for (int64_t ct = tb; ct < te; ++ct) {
+        const int64_t j0 = ct * kColTile, nj = std::min(kColTile, V - j0);
+        if (dw_acc.defined()) {
+          at::Tensor dst = dw_acc.narrow(0, j0, nj);
+          const at::Tensor gt = Xb.narrow(1, j0, nj).t();  // [nj, nr]
+          if (r0 == 0) {
+            at::mm_out(dst, gt, hb);
+          } else {
+            dst.addmm_(gt, hb);
+          }
+        }
+        if (db != nullptr) {
+          A colsum[kColTile];
+          for (int64_t j = 0; j < nj; ++j) colsum[j] = r0 == 0 ? A(0) : db[j0 + j];
+          for (int64_t i = 0; i < nr; ++i) {
+            const A* g = xp + i * V + j0;
+            for (int64_t j = 0; j < nj; ++j) colsum[j] += g[j];
+          }
+          for (int64_t j = 0; j < nj; ++j) db[j0 + j] = colsum[j];
+        }
+      }
+    });
+  }
+}
+
 template <typename F>
 void dispatch_acc(at::ScalarType acc, const F& f) {
   if (acc == at::kDouble) {
@@ -370,6 +466,59 @@ void linear_logprobs_bwd(const at::Tensor& hidden, const at::Tensor& weight,
     }
   });
   if (need_dh && !dh_acc.is_same(*dh)) dh->copy_(dh_acc);
+  if (need_db) db->copy_(db_acc);
+}
+
+void fused_linear_loss_fwd(const at::Tensor& hidden, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& bias, const at::Tensor& tokens,
+                           int64_t T, const at::Tensor& old_logp, const at::Tensor& adv,
+                           const c10::optional<at::Tensor>& ref_logp, const at::Tensor& mask,
+                           const at::Tensor& coef, const FusedArgs& fa, int64_t block_rows,
+                           const at::Tensor& aux, const at::Tensor& loss,
+                           const at::Tensor& stats, const c10::optional<at::Tensor>& dh,
+                           const c10::optional<at::Tensor>& dw,
+                           const c10::optional<at::Tensor>& db) {
+  const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  const int64_t B = T > 0 ? N / T : 0;
+  const auto acc = acc_of(hidden.scalar_type());
+  const bool need_dh = fa.write_grad && dh.has_value() && dh->defined();
+  const bool need_dw = fa.write_grad && dw.has_value() && dw->defined();
+  const bool need_db = fa.write_grad && db.has_value() && db->defined();
+  const at::Tensor hA = hidden.detach().to(acc).contiguous();
+  const at::Tensor wA = weight.detach().to(acc).contiguous();
+  at::Tensor bA;
+  if (bias.has_value() && bias->defined()) bA = bias->detach().to(acc).contiguous();
+  // gradients accumulate in the accumulation dtype, straight into the outputs when they have it
+  at::Tensor dh_acc, dw_acc, db_acc;
+  if (need_dh) dh_acc = dh->scalar_type() == acc ? *dh : at::empty({N, H}, hA.options());
+  if (need_dw) dw_acc = dw->scalar_type() == acc ? *dw : at::empty({V, H}, hA.options());
+  if (need_db) db_acc = at::empty({V}, hA.options());
+  int64_t R = block_rows > 0 ? block_rows
+                             : std::max(kRowTile, kBlockElems / V / kRowTile * kRowTile);
+  R = std::max<int64_t>(1, std::min(R, N));
+  dispatch_acc(acc, [&](auto a) {
+    using A = decltype(a);
+    const FusedTokens<A> in{tokens.data_ptr<int64_t>(), old_logp.data_ptr<A>(),
+                            adv.data_ptr<A>(),
+                            ref_logp.has_value() ? ref_logp->data_ptr<A>() : nullptr,
+                            mask.data_ptr<A>(), coef.data_ptr<A>(), T};
+    if (N > 0) {
+      with_logit_scale(static_cast<A>(fa.inv_temp), [&](const auto sc) {
+        fused_linear_impl<A>(hA, wA, bA.defined() ? bA.data_ptr<A>() : nullptr, in, fa, sc, R,
+                             aux.data_ptr<A>(), dh_acc, dw_acc,
+                             need_db ? db_acc.data_ptr<A>() : nullptr);
+      });
+    }
+    reduce_fused(aux.data_ptr<A>(), in.m, in.coef, B, T, loss.data_ptr<A>(),
+                 stats.data_ptr<A>());
+  });
+  if (N == 0) {  // no rows: zero gradients
+    if (need_dh) dh_acc.zero_();
+    if (need_dw) dw_acc.zero_();
+    if (need_db) db_acc.zero_();
+  }
+  if (need_dh && !dh_acc.is_same(*dh)) dh->copy_(dh_acc);
+  if (need_dw && !dw_acc.is_same(*dw)) dw->copy_(dw_acc);
   if (need_db) db->copy_(db_acc);
 }
 

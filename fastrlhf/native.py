@@ -50,7 +50,7 @@ from .tables import AGG_MODE_IDS, acc_dtype
 
 __all__ = ["available", "load", "build_error", "source_dir", "logprobs_fwd", "logprobs_bwd",
            "gae_fwd", "policy_fwd", "policy_bwd", "value_fwd", "value_bwd", "fused_loss_fwd",
-           "linear_logprobs_fwd", "linear_logprobs_bwd"]
+           "linear_logprobs_fwd", "linear_logprobs_bwd", "fused_linear_loss_fwd"]
 
 _log = logging.getLogger("fastrlhf")
 _LOCK = threading.Lock()
@@ -384,3 +384,32 @@ def linear_logprobs_bwd(hidden: Tensor, dims, strides, weight: Tensor, bias: Opt
     _ext().linear_logprobs_bwd(h, weight, bias, _int64(tokens), dlogp, dent, lse, ent, inv_temp,
                                ignore_index, int(chunk or 0), dh, dw, db)
     return dh, dw, db
+
+
+def fused_linear_loss_fwd(hidden: Tensor, dims, strides, weight: Tensor, bias: Optional[Tensor],
+                          B: int, T: int, tokens: Tensor, old_logp: Tensor, adv: Tensor,
+                          ref_logp: Optional[Tensor], mask: Tensor, coef: Tensor, *,
+                          inv_temp: float, ignore_index: int, lo: float, hi: float,
+                          dual: Optional[float], kl_coef: float, kl_val: int, kl_grad: int,
+                          ent_coef: float, need_dh: bool, need_dw: bool, need_db: bool,
+                          block_rows=None):
+    """The token-level fused PPO loss of the logits ``hidden @ weight.T + bias`` with its
+    gradients produced in the same call: ``(loss [], stats [5], aux [7, N], dh, dw, db)``, the
+    gradients (upstream gradient 1; None where not asked for) in the dtypes of hidden / weight /
+    bias.  Per-token inputs as :func:`fused_loss_fwd`.  ``block_rows`` overrides the rows whose
+    ``[R, V]`` logits are formed at once (tests).  See csrc/fused_linear.cpp."""
+    V, H = weight.shape
+    h = _hidden_rows(hidden, dims, strides, H)
+    n = h.shape[0]
+    acc = coef.dtype
+    aux = torch.empty(7, n, dtype=acc)
+    loss = torch.empty((), dtype=acc)
+    stats = torch.empty(5, dtype=acc)
+    dh = grad_empty((n, H), hidden.dtype, hidden.device) if need_dh else None
+    dw = grad_empty((V, H), weight.dtype, weight.device) if need_dw else None
+    db = torch.empty(V, dtype=bias.dtype) if need_db else None
+    _ext().fused_linear_loss_fwd(
+        h, weight, bias, _int64(tokens), B, T, old_logp, adv, ref_logp, mask, coef, inv_temp,
+        ignore_index, lo, hi, dual, kl_coef, kl_val, kl_grad, ent_coef,
+        need_dh or need_dw or need_db, int(block_rows or 0), aux, loss, stats, dh, dw, db)
+    return loss, stats, aux, dh, dw, db

@@ -173,9 +173,12 @@ def test_auto_picks_native_for_cpu(monkeypatch):
     tok = torch.randint(0, 5, (2, 3))
     fr.linear_token_logprobs(h, w, tok).sum().backward()
     assert seen == ["f", "b"], seen
+    real_l = native.fused_linear_loss_fwd
+    monkeypatch.setattr(native, "fused_linear_loss_fwd", lambda *a, **k: seen.append("l")
+                        or real_l(*a, **k))
     m = torch.ones(2, 3)
     fr.fused_linear_ppo_loss(h, w, tok, -torch.rand(2, 3), torch.randn(2, 3), m)[0].backward()
-    assert seen == ["f", "b", "f", "b"], seen
+    assert seen == ["f", "b", "l"], seen  # the loss: gradients produced in its forward
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -214,3 +217,215 @@ def test_fused_linear_ppo_loss_matches_reference(dtype, packed):
         assert_close(k, st[k].to(F64), rst[k], atol=tol, rtol=tol)
     for i, (a, e) in enumerate(zip(gr, rgr)):
         _rel(f"grad{i}", a, e, 1e-11 if dtype == F64 else 2e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# fused_linear_ppo_loss, token-level ratio: the gradients are produced in the forward
+# (native.fused_linear_loss_fwd: three GEMMs over row blocks, the backward only scales)
+# ----------------------------------------------------------------------------------------------
+
+LOSS_KW = dict(kl_coef=0.05, kl_kind="k3+", entropy_coef=0.02, temperature=0.9, clip_high=0.28,
+               dual_clip=3.0)
+
+
+def _loss_case(B, T, H, V, dtype, seed, bias=True, adv_row=False):
+    g = torch.Generator().manual_seed(seed)
+    hid = torch.randn(B, T, H, generator=g, dtype=F64).to(dtype)
+    w = (torch.randn(V, H, generator=g, dtype=F64) * 0.5).to(dtype)
+    b = torch.randn(V, generator=g, dtype=F64).to(dtype) if bias else None
+    tok = torch.randint(0, V, (B, T), generator=g)
+    tok[0, 1] = -100
+    old = -torch.rand(B, T, generator=g, dtype=F64) * 2 - 0.5
+    adv = torch.randn(B, generator=g, dtype=F64) if adv_row else torch.randn(B, T, generator=g,
+                                                                              dtype=F64)
+    mask = torch.rand(B, T, generator=g) > 0.25
+    mask[-1] = False  # a fully masked sequence: zero weight, zero gradient rows
+    return hid, w, b, tok, old, adv, mask
+
+
+def _loss_run(case, dtype, backend, upstream=1.0, **kw):
+    hid, w, b, tok, old, adv, mask = case
+    acc = F64 if dtype == F64 else torch.float32
+    leaves = [None if t is None else t.to(dtype).clone().requires_grad_() for t in (hid, w, b)]
+    loss, st = fr.fused_linear_ppo_loss(leaves[0], leaves[1], tok, old.to(acc), adv.to(acc),
+                                        mask, bias=leaves[2], ref_logp=old.to(acc) - 0.1,
+                                        backend=backend, **{**LOSS_KW, **kw})
+    live = [t for t in leaves if t is not None]
+    return loss, st, torch.autograd.grad(loss * upstream, live)
+
+
+def _block_rows(monkeypatch, rows):
+    real = native.fused_linear_loss_fwd
+    calls = []
+
+    def wrapped(*a, **k):
+        calls.append(rows)
+        return real(*a, **{**k, "block_rows": rows})
+    monkeypatch.setattr(native, "fused_linear_loss_fwd", wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_loss_grads_in_forward_match_float64(monkeypatch, dtype, rows):
+    """Loss, stats and the gradients of hidden / weight / bias (upstream 0.7: the backward's
+    scaling) against float64, with row blocks of 1, 5 (a partial last block) and 64 rows (one
+    block) over 3 x 9 tokens; V = 1100 > one 512-column GEMM chunk, 9 dW column tiles."""
+    calls = _block_rows(monkeypatch, rows)
+    case = _loss_case(3, 9, 11, 1100, dtype, seed=rows)
+    loss, st, gr = _loss_run(case, dtype, "native", upstream=0.7,
+                             agg="seq-mean-token-mean" if rows == 5 else "token-mean")
+    assert calls == [rows]
+    rloss, rst, rgr = _loss_run(case, F64, "reference", upstream=0.7,
+                                agg="seq-mean-token-mean" if rows == 5 else "token-mean")
+    tol = VAL_TOL[dtype] * 10
+    assert loss.dtype == (F64 if dtype == F64 else torch.float32)
+    assert_close("loss", loss.to(F64), rloss, atol=tol, rtol=tol)
+    for k in rst:
+        assert_close(k, st[k].to(F64), rst[k], atol=tol, rtol=tol)
+        assert not st[k].requires_grad
+    for name, a, e in zip(("dhidden", "dweight", "dbias"), gr, rgr):
+        assert a.dtype == dtype and a.shape == e.shape
+        _rel(name, a, e, GRAD_REL[dtype] * (1 if dtype == F64 else 2))
+    # the fully masked sequence has exactly zero hidden gradient
+    assert torch.count_nonzero(gr[0][-1]) == 0
+
+
+def test_loss_grads_in_forward_options():
+    """Per-sequence advantages, no bias, agg kwargs, temperature 1, a frozen weight (only
+    dhidden) and a frozen backbone (only dweight) -- each against float64."""
+    case = _loss_case(2, 7, 6, 53, torch.float32, seed=4, bias=False, adv_row=True)
+    kw = dict(agg="seq-mean-token-sum-norm", temperature=1.0, dual_clip=None, kl_kind="k1")
+    _, _, gr = _loss_run(case, torch.float32, "native", **kw)
+    _, _, rgr = _loss_run(case, F64, "reference", **kw)
+    for name, a, e in zip(("dhidden", "dweight"), gr, rgr):
+        _rel(name, a, e, 2e-5)
+    hid, w, b, tok, old, adv, mask = case
+    for frozen in (0, 1):
+        leaves = [hid.clone().requires_grad_(frozen != 0), w.clone().requires_grad_(frozen != 1)]
+        loss, _ = fr.fused_linear_ppo_loss(leaves[0], leaves[1], tok, old.float(), adv.float(),
+                                           mask, ref_logp=old.float() - 0.1, backend="native",
+                                           **{**LOSS_KW, **kw})
+        loss.backward()
+        live = 1 - frozen
+        assert leaves[frozen].grad is None
+        _rel(f"grad{live}", leaves[live].grad, rgr[live], 2e-5)
+
+
+def test_loss_grads_thread_count_independent_bitwise(monkeypatch):
+    """1 and 2 threads give bitwise the same loss, stats and gradients: 3 row blocks of 64 (a
+    partial one), 2 GEMM vocab chunks, 2 dhidden column tiles (H = 300 > 256)."""
+    _block_rows(monkeypatch, 64)
+    case = _loss_case(5, 30, 300, 700, torch.float32, seed=8)
+    n0 = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            loss, st, gr = _loss_run(case, torch.float32, "native")
+            outs.append([loss, *st.values(), *gr])
+    finally:
+        torch.set_num_threads(n0)
+    for i, (a, c) in enumerate(zip(*outs)):
+        assert torch.equal(a, c), f"output {i} differs between 1 and 2 threads"
+
+
+def test_loss_grads_repeated_backward():
+    """retain_graph: each backward adds the gradient again, also after the caller changed the
+    accumulated .grad in place (the stored gradient is never handed out to be mutated)."""
+    case = _loss_case(2, 4, 5, 19, torch.float32, seed=2)
+    hid, w, b, tok, old, adv, mask = case
+    wl = w.clone().requires_grad_()
+    hl = hid.clone().requires_grad_()
+    loss, _ = fr.fused_linear_ppo_loss(hl, wl, tok, old.float(), adv.float(), mask,
+                                       ref_logp=old.float() - 0.1, backend="native", **LOSS_KW)
+    G = torch.autograd.grad(loss, [wl], retain_graph=True)[0].clone()
+    loss.backward(retain_graph=True)
+    assert torch.equal(wl.grad, G)
+    wl.grad.mul_(0.0)  # e.g. an optimizer's zero_grad(set_to_none=False)
+    (loss * 3).backward(retain_graph=True)
+    assert_close("3x", wl.grad, 3 * G, atol=1e-6, rtol=1e-6)
+    loss.backward()
+    assert_close("4x", wl.grad, 4 * G, atol=1e-6, rtol=1e-6)
+
+
+def test_loss_grads_gradcheck_float64():
+    g = torch.Generator().manual_seed(21)
+    h = torch.randn(2, 3, 4, generator=g, dtype=F64, requires_grad=True)
+    w = torch.randn(9, 4, generator=g, dtype=F64, requires_grad=True)
+    b = torch.randn(9, generator=g, dtype=F64, requires_grad=True)
+    tok = torch.randint(0, 9, (2, 3), generator=g)
+    tok[1, 1] = -100
+    old = -torch.rand(2, 3, generator=g, dtype=F64) - 1.0  # ratios far from the clip bounds
+    adv = torch.randn(2, 3, generator=g, dtype=F64)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+
+    def f(h, w, b):
+        return fr.fused_linear_ppo_loss(h, w, tok, old, adv, mask, bias=b, ref_logp=old - 0.2,
+                                        kl_coef=0.1, entropy_coef=0.05, temperature=0.8,
+                                        clip_low=10.0, clip_high=10.0, backend="native")[0]
+    assert torch.autograd.gradcheck(f, (h, w, b), eps=1e-6, atol=1e-7)
+
+
+def test_loss_grads_nan_row_and_all_masked():
+    """A NaN hidden row that is masked out leaves the loss, the stats means and dhidden finite
+    (its gradient row is zero); dweight is NaN in the NaN row's column exactly as the reference's
+    (0 * NaN in dlogits^T @ hidden).  Everything masked gives loss 0 and zero gradients."""
+    case = _loss_case(2, 5, 4, 23, torch.float32, seed=6)
+    hid, w, b, tok, old, adv, mask = case
+    hid = hid.clone()
+    hid[0, 2, 1] = float("nan")
+    mask = mask.clone()
+    mask[0, 2] = False
+    case = (hid, w, b, tok, old, adv, mask)
+    loss, st, gr = _loss_run(case, torch.float32, "native")
+    rloss, rst, rgr = _loss_run(case, F64, "reference")
+    assert torch.isfinite(loss) and torch.isfinite(gr[0]).all() and torch.isfinite(gr[2]).all()
+    assert torch.isnan(st["logp"][0, 2]) and torch.isfinite(st["clipfrac"])
+    assert_close("loss", loss.to(F64), rloss, atol=1e-5, rtol=1e-5)
+    for name, a, e in zip(("dhidden", "dweight", "dbias"), gr, rgr):
+        assert torch.equal(a.isnan(), e.isnan()), name
+        assert_close(name, a.to(F64).nan_to_num(), e.nan_to_num(), atol=2e-5, rtol=1e-4)
+    none = torch.zeros_like(mask)
+    loss, st, gr = _loss_run((hid.nan_to_num(), w, b, tok, old, adv, none), torch.float32,
+                             "native")
+    assert float(loss.detach()) == 0.0 and all(torch.count_nonzero(x) == 0 for x in gr)
+
+
+@pytest.mark.parametrize("how", ["gspo", "packed", "no_grad"])
+def test_loss_grads_path_selection(monkeypatch, how):
+    """The gradients-in-forward launcher serves token-level ratios under autograd; GSPO, packed
+    sequences and no_grad calls take the composition (forward log-probs + O(BT) loss terms)."""
+    seen = []
+    for name in ("fused_linear_loss_fwd", "linear_logprobs_fwd"):
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _r=real, _n=name, **k: seen.append(_n)
+                            or _r(*a, **k))
+    hid, w, b, tok, old, adv, mask = _loss_case(1, 6, 4, 11, torch.float32, seed=1)
+    hl = hid.clone().requires_grad_()
+    kw = {}
+    if how == "gspo":
+        kw = dict(ratio_level="sequence")
+    elif how == "packed":
+        kw = dict(cu_seqlens=torch.tensor([0, 2, 6]), agg="seq-mean-token-mean")
+        adv = adv[0, :2]
+    with torch.set_grad_enabled(how != "no_grad"):
+        fr.fused_linear_ppo_loss(hl, w, tok, old.float(), adv.float(), mask, backend="native",
+                                 **kw)
+    assert seen == ["linear_logprobs_fwd"], seen
+    seen.clear()
+    fr.fused_linear_ppo_loss(hl, w, tok, old.float(), adv[..., :1].expand(1, 6).float()
+                             if how == "packed" else adv.float(), mask, backend="native")
+    assert seen == ["fused_linear_loss_fwd"], seen
+
+
+def test_loss_grads_opcheck():
+    from fastrlhf.ops import fused_linear as FL
+    hid, w, b, tok, old, adv, mask = _loss_case(2, 3, 4, 7, torch.float32, seed=3)
+    coef = R.agg_row_weights(mask, "token-mean")
+    args = (hid.requires_grad_(), w.requires_grad_(), b, tok, old.float(), adv.float(),
+            mask.float(), None, coef, 0.0, "k3", 0.01, 0.8, 1.2, None, 1.0, -100, True, True,
+            False, "native")
+    torch.library.opcheck(FL._lossgrad.op, args,
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))

@@ -3,7 +3,8 @@
 ``logits = hidden @ weight.T + bias`` (the lm_head) is folded into the kernels chunk by chunk,
 so neither the logits nor anything else of size [N, V] is ever allocated: the forward keeps only
 per-row partials, the backward recomputes the logits tiles from the saved logsumexp, one vocab
-chunk at a time.  Two backends implement the launchers: the Triton kernels
+chunk at a time (:func:`fused_linear_ppo_loss` on the native backend instead produces its
+gradients in the forward, see there).  Two backends implement the launchers: the Triton kernels
 (:mod:`fastrlhf.kernels.fused_linear`, CUDA) and the C++ one (``csrc/fused_linear.cpp`` through
 :mod:`fastrlhf.native`, CPU tensors: ATen matmul per vocab chunk + an online logsumexp).
 
@@ -23,8 +24,9 @@ from torch import Tensor
 
 from .. import config, reference
 from ..backend import resolve as resolve_backend
-from ..tables import FLOAT_DTYPES, INT_DTYPES, acc_dtype
+from ..tables import FLOAT_DTYPES, INT_DTYPES, KL_CODES, acc_dtype
 from .common import (with_contract, check_bool, check_fused_loss_args, check_int, check_positive_float,
+                     fused_stats,
                      check_same_device, check_shape, check_tensor, check_token_range,
                      checked_tokens, rows_layout)
 from .logprobs import vocab_parallel_token_logprobs
@@ -129,6 +131,89 @@ def _lin_backward(ctx, dlogp, dent, dlse):
 
 _linear_token_logprobs = Op("linear_token_logprobs", _lin_impl, _lin_fake, setup=_lin_setup,
                             backward=_lin_backward)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loss with its gradients produced in the forward (native backend, token-level ratio)
+# ---------------------------------------------------------------------------------------------
+#
+# fused_linear_ppo_loss returns a scalar and, with a token-level ratio, d loss / d logits of a
+# row depends on that row alone (the aggregation weights come from the mask), so the C++ loop
+# forms dhidden / dweight / dbias while it has the logits of a row block at hand: three GEMMs
+# (6NHV flops) where linear_token_logprobs' forward + recomputing backward take four (8NHV).
+# The backward only scales the stored gradients by the upstream gradient.  (GSPO's sequence
+# ratio, vocab parallelism and packed sequences keep the composition below.)
+
+_LOSSGRAD_INPUTS = 21
+
+
+def _lossgrad_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tokens: Tensor,
+                   old_logp: Tensor, advantages: Tensor, mask: Tensor, ref_logp: Optional[Tensor],
+                   coef: Tensor, kl_coef: float, kl_kind: str, entropy_coef: float, lo: float,
+                   hi: float, dual_clip: Optional[float], temperature: float, ignore_index: int,
+                   need_dh: bool, need_dw: bool, need_db: bool, backend: str
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    B, T, _ = hidden.shape
+    check_token_range("fused_linear_ppo_loss", tokens, weight.shape[0], ignore_index)
+    acc = coef.dtype
+    h, dims, strides = rows_layout(hidden)
+    flat = lambda t: t.to(acc).reshape(-1).contiguous()  # noqa: E731  (O(B T) copies at most)
+    kl_val = KL_CODES[kl_kind.rstrip("+")]
+    need_db = need_db and bias is not None
+    loss, stats, aux, dh, dw, db = launchers(backend, "fused_linear").fused_linear_loss_fwd(
+        h, dims, strides, _weight_view(weight), None if bias is None else bias.contiguous(), B, T,
+        tokens.reshape(-1).contiguous(), flat(old_logp), flat(advantages),
+        None if ref_logp is None else flat(ref_logp), flat(mask), coef.to(acc).contiguous(),
+        inv_temp=1.0 / temperature, ignore_index=ignore_index, lo=lo, hi=hi, dual=dual_clip,
+        kl_coef=kl_coef, kl_val=kl_val,
+        kl_grad=KL_CODES["k2"] if kl_kind.endswith("+") else kl_val, ent_coef=entropy_coef,
+        need_dh=need_dh, need_dw=need_dw, need_db=need_db)
+    return (loss, stats, aux.view(7, B, T)[1:4].clone(),
+            dh.view(hidden.shape) if dh is not None else hidden.new_zeros(0),
+            dw if dw is not None else weight.new_zeros(0),
+            db if db is not None else (weight if bias is None else bias).new_zeros(0))
+
+
+def _lossgrad_fake(hidden, weight, bias, tokens, old_logp, advantages, mask, ref_logp, coef,
+                   kl_coef, kl_kind, entropy_coef, lo, hi, dual_clip, temperature, ignore_index,
+                   need_dh, need_dw, need_db, backend):
+    B, T, _ = hidden.shape
+    acc = coef.dtype
+    need_db = need_db and bias is not None
+    return (hidden.new_empty((), dtype=acc), hidden.new_empty((5,), dtype=acc),
+            hidden.new_empty((3, B, T), dtype=acc),
+            hidden.new_empty(hidden.shape if need_dh else (0,)),
+            weight.new_empty(weight.shape if need_dw else (0,)),
+            (bias if need_db else weight).new_empty(bias.shape if need_db else (0,)))
+
+
+def _lossgrad_setup(ctx, inputs, output):
+    # only the loss is differentiable; its gradients w.r.t. hidden / weight / bias are outputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*output[3:6])
+    ctx.need = tuple(inputs[17:20])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _lossgrad_backward(ctx, gloss, *_):
+    if gloss is None:
+        return (None,) * _LOSSGRAD_INPUTS
+    if torch.compiler.is_compiling():
+        def scaled(buf):  # traced: one fused multiply, rounded once to the buffer's dtype
+            return (buf.to(gloss.dtype) * gloss).to(buf.dtype)
+    else:
+        g = float(gloss)
+
+        def scaled(buf):  # the stored gradient itself for upstream 1 (loss.backward())
+            return buf if g == 1.0 else buf.mul(g)
+    grads = [scaled(buf) if need else None for buf, need in zip(ctx.saved_tensors, ctx.need)]
+    if grads[2] is not None and grads[2].numel() == 0:  # no bias
+        grads[2] = None
+    return (*grads, *(None,) * (_LOSSGRAD_INPUTS - 3))
+
+
+_lossgrad = Op("fused_linear_ppo_loss_grads", _lossgrad_impl, _lossgrad_fake,
+               setup=_lossgrad_setup, backward=_lossgrad_backward, fast_eager=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,6 +463,16 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_lo
     loss kernels have no packed path); the lm_head part stays native.  Memory O(B T H + V H);
     no [B, T, V] tensor.  The reference backend materializes the logits and calls
     :func:`fastrlhf.reference.fused_ppo_loss`.
+
+    Native backend, token-level ratio, no ``cu_seqlens`` / ``process_group``, under autograd:
+    the gradients are produced in the forward instead (``csrc/fused_linear.cpp``,
+    ``fused_linear_loss_fwd``): rows in blocks whose ``[R, V]`` fp32 logits (64 MB; at least 64
+    rows) are formed with one GEMM, the loss terms and ``d loss / d logits`` computed over them
+    in place, then ``dhidden`` / ``dweight`` / ``dbias`` of the block -- 6NHV flops where the
+    forward + recomputing backward take 8NHV.  The backward scales the stored gradients by the
+    upstream gradient (an extra rounding for bf16 / fp16 gradients when it is not 1).  Extra
+    memory: the block, the gradients from forward to backward, and for bf16 / fp16 weights an
+    fp32 copy of ``weight`` and an fp32 ``dweight`` accumulator.
     """
     op = "fused_linear_ppo_loss"
     temperature, ignore_index = check_linear_args(op, hidden, weight, tokens, bias, temperature,
@@ -409,6 +504,18 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_lo
             kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, clip_low=clip_low,
             clip_high=clip_high, dual_clip=dual_clip, temperature=temperature, agg=agg,
             ratio_level=ratio_level, ignore_index=ignore_index, **kw)
+    elif which == "native" and cu_seqlens is None and ratio_level == "token":
+        need = (hidden.requires_grad, weight.requires_grad,
+                bias is not None and bias.requires_grad)
+        if torch.is_grad_enabled() and any(need):
+            coef = reference.agg_row_weights(mask, agg, dtype=acc, **kw)
+            loss, scal, per_token, _, _, _ = _lossgrad(
+                hidden, weight, bias, tokens, old_logp, advantages, mask, ref_logp, coef,
+                kl_coef, kl_kind, entropy_coef, 1.0 - clip_low, 1.0 + clip_high, dual_clip,
+                temperature, ignore_index, *need, which)
+            return loss, fused_stats(scal, per_token)
+        logp, ent, _ = _linear_token_logprobs(hidden, weight, bias, tokens, temperature,
+                                              ignore_index, which)
     else:
         logp, ent, _ = _linear_token_logprobs(hidden, weight, bias, tokens, temperature,
                                               ignore_index, which)

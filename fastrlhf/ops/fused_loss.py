@@ -45,6 +45,7 @@ from .. import reference
 from ..backend import resolve as resolve_backend
 from ..tables import FUSED_STATS, KL_CODES, MASKED_EPS, acc_dtype
 from .common import (with_contract, check_fused_loss_args, check_logits, check_positive_float, check_int,
+                     fused_stats,
                      check_token_range, checked_tokens, contiguous_row_strides, grad_empty, grad_rows,
                      rows_layout)
 from .logprobs import inplace_ok, logprobs_stats, vocab_parallel_token_logprobs
@@ -560,7 +561,4 @@ def fused_ppo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages:
     else:
         out = (_fused_ib if ib else _fused)(*args, write_grad, cu, which)
     loss, scal, per_token = out[0], out[1], out[2]
-    stats = {"logp": per_token[0], "entropy": per_token[1], "kl": per_token[2],
-             "clipfrac": scal[0], "clipfrac_lower": scal[1], "approx_kl": scal[2],
-             "entropy_mean": scal[3], "kl_mean": scal[4]}
-    return loss, stats
+    return loss, fused_stats(scal, per_token)
