@@ -7,8 +7,8 @@
 // fp32 [Vc, H] copy -- so the logits are not rounded to the input dtype (as the reference and
 // the Triton kernels).  Memory: O(N*H + V*H + N*Vc); nothing of size [N, V].
 //
-// Forward, per chunk: the rows are cut into fixed tiles of kRowTile rows; each tile's
-// [kRowTile, Vc] logits block (a thread-local scratch of a few hundred KB, so it stays in L2) is
+// Forward, per chunk: the rows are cut into fixed tiles of 64-256 rows (row_tile, by N); each
+// tile's [rows, Vc] logits block (a thread-local scratch of a few hundred KB, so it stays in L2) is
 // one GEMM, immediately folded into per-row running statistics (online logsumexp):
 //     chunk:  m_c = max x,  s_c = sum e^(x - m_c),  t_c = sum e^(x - m_c) (x - m_c)
 //     merge:  M = max(m, m_c),  s <- s e^(m - M) + s_c e^(m_c - M),
@@ -45,7 +45,8 @@ namespace fastrlhf {
 namespace native {
 namespace {
 
-constexpr int64_t kRowTile = 64;     // rows per logits GEMM (forward and dhidden)
+constexpr int64_t kRowTile = 64;     // rows per logits GEMM (forward and dhidden): at least ...
+constexpr int64_t kRowTileMax = 256;  // ... at most (see row_tile)
 constexpr int64_t kColTile = 128;    // vocab columns per dW GEMM
 constexpr int64_t kFwdChunk = 512;   // forward: vocab columns per chunk (tile scratch 128 KB)
 constexpr int64_t kBwdChunk = 1024;  // backward: vocab columns per chunk ...
@@ -64,6 +65,17 @@ void parallel_tiles(int64_t n, int64_t tile_flops, const F& f) {
     c10::NoGradGuard no_grad;
     f(b, e);
   });
+}
+
+// Rows per logits GEMM tile of the vocab-chunked path: the largest of 64 / 128 / 256 that still
+// leaves 4 tiles to share between threads.  Depends on N only, so the tiles (and the results)
+// do not depend on the thread count.  Single-threaded MKL sgemm here measured ~77 GFLOP/s at 64
+// x 512 tiles and ~90 at 256 x 512 (linear_token_logprobs 2048 x 1024 x 32000: forward ~10%
+// faster with 256-row tiles).
+inline int64_t row_tile(int64_t N) {
+  int64_t rt = kRowTile;
+  while (rt < kRowTileMax && N >= 8 * rt) rt *= 2;
+  return rt;
 }
 
 // x[j] = (x[j] + b[j]) * inv_temp, in place.
@@ -152,15 +164,16 @@ void fwd_impl(const at::Tensor& hA, const at::Tensor& weight, const A* bias,
   const auto acc = hA.scalar_type();
   std::vector<A> m(N, -kInf<A>), s(N, A(0)), t(N, A(0)), xt(N, kNaN<A>);
   std::vector<uint8_t> bad(N, 0);
-  const int64_t n_tiles = (N + kRowTile - 1) / kRowTile;
+  const int64_t rt = row_tile(N);
+  const int64_t n_tiles = (N + rt - 1) / rt;
   for (int64_t c0 = 0; c0 < V; c0 += Vc) {
     const int64_t n = std::min(Vc, V - c0);
     const at::Tensor wt = weight.narrow(0, c0, n).to(acc).t();  // [H, n]
     const A* b = bias != nullptr ? bias + c0 : nullptr;
-    parallel_tiles(n_tiles, 2 * kRowTile * n * hA.size(1), [&](int64_t tb, int64_t te) {
-      at::Tensor buf = at::empty({kRowTile * n}, hA.options());
+    parallel_tiles(n_tiles, 2 * rt * n * hA.size(1), [&](int64_t tb, int64_t te) {
+      at::Tensor buf = at::empty({rt * n}, hA.options());
       for (int64_t tile = tb; tile < te; ++tile) {
-        const int64_t r0 = tile * kRowTile, nr = std::min(kRowTile, N - r0);
+        const int64_t r0 = tile * rt, nr = std::min(rt, N - r0);
         at::Tensor out = buf.narrow(0, 0, nr * n).view({nr, n});
         logits_tile<A>(hA, wt, b, r0, nr, inv_temp, out);
         const A* L = out.data_ptr<A>();
@@ -232,16 +245,17 @@ void bwd_impl(const at::Tensor& hA, const at::Tensor& weight, const A* bias, con
   const bool dw_direct = need_dw && dw.scalar_type() == acc;
   A* db = need_db ? db_acc.data_ptr<A>() : nullptr;
   at::Tensor scratch = at::empty({N * Vc}, hA.options());
-  const int64_t n_tiles = (N + kRowTile - 1) / kRowTile;
+  const int64_t rt = row_tile(N);
+  const int64_t n_tiles = (N + rt - 1) / rt;
   for (int64_t c0 = 0; c0 < V; c0 += Vc) {
     const int64_t n = std::min(Vc, V - c0);
     const at::Tensor wc = weight.narrow(0, c0, n).to(acc);  // [n, H]
     const at::Tensor wt = wc.t();
     const A* b = bias != nullptr ? bias + c0 : nullptr;
     at::Tensor G = scratch.narrow(0, 0, N * n).view({N, n});
-    parallel_tiles(n_tiles, 4 * kRowTile * n * hA.size(1), [&](int64_t tb, int64_t te) {
+    parallel_tiles(n_tiles, 4 * rt * n * hA.size(1), [&](int64_t tb, int64_t te) {
       for (int64_t tile = tb; tile < te; ++tile) {
-        const int64_t r0 = tile * kRowTile, nr = std::min(kRowTile, N - r0);
+        const int64_t r0 = tile * rt, nr = std::min(rt, N - r0);
         at::Tensor out = G.narrow(0, r0, nr);
         logits_tile<A>(hA, wt, b, r0, nr, inv_temp, out);
         A* L = out.data_ptr<A>();
@@ -294,17 +308,23 @@ void bwd_impl(const at::Tensor& hA, const at::Tensor& weight, const A* bias, con
 // fused_linear_ppo_loss is a scalar, so d loss / d logits is known for a row as soon as its
 // logits and its per-token loss terms are (token-level ratio: the weights c_b m_bt come from the
 // mask alone).  Rows are taken in blocks of R whose whole [R, V] logits fit a scratch buffer:
-//   1. x = h_blk W^T + b                        (GEMM tasks: 64 rows x Vc columns)
+//   1. x = h_blk W^T + b                        (GEMM tasks: rows x Vc columns)
 //   2. per row: statistics, loss terms, then d loss / d x over x in place (fused_row.h)
-//   3. dhidden_blk = dx W                       (GEMM tasks: 64 rows x kHTile columns, K = V)
-//   4. dW (+)= dx^T h_blk, db (+)= colsum(dx)   (GEMM tasks: kColTile vocab rows, K = R)
+//   3. dhidden_blk = dx W                       (GEMM tasks: rows x kHTile columns, K = V)
+//   4. dW (+)= dx^T h_blk, db (+)= colsum(dx)   (GEMM tasks: vocab rows, K = R)
 // Three GEMMs in all (6NHV flops) against the four of forward + recomputing backward (8NHV);
 // the cost is memory: the [R, V] block, and dW accumulated over the blocks in the accumulation
 // dtype (for bf16 / fp16 weights an fp32 [V, H] buffer, plus an fp32 copy of W).  The backward
 // then only scales the stored gradients by the upstream gradient.  Deterministic as the rest:
 // every task is a fixed tile, every output element has one owner per block, blocks in order.
-constexpr int64_t kBlockElems = int64_t(1) << 24;  // logits row block [R, V] (64 MB in fp32)
+// GEMM tiles of this path: 256 rows x 512 columns for the logits, 256 x 256 for dhidden (K = V),
+// 256 vocab rows for dW (K = R).  Single-threaded MKL sgemm here (AVX2 EPYC) measured 89-91
+// GFLOP/s at these shapes against 73-77 at the 64-row tiles of the vocab-chunked path (the
+// whole 2048 x 1024 x 32000 logits GEMM on 2 threads: 155).
+constexpr int64_t kBlockElems = int64_t(1) << 24;  // logits row block [R, V]: 64 MB of fp32 ...
+constexpr int64_t kLossRowTile = 256;  // ... or 256 rows; rows per logits / dhidden GEMM task
 constexpr int64_t kHTile = 256;                    // dhidden columns per GEMM task
+constexpr int64_t kLossColTile = 256;              // vocab rows per dW GEMM task
 
 template <typename A, typename Sc>
 void fused_linear_impl(const at::Tensor& hA, const at::Tensor& wA, const A* bias,
@@ -317,15 +337,15 @@ void fused_linear_impl(const at::Tensor& hA, const at::Tensor& wA, const A* bias
   const int64_t Vc = std::min(V, kFwdChunk);
   const int64_t n_vc = (V + Vc - 1) / Vc;
   const int64_t n_ht = (H + kHTile - 1) / kHTile;
-  const int64_t n_ct = (V + kColTile - 1) / kColTile;
+  const int64_t n_ct = (V + kLossColTile - 1) / kLossColTile;
   for (int64_t r0 = 0; r0 < N; r0 += R) {
     const int64_t nr = std::min(R, N - r0);
     const at::Tensor Xb = X.narrow(0, 0, nr);
     const at::Tensor hb = hA.narrow(0, r0, nr);
-    const int64_t n_rt = (nr + kRowTile - 1) / kRowTile;
-    parallel_tiles(n_rt * n_vc, 2 * kRowTile * Vc * H, [&](int64_t tb, int64_t te) {
+    const int64_t n_rt = (nr + kLossRowTile - 1) / kLossRowTile;
+    parallel_tiles(n_rt * n_vc, 2 * kLossRowTile * Vc * H, [&](int64_t tb, int64_t te) {
       for (int64_t task = tb; task < te; ++task) {
-        const int64_t i0 = (task / n_vc) * kRowTile, ni = std::min(kRowTile, nr - i0);
+        const int64_t i0 = (task / n_vc) * kLossRowTile, ni = std::min(kLossRowTile, nr - i0);
         const int64_t c0 = (task % n_vc) * Vc, nc = std::min(Vc, V - c0);
         at::Tensor out = Xb.narrow(0, i0, ni).narrow(1, c0, nc);
         at::mm_out(out, hb.narrow(0, i0, ni), wA.narrow(0, c0, nc).t());
@@ -347,9 +367,9 @@ void fused_linear_impl(const at::Tensor& hA, const at::Tensor& wA, const A* bias
     });
     if (!fa.write_grad) continue;
     if (dh_acc.defined()) {
-      parallel_tiles(n_rt * n_ht, 2 * kRowTile * V * kHTile, [&](int64_t tb, int64_t te) {
+      parallel_tiles(n_rt * n_ht, 2 * kLossRowTile * V * kHTile, [&](int64_t tb, int64_t te) {
         for (int64_t task = tb; task < te; ++task) {
-          const int64_t i0 = (task / n_ht) * kRowTile, ni = std::min(kRowTile, nr - i0);
+          const int64_t i0 = (task / n_ht) * kLossRowTile, ni = std::min(kLossRowTile, nr - i0);
           const int64_t h0 = (task % n_ht) * kHTile, nh = std::min(kHTile, H - h0);
           at::Tensor d = dh_acc.narrow(0, r0 + i0, ni).narrow(1, h0, nh);
           at::mm_out(d, Xb.narrow(0, i0, ni), wA.narrow(1, h0, nh));
@@ -357,9 +377,9 @@ void fused_linear_impl(const at::Tensor& hA, const at::Tensor& wA, const A* bias
       });
     }
     if (!dw_acc.defined() && db == nullptr) continue;
-    parallel_tiles(n_ct, 2 * kColTile * nr * H, [&](int64_t tb, int64_t te) {
+    parallel_tiles(n_ct, 2 * kLossColTile * nr * H, [&](int64_t tb, int64_t te) {
       for (int64_t ct = tb; ct < te; ++ct) {
-        const int64_t j0 = ct * kColTile, nj = std::min(kColTile, V - j0);
+        const int64_t j0 = ct * kLossColTile, nj = std::min(kLossColTile, V - j0);
         if (dw_acc.defined()) {
           at::Tensor dst = dw_acc.narrow(0, j0, nj);
           const at::Tensor gt = Xb.narrow(1, j0, nj).t();  // [nj, nr]
@@ -370,7 +390,7 @@ void fused_linear_impl(const at::Tensor& hA, const at::Tensor& wA, const A* bias
           }
         }
         if (db != nullptr) {
-          A colsum[kColTile];
+          A colsum[kLossColTile];
           for (int64_t j = 0; j < nj; ++j) colsum[j] = r0 == 0 ? A(0) : db[j0 + j];
           for (int64_t i = 0; i < nr; ++i) {
             const A* g = xp + i * V + j0;
@@ -493,8 +513,9 @@ void fused_linear_loss_fwd(const at::Tensor& hidden, const at::Tensor& weight,
   if (need_dh) dh_acc = dh->scalar_type() == acc ? *dh : at::empty({N, H}, hA.options());
   if (need_dw) dw_acc = dw->scalar_type() == acc ? *dw : at::empty({V, H}, hA.options());
   if (need_db) db_acc = at::empty({V}, hA.options());
+  // whole GEMM tiles per block, at least one (256 rows: 131 MB of fp32 logits at V = 128256)
   int64_t R = block_rows > 0 ? block_rows
-                             : std::max(kRowTile, kBlockElems / V / kRowTile * kRowTile);
+                             : std::max(kLossRowTile, kBlockElems / V / kLossRowTile * kLossRowTile);
   R = std::max<int64_t>(1, std::min(R, N));
   dispatch_acc(acc, [&](auto a) {
     using A = decltype(a);

@@ -53,9 +53,12 @@ def _rel(name, got, exp, rel):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("N,H,V,chunk", [(70, 13, 203, 48), (5, 40, 97, None), (1, 3, 1, None)])
+@pytest.mark.parametrize("N,H,V,chunk", [(70, 13, 203, 48), (5, 40, 97, None), (1, 3, 1, None),
+                                         (1100, 6, 150, 64)])
 def test_launchers_match_float64(dtype, N, H, V, chunk):
-    """The launchers (chunk override: several chunks and a partial one) against float64."""
+    """The launchers (chunk override: several chunks and a partial one) against float64.  N =
+    1100 takes 256-row GEMM tiles (4 and a partial one; row_tile grows with N), N = 70 64-row
+    ones."""
     T = 0.7
     h, w, b, tok = _inputs(N, H, V, dtype, seed=N + V)
     g = torch.Generator().manual_seed(1)

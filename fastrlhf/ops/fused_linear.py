@@ -466,7 +466,7 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_lo
 
     Native backend, token-level ratio, no ``cu_seqlens`` / ``process_group``, under autograd:
     the gradients are produced in the forward instead (``csrc/fused_linear.cpp``,
-    ``fused_linear_loss_fwd``): rows in blocks whose ``[R, V]`` fp32 logits (64 MB; at least 64
+    ``fused_linear_loss_fwd``): rows in blocks whose ``[R, V]`` fp32 logits (64 MB, or 256
     rows) are formed with one GEMM, the loss terms and ``d loss / d logits`` computed over them
     in place, then ``dhidden`` / ``dweight`` / ``dbias`` of the block -- 6NHV flops where the
     forward + recomputing backward take 8NHV.  The backward scales the stored gradients by the
