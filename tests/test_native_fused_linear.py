@@ -6,7 +6,10 @@ partial last tile, several vocab chunks (the launchers' ``chunk`` override, and 
 default backward chunk through the public op), a partial last 128-column dW tile, H and V that
 are no multiple of anything.  Also: ignore_index rows, temperature, bias, strided hidden rows,
 gradcheck in float64, bitwise thread-count independence, packed sequences and that ``auto``
-picks native for CPU tensors.  Vocab parallelism on native: tests/test_vocab_parallel_ops.py (it
+picks native for CPU tensors.  The token-level fused_linear_ppo_loss, whose gradients are produced
+in the forward (native.fused_linear_loss_fwd, row blocks of whole-vocab logits), has its own
+section at the end: float64 agreement for every dtype and several block sizes, thread-count
+independence, repeated backward, gradcheck, NaN / masked rows, path selection, opcheck.  Vocab parallelism on native: tests/test_vocab_parallel_ops.py (it
 runs inside that file's existing gloo process group, so it costs no extra spawn)."""
 
 import pytest
