@@ -335,6 +335,20 @@ void check_linear_inputs(const Tensor& hidden, const Tensor& weight,
   check_out(tokens, "tokens", at::kLong, hidden.size(0));
 }
 
+// The gradient outputs of the fused lm_head: dh [N, H] / dw [V, H] / db [V] in the dtypes of
+// hidden / weight / bias, each optional.
+void check_linear_grads(const Tensor& hidden, const Tensor& weight, const optional<Tensor>& bias,
+                        const optional<Tensor>& dh, const optional<Tensor>& dw,
+                        const optional<Tensor>& db) {
+  const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
+  if (dh.has_value()) check_out(*dh, "dhidden", hidden.scalar_type(), N * H);
+  if (dw.has_value()) check_out(*dw, "dweight", weight.scalar_type(), V * H);
+  if (db.has_value()) {
+    TORCH_CHECK(bias.has_value(), "fastrlhf native: dbias without bias");
+    check_out(*db, "dbias", bias->scalar_type(), V);
+  }
+}
+
 void linear_logprobs_fwd(const Tensor& hidden, const Tensor& weight,
                          const optional<Tensor>& bias, const Tensor& tokens, double inv_temp,
                          int64_t ignore_index, int64_t chunk, const Tensor& logp,
@@ -356,7 +370,7 @@ void linear_logprobs_bwd(const Tensor& hidden, const Tensor& weight,
                          int64_t ignore_index, int64_t chunk, const optional<Tensor>& dh,
                          const optional<Tensor>& dw, const optional<Tensor>& db) {
   check_linear_inputs(hidden, weight, bias, tokens);
-  const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
+  const int64_t N = hidden.size(0);
   const auto acc = acc_of(hidden.scalar_type());
   check_out(lse, "lse", acc, 2 * N);
   if (dlogp.has_value()) check_out(*dlogp, "dlogp", acc, N);
@@ -365,12 +379,7 @@ void linear_logprobs_bwd(const Tensor& hidden, const Tensor& weight,
     TORCH_CHECK(ent.has_value(), "fastrlhf native: entropy needed with dent");
     check_out(*ent, "ent", acc, N);
   }
-  if (dh.has_value()) check_out(*dh, "dhidden", hidden.scalar_type(), N * H);
-  if (dw.has_value()) check_out(*dw, "dweight", weight.scalar_type(), V * H);
-  if (db.has_value()) {
-    TORCH_CHECK(bias.has_value(), "fastrlhf native: dbias without bias");
-    check_out(*db, "dbias", bias->scalar_type(), V);
-  }
+  check_linear_grads(hidden, weight, bias, dh, dw, db);
   fn::linear_logprobs_bwd(hidden, weight, bias, tokens, dlogp, dent, lse,
                           ent.has_value() ? *ent : Tensor(), inv_temp, ignore_index, chunk, dh,
                           dw, db);
@@ -387,18 +396,13 @@ void fused_linear_loss_fwd(const Tensor& hidden, const Tensor& weight,
                            const optional<Tensor>& dh, const optional<Tensor>& dw,
                            const optional<Tensor>& db) {
   check_linear_inputs(hidden, weight, bias, tokens);
-  const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
+  const int64_t N = hidden.size(0);
   TORCH_CHECK(N == B * T, "fastrlhf native: fused_linear_ppo_loss: rows != B * T");
   const fn::FusedArgs fa = fused_args(
       N, B, acc_of(hidden.scalar_type()), tokens, old_logp, adv, ref_logp, mask, coef, inv_temp,
       ignore_index, lo, hi, dual, false, kl_coef, kl_val, kl_grad, ent_coef, write_grad, aux,
       loss, stats);
-  if (dh.has_value()) check_out(*dh, "dhidden", hidden.scalar_type(), N * H);
-  if (dw.has_value()) check_out(*dw, "dweight", weight.scalar_type(), V * H);
-  if (db.has_value()) {
-    TORCH_CHECK(bias.has_value(), "fastrlhf native: dbias without bias");
-    check_out(*db, "dbias", bias->scalar_type(), V);
-  }
+  check_linear_grads(hidden, weight, bias, dh, dw, db);
   fn::fused_linear_loss_fwd(hidden, weight, bias, tokens, T, old_logp, adv, ref_logp, mask, coef,
                             fa, block_rows, aux, loss, stats, dh, dw, db);
 }

@@ -350,10 +350,7 @@ void fused_linear_impl(const at::Tensor& hA, const at::Tensor& wA, const A* bias
         at::Tensor out = Xb.narrow(0, i0, ni).narrow(1, c0, nc);
         at::mm_out(out, hb.narrow(0, i0, ni), wA.narrow(0, c0, nc).t());
         if (bias == nullptr) continue;
-        for (int64_t i = 0; i < ni; ++i) {
-          A* x = xp + (i0 + i) * V + c0;
-          for (int64_t j = 0; j < nc; ++j) x[j] += bias[c0 + j];
-        }
+        for (int64_t i = 0; i < ni; ++i) scale_row(xp + (i0 + i) * V + c0, bias + c0, nc, A(1));
       }
     });
     parallel_rows(nr, rows_grain(V), [&](int64_t a, int64_t b) {

@@ -119,13 +119,18 @@ def test_public_op_multi_chunk_strided(dtype, bias):
         _rel(f"grad{i}", a, e, GRAD_REL[dtype])
 
 
-def test_gradcheck_float64():
-    g = torch.Generator().manual_seed(11)
+def _gradcheck_leaves(g):
+    """float64 leaves (hidden [2, 3, 4], weight [9, 4], bias [9]) and tokens with one ignored."""
     h = torch.randn(2, 3, 4, generator=g, dtype=F64, requires_grad=True)
     w = torch.randn(9, 4, generator=g, dtype=F64, requires_grad=True)
     b = torch.randn(9, generator=g, dtype=F64, requires_grad=True)
     tok = torch.randint(0, 9, (2, 3), generator=g)
     tok[1, 1] = -100
+    return h, w, b, tok
+
+
+def test_gradcheck_float64():
+    h, w, b, tok = _gradcheck_leaves(torch.Generator().manual_seed(11))
 
     def f(h, w, b):
         return fr.linear_token_logprobs(h, w, tok, bias=b, temperature=0.8, return_entropy=True,
@@ -357,11 +362,7 @@ def test_loss_grads_repeated_backward():
 
 def test_loss_grads_gradcheck_float64():
     g = torch.Generator().manual_seed(21)
-    h = torch.randn(2, 3, 4, generator=g, dtype=F64, requires_grad=True)
-    w = torch.randn(9, 4, generator=g, dtype=F64, requires_grad=True)
-    b = torch.randn(9, generator=g, dtype=F64, requires_grad=True)
-    tok = torch.randint(0, 9, (2, 3), generator=g)
-    tok[1, 1] = -100
+    h, w, b, tok = _gradcheck_leaves(g)
     old = -torch.rand(2, 3, generator=g, dtype=F64) - 1.0  # ratios far from the clip bounds
     adv = torch.randn(2, 3, generator=g, dtype=F64)
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])

@@ -191,7 +191,8 @@ def _lossgrad_setup(ctx, inputs, output):
     # only the loss is differentiable; its gradients w.r.t. hidden / weight / bias are outputs
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(*output[3:6])
-    ctx.need = tuple(inputs[17:20])
+    need_dh, need_dw, need_db = inputs[17:20]
+    ctx.need = (need_dh, need_dw, need_db and inputs[2] is not None)  # as _lossgrad_impl
     ctx.mark_non_differentiable(*output[1:])
 
 
@@ -207,8 +208,6 @@ def _lossgrad_backward(ctx, gloss, *_):
         def scaled(buf):  # the stored gradient itself for upstream 1 (loss.backward())
             return buf if g == 1.0 else buf.mul(g)
     grads = [scaled(buf) if need else None for buf, need in zip(ctx.saved_tensors, ctx.need)]
-    if grads[2] is not None and grads[2].numel() == 0:  # no bias
-        grads[2] = None
     return (*grads, *(None,) * (_LOSSGRAD_INPUTS - 3))
 
 
