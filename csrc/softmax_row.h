@@ -16,6 +16,18 @@ namespace native {
 
 constexpr int64_t kBlock = 2048;  // elements per block of the online logsumexp
 
+// Software prefetch this many bytes ahead of the streaming loops' loads (one prefetch per
+// 2 kLanes elements; a prefetch past the end of the buffer is harmless).  The hardware
+// prefetchers alone left the fp32 forward at 57-73% of the read bandwidth at 4096 x 151936 on
+// the 2-core AVX2 EPYC here; 1024 bytes ahead measured 74-81% in the same interleaved runs
+// (512 and 2048 close behind, 4096 worse).  The rows are long and read once, so the distance,
+// not the row length, sets what is in flight.
+constexpr int64_t kPrefetchBytes = 1024;
+template <typename T>
+inline void prefetch_ahead(const T* p) {
+  __builtin_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, 0, 3);
+}
+
 struct RowLayout {
   int64_t D1, D2, s0, s1, s2;
   int64_t offset(int64_t row) const {
@@ -122,6 +134,7 @@ template <typename T, typename A, typename Sc, typename F>
 inline void for_vectors(const T* x, int64_t n, const Sc& sc, A* tail, const F& f) {
   int64_t j = 0;
   for (; j + 2 * kLanes <= n; j += 2 * kLanes) {
+    prefetch_ahead(x + j);
     Vec<A> v0, v1;
     vload_pair<T, A>(x + j, v0, v1);
     f(sc(v0));
@@ -321,6 +334,7 @@ void grad_row(const T* x, T* out, int64_t V, const Sc& sc, A M, A logS, A H, A g
   int64_t j = 0;
   auto sweep = [&](auto no_nan) {  // the main loop, instantiated with and without the NaN select
     for (; j + 2 * kLanes <= V; j += 2 * kLanes) {
+      prefetch_ahead(x + j);
       VA v0, v1;
       vload_pair<T, A>(x + j, v0, v1);
       if constexpr (decltype(no_nan)::value)
