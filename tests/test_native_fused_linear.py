@@ -341,6 +341,45 @@ def test_loss_grads_thread_count_independent_bitwise(monkeypatch):
         assert torch.equal(a, c), f"output {i} differs between 1 and 2 threads"
 
 
+@pytest.mark.parametrize("hdt, wdt", [(torch.bfloat16, torch.bfloat16),
+                                      (torch.float16, torch.float16)])
+def test_loss_grads_low_precision_weight_tiles(monkeypatch, hdt, wdt):
+    """bf16 / fp16 weights are converted tile by tile (no fp32 copy of W): dhidden then sums
+    K = V over chunks of 2048 converted vocab rows.  V = 2100 (a partial second chunk; five
+    512-column logits chunks), H = 300 (a partial second dhidden column tile), 2 row blocks --
+    against float64, and bitwise the same at 1 and 2 threads."""
+    _block_rows(monkeypatch, 4)
+    hid, w, b, tok, old, adv, mask = _loss_case(2, 3, 300, 2100, F64, seed=13)
+    hid = hid * 0.15  # logits of O(1) at H = 300
+    outs = []
+    n0 = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            hl = hid.to(hdt).requires_grad_()
+            wl = w.to(wdt).requires_grad_()
+            bl = b.to(wdt).requires_grad_()
+            loss, st = fr.fused_linear_ppo_loss(hl, wl, tok, old.float(), adv.float(), mask,
+                                                bias=bl, ref_logp=old.float() - 0.1,
+                                                backend="native", **LOSS_KW)
+            outs.append([loss, *torch.autograd.grad(loss * 0.7, [hl, wl, bl])])
+    finally:
+        torch.set_num_threads(n0)
+    for i, (a, c) in enumerate(zip(*outs)):
+        assert torch.equal(a, c), f"output {i} differs between 1 and 2 threads"
+    # the reference on the same (rounded) values in float64
+    leaves = [t.to(dt).to(F64).requires_grad_() for t, dt in ((hid, hdt), (w, wdt), (b, wdt))]
+    rloss, _ = fr.fused_linear_ppo_loss(leaves[0], leaves[1], tok, old, adv, mask,
+                                        bias=leaves[2], ref_logp=old - 0.1, backend="reference",
+                                        **LOSS_KW)
+    rgr = torch.autograd.grad(rloss * 0.7, leaves)
+    loss, *gr = outs[0]
+    assert_close("loss", loss.to(F64), rloss, atol=1e-5, rtol=1e-5)
+    for name, a, e, dt in zip(("dhidden", "dweight", "dbias"), gr, rgr, (hdt, wdt, wdt)):
+        assert a.dtype == dt and a.shape == e.shape
+        _rel(name, a, e, GRAD_REL[dt] * 2)
+
+
 def test_loss_grads_repeated_backward():
     """retain_graph: each backward adds the gradient again, also after the caller changed the
     accumulated .grad in place (the stored gradient is never handed out to be mutated)."""

@@ -471,7 +471,8 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, tokens: Tensor, old_lo
     forward + recomputing backward take 8NHV.  The backward scales the stored gradients by the
     upstream gradient (an extra rounding for bf16 / fp16 gradients when it is not 1).  Extra
     memory: the block, the gradients from forward to backward, and for bf16 / fp16 weights an
-    fp32 copy of ``weight`` and an fp32 ``dweight`` accumulator.
+    fp32 ``dweight`` accumulator (their weight tiles are converted to fp32 GEMM by GEMM, not
+    copied whole).
     """
     op = "fused_linear_ppo_loss"
     temperature, ignore_index = check_linear_args(op, hidden, weight, tokens, bias, temperature,
