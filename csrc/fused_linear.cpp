@@ -401,8 +401,8 @@ void fused_linear_impl(const at::Tensor& hA, const WeightTiles& wt, const A* bia
           if (!scratch.defined()) scratch = at::empty({kWConvRows, kHTile}, hA.options());
           for (int64_t k0 = 0; k0 < V; k0 += kWConvRows) {
             const int64_t nk = std::min(kWConvRows, V - k0);
-            const at::Tensor wk =
-                scratch.narrow(0, 0, nk).narrow(1, 0, nh).copy_(wA.narrow(0, k0, nk).narrow(1, h0, nh));
+            const at::Tensor wk = scratch.narrow(0, 0, nk).narrow(1, 0, nh);
+            wk.copy_(wA.narrow(0, k0, nk).narrow(1, h0, nh));
             if (k0 == 0)
               at::mm_out(d, xi.narrow(1, k0, nk), wk);
             else
@@ -560,7 +560,8 @@ void fused_linear_loss_fwd(const at::Tensor& hidden, const at::Tensor& weight,
                             mask.data_ptr<A>(), coef.data_ptr<A>(), T};
     if (N > 0) {
       with_logit_scale(static_cast<A>(fa.inv_temp), [&](const auto sc) {
-        fused_linear_impl<A>(hA, WeightTiles{wA, acc}, bA.defined() ? bA.data_ptr<A>() : nullptr, in, fa, sc, R,
+        fused_linear_impl<A>(hA, WeightTiles{wA, acc},
+                             bA.defined() ? bA.data_ptr<A>() : nullptr, in, fa, sc, R,
                              aux.data_ptr<A>(), dh_acc, dw_acc,
                              need_db ? db_acc.data_ptr<A>() : nullptr);
       });
