@@ -241,6 +241,28 @@ def test_repeated_backward_and_upstream_grad(backend, inplace):
     assert_close("first backward", g1, leaf2.grad, atol=TOL, rtol=TOL)
 
 
+@pytest.mark.parametrize("backend", [b for b in backends(native=True) if b == "native"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_bf16_gradient_scaled_by_the_unrounded_upstream(backend, inplace):
+    """Native: the bf16 gradient written in the forward, then scaled in the backward by an
+    upstream gradient of 1/3, is round(g * float32(1/3)) element by element -- the factor is
+    not first rounded to bf16 (0.33398, which would bias every element by +0.2%).  (The
+    reference differentiates in fp32 and rounds once; the Triton path on CPU does not store a
+    bf16 gradient first, so neither has this double rounding to check.)"""
+    inp = make_inputs(seed=5)
+    args = (inp["tokens"], inp["old"], inp["adv"], inp["mask"])
+    x = inp["base"][:, :-1].contiguous().to(torch.bfloat16).requires_grad_(True)
+    loss, _ = fused_ppo_loss(x * 1 if inplace else x, *args, ref_logp=inp["ref"],
+                             kl_coef=0.1, inplace_backward=inplace, backend=backend)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    g1 = g1.clone()
+    third = torch.tensor(1 / 3, dtype=loss.dtype)
+    (g3,) = torch.autograd.grad(loss * third, x)
+    want = (g1.float() * third).to(torch.bfloat16)
+    assert g3.dtype == torch.bfloat16 and torch.count_nonzero(g1) > 0
+    assert torch.equal(g3, want), f"{int((g3 != want).sum())} of {g3.numel()} elements differ"
+
+
 @pytest.mark.parametrize("backend", backends(native=True))
 def test_no_grad_and_no_requires_grad_leave_logits_untouched(backend):
     inp = make_inputs(seed=4)
