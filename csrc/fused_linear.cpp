@@ -315,7 +315,7 @@ void bwd_impl(const at::Tensor& hA, const at::Tensor& weight, const A* bias, con
 // Three GEMMs in all (6NHV flops) against the four of forward + recomputing backward (8NHV);
 // the cost is memory: the [R, V] block, and dW accumulated over the blocks in the accumulation
 // dtype (for bf16 / fp16 weights an fp32 [V, H] buffer; their W tiles are converted per GEMM,
-// see WeightTiles, and dhidden then runs over K chunks of kWConvRows vocab rows).  The backward
+// and dhidden then runs over K chunks of kWConvRows vocab rows).  The backward
 // then only scales the stored gradients by the upstream gradient.  Deterministic as the rest:
 // every task is a fixed tile, every output element has one owner per block, blocks in order.
 // GEMM tiles of this path: 256 rows x 512 columns for the logits, 256 x 256 for dhidden (K = V),
@@ -328,29 +328,17 @@ constexpr int64_t kHTile = 256;                    // dhidden columns per GEMM t
 constexpr int64_t kLossColTile = 256;              // vocab rows per dW GEMM task
 constexpr int64_t kWConvRows = 2048;  // low-precision W: vocab rows converted per dhidden GEMM
 
-// W (in its own dtype, contiguous [V, H]) as fp32 / fp64 GEMM operands.  In the accumulation
-// dtype its tiles are views; bf16 / fp16 tiles are converted into a per-thread scratch right
-// before their GEMM, so no [V, H] copy of W in the accumulation dtype is held (it would add
-// V*H*4 bytes -- 125 MB at 32000 x 1024 -- to the op's peak, beside the fp32 dW accumulator).
-// The conversions cost ~V*H per row tile and phase; each is exact (bf16 / fp16 -> fp32).
-struct WeightTiles {
-  const at::Tensor& w;
-  at::ScalarType acc;
-  bool convert() const { return w.scalar_type() != acc; }
-  // rows [c0, c0 + nc) of W: [nc, H]
-  at::Tensor rows(int64_t c0, int64_t nc, at::Tensor& scratch) const {
-    const at::Tensor v = w.narrow(0, c0, nc);
-    if (!convert()) return v;
-    if (!scratch.defined()) scratch = at::empty({kFwdChunk, w.size(1)}, w.options().dtype(acc));
-    return scratch.narrow(0, 0, nc).copy_(v);
-  }
-};
 
 template <typename A, typename Sc>
-void fused_linear_impl(const at::Tensor& hA, const WeightTiles& wt, const A* bias,
+void fused_linear_impl(const at::Tensor& hA, const at::Tensor& wA, const A* bias,
                        const FusedTokens<A>& in, const FusedArgs& fa, const Sc& sc, int64_t R,
                        A* aux, at::Tensor dh_acc, at::Tensor dw_acc, A* db) {
-  const at::Tensor& wA = wt.w;  // in the accumulation dtype unless wt.convert()
+  // wA keeps its own dtype: bf16 / fp16 tiles are converted to the accumulation dtype (hA's)
+  // right before their GEMM, as the vocab-chunked path does, so no [V, H] copy of W in fp32 is
+  // held (V*H*4 bytes -- 125 MB at 32000 x 1024 -- beside the fp32 dW accumulator); each
+  // conversion is exact.  dhidden then runs K = V in fixed chunks of kWConvRows rows.
+  const auto acc = hA.scalar_type();
+  const bool convert_w = wA.scalar_type() != acc;
   const int64_t N = hA.size(0), H = hA.size(1), V = wA.size(0);
   const FusedRow<A, A, Sc> op(in, fa, sc, V, N, aux);
   at::Tensor X = at::empty({std::min(R, N), V}, hA.options());
@@ -365,12 +353,11 @@ void fused_linear_impl(const at::Tensor& hA, const WeightTiles& wt, const A* bia
     const at::Tensor hb = hA.narrow(0, r0, nr);
     const int64_t n_rt = (nr + kLossRowTile - 1) / kLossRowTile;
     parallel_tiles(n_rt * n_vc, 2 * kLossRowTile * Vc * H, [&](int64_t tb, int64_t te) {
-      at::Tensor scratch;
       for (int64_t task = tb; task < te; ++task) {
         const int64_t i0 = (task / n_vc) * kLossRowTile, ni = std::min(kLossRowTile, nr - i0);
         const int64_t c0 = (task % n_vc) * Vc, nc = std::min(Vc, V - c0);
         at::Tensor out = Xb.narrow(0, i0, ni).narrow(1, c0, nc);
-        at::mm_out(out, hb.narrow(0, i0, ni), wt.rows(c0, nc, scratch).t());
+        at::mm_out(out, hb.narrow(0, i0, ni), wA.narrow(0, c0, nc).to(acc).t());
         if (bias == nullptr) continue;
         for (int64_t i = 0; i < ni; ++i) scale_row(xp + (i0 + i) * V + c0, bias + c0, nc, A(1));
       }
@@ -387,22 +374,18 @@ void fused_linear_impl(const at::Tensor& hA, const WeightTiles& wt, const A* bia
     if (!fa.write_grad) continue;
     if (dh_acc.defined()) {
       parallel_tiles(n_rt * n_ht, 2 * kLossRowTile * V * kHTile, [&](int64_t tb, int64_t te) {
-        at::Tensor scratch;
         for (int64_t task = tb; task < te; ++task) {
           const int64_t i0 = (task / n_ht) * kLossRowTile, ni = std::min(kLossRowTile, nr - i0);
           const int64_t h0 = (task % n_ht) * kHTile, nh = std::min(kHTile, H - h0);
           at::Tensor d = dh_acc.narrow(0, r0 + i0, ni).narrow(1, h0, nh);
           const at::Tensor xi = Xb.narrow(0, i0, ni);
-          if (!wt.convert()) {
+          if (!convert_w) {
             at::mm_out(d, xi, wA.narrow(1, h0, nh));
             continue;
           }
-          // K = V in fixed chunks of kWConvRows converted W rows, accumulated in order
-          if (!scratch.defined()) scratch = at::empty({kWConvRows, kHTile}, hA.options());
-          for (int64_t k0 = 0; k0 < V; k0 += kWConvRows) {
+          for (int64_t k0 = 0; k0 < V; k0 += kWConvRows) {  // in order: deterministic
             const int64_t nk = std::min(kWConvRows, V - k0);
-            const at::Tensor wk = scratch.narrow(0, 0, nk).narrow(1, 0, nh);
-            wk.copy_(wA.narrow(0, k0, nk).narrow(1, h0, nh));
+            const at::Tensor wk = wA.narrow(0, k0, nk).narrow(1, h0, nh).to(acc);
             if (k0 == 0)
               at::mm_out(d, xi.narrow(1, k0, nk), wk);
             else
@@ -540,7 +523,7 @@ void fused_linear_loss_fwd(const at::Tensor& hidden, const at::Tensor& weight,
   const bool need_dw = fa.write_grad && dw.has_value() && dw->defined();
   const bool need_db = fa.write_grad && db.has_value() && db->defined();
   const at::Tensor hA = hidden.detach().to(acc).contiguous();
-  const at::Tensor wA = weight.detach().contiguous();  // its own dtype: see WeightTiles
+  const at::Tensor wA = weight.detach().contiguous();  // its own dtype: see fused_linear_impl
   at::Tensor bA;
   if (bias.has_value() && bias->defined()) bA = bias->detach().to(acc).contiguous();
   // gradients accumulate in the accumulation dtype, straight into the outputs when they have it
@@ -560,8 +543,7 @@ void fused_linear_loss_fwd(const at::Tensor& hidden, const at::Tensor& weight,
                             mask.data_ptr<A>(), coef.data_ptr<A>(), T};
     if (N > 0) {
       with_logit_scale(static_cast<A>(fa.inv_temp), [&](const auto sc) {
-        fused_linear_impl<A>(hA, WeightTiles{wA, acc},
-                             bA.defined() ? bA.data_ptr<A>() : nullptr, in, fa, sc, R,
+        fused_linear_impl<A>(hA, wA, bA.defined() ? bA.data_ptr<A>() : nullptr, in, fa, sc, R,
                              aux.data_ptr<A>(), dh_acc, dw_acc,
                              need_db ? db_acc.data_ptr<A>() : nullptr);
       });
