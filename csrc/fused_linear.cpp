@@ -47,22 +47,59 @@ namespace {
 
 constexpr int64_t kRowTile = 64;     // rows per logits GEMM (forward and dhidden): at least ...
 constexpr int64_t kRowTileMax = 256;  // ... at most (see row_tile)
-constexpr int64_t kColTile = 128;    // vocab columns per dW GEMM
+constexpr int64_t kColTile = 256;    // vocab columns per dW GEMM (see bwd_impl)
 constexpr int64_t kFwdChunk = 512;   // forward: vocab columns per chunk (tile scratch 128 KB)
 constexpr int64_t kBwdChunk = 1024;  // backward: vocab columns per chunk ...
 constexpr int64_t kBwdScratch = int64_t(1) << 23;  // ... and at most this many scratch elements
 constexpr int64_t kMinTaskFlops = int64_t(1) << 22;  // a parallel task gets at least this much
 
+}  // namespace
+}  // namespace native
+}  // namespace fastrlhf
+
+// MKL's per-thread thread count (exported by libtorch_cpu when torch links MKL; weak, so a build
+// on a torch without MKL -- OpenBLAS, aarch64 -- loads and skips it).  The C entry point: the
+// lower-case mkl_set_num_threads_local symbol is the Fortran one, which takes an int*.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+namespace fastrlhf {
+namespace native {
+namespace {
+
+// Every tile GEMM runs with MKL's thread-local count set to 1, on the calling thread and in the
+// workers alike.  Measured on an AVX-512 Xeon (MKL 2024.2 in torch 2.13): a tile run on the
+// calling thread otherwise gets all of torch's threads, and MKL splits the K dimension of a GEMM
+// with a small M (4 x 2048 x 300); and a tile in a worker thread, where MKL is nested in ATen's
+// OpenMP region, came out different in the last bits from the same tile on one thread (4 x 300 x
+// 512 into a strided [4, 2100] output).  Either way the results changed with the thread count.
+// One effect remains: the first GEMM of a given shape in a newly started worker thread can still
+// differ in the last bit from later ones (MKL's per-thread state; a same-shape GEMM before it
+// removes the difference, a different-shape one does not), so the first call after torch's
+// thread count changes is not always bitwise equal to later calls.
+struct SerialBlas {
+  int prev = 0;
+  SerialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) prev = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SerialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(prev);  // 0: global
+  }
+  SerialBlas(const SerialBlas&) = delete;
+  SerialBlas& operator=(const SerialBlas&) = delete;
+};
+
 // Runs f(begin, end) over the tiles [0, n) on ATen's pool with gradients off (worker threads do
-// not inherit the caller's grad mode; the tensors here are detached anyway).  Small problems
-// stay on the calling thread (a parallel region costs more than a few MFLOP of GEMM, and far
-// more on a loaded machine); the tiles, and so the results, are the same either way.
+// not inherit the caller's grad mode; the tensors here are detached anyway) and one BLAS thread
+// per task (SerialBlas).  Small problems stay on the calling thread (a parallel region costs
+// more than a few MFLOP of GEMM, and far more on a loaded machine); the tiles, and so the
+// results, are the same either way.
 template <typename F>
 void parallel_tiles(int64_t n, int64_t tile_flops, const F& f) {
   if (n <= 0) return;
   const int64_t grain = std::max<int64_t>(1, kMinTaskFlops / std::max<int64_t>(tile_flops, 1));
   at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
     c10::NoGradGuard no_grad;
+    SerialBlas serial;
     f(b, e);
   });
 }
@@ -277,6 +314,10 @@ void bwd_impl(const at::Tensor& hA, const at::Tensor& weight, const A* bias, con
       }
     });
     if (!need_dw && !need_db) continue;
+    // dW tiles of kColTile vocab rows, K = N.  128-row tiles ran single-threaded MKL sgemm at
+    // 77 GFLOP/s on an AVX-512 Xeon (2048 x 1024, K = 2048), 256-row tiles at 133, and the
+    // whole backward at 2048 x 1024 x 32000 was 15-25% faster in interleaved runs; 256 is also
+    // the fused loss's dW tile (kLossColTile).  Fixed, so results do not depend on threads.
     const int64_t n_ct = (n + kColTile - 1) / kColTile;
     parallel_tiles(n_ct, 2 * kColTile * N * hA.size(1), [&](int64_t tb, int64_t te) {
       for (int64_t ct = tb; ct < te; ++ct) {

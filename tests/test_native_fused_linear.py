@@ -138,23 +138,34 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(f, (h, w, b), eps=1e-6, atol=1e-7)
 
 
-def test_thread_count_independent_bitwise():
-    """Forward and all gradients bitwise equal with 1 and 2 threads (fixed tiles, no atomics):
-    2 row tiles + a partial one, 3 vocab chunks, 2 dW column tiles per chunk."""
-    h, w, b, tok = _inputs(150, 24, 700, torch.float32, seed=5)
-    up = torch.randn(150, generator=torch.Generator().manual_seed(2))
+@pytest.mark.parametrize("N, H, V, chunk", [
+    # 2 row tiles + a partial one, 3 vocab chunks, 2 dW column tiles (256 rows) in each full one
+    (150, 24, 1100, 512),
+    # 4 rows, long K: each tile GEMM runs on the calling thread, where MKL with 2 threads would
+    # split the dhidden GEMM's K = 2048 (4 x 2048 x 300) between them unless kept to one
+    (4, 300, 2100, 2048),
+])
+def test_thread_count_independent_bitwise(N, H, V, chunk):
+    """Forward and all gradients bitwise equal with 1 and 2 threads (fixed tiles, no atomics,
+    one BLAS thread per tile)."""
+    h, w, b, tok = _inputs(N, H, V, torch.float32, seed=5)
+    h = h * (5.0 / H) ** 0.5  # logits of O(1)
+    up = torch.randn(N, generator=torch.Generator().manual_seed(2))
     n0 = torch.get_num_threads()
     outs = []
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            lp, ent, lse = native.linear_logprobs_fwd(h, (1, 1, 150), (0, 0, 24), w, b, tok, 1.1,
-                                                      -100, chunk=256)
-            grads = native.linear_logprobs_bwd(h, (1, 1, 150), (0, 0, 24), w, b, tok, up, up * 0.5,
-                                               lse, ent, 1.1, -100, True, True, True, chunk=256)
+            for _ in range(2):  # the first call warms new worker threads (csrc: SerialBlas)
+                lp, ent, lse = native.linear_logprobs_fwd(h, (1, 1, N), (0, 0, H), w, b, tok, 1.1,
+                                                          -100, chunk=chunk)
+                grads = native.linear_logprobs_bwd(h, (1, 1, N), (0, 0, H), w, b, tok, up,
+                                                   up * 0.5, lse, ent, 1.1, -100, True, True,
+                                                   True, chunk=chunk)
             outs.append((lp, ent, lse) + tuple(grads))
     finally:
         torch.set_num_threads(n0)
+    assert all(bool(torch.isfinite(t).all()) for t in outs[0])
     for i, (a, c) in enumerate(zip(*outs)):
         assert torch.equal(a, c), f"output {i} differs between 1 and 2 threads"
 
@@ -333,7 +344,8 @@ def test_loss_grads_thread_count_independent_bitwise(monkeypatch):
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            loss, st, gr = _loss_run(case, torch.float32, "native")
+            for _ in range(2):  # the first call warms new worker threads (csrc: SerialBlas)
+                loss, st, gr = _loss_run(case, torch.float32, "native")
             outs.append([loss, *st.values(), *gr])
     finally:
         torch.set_num_threads(n0)
@@ -356,13 +368,15 @@ def test_loss_grads_low_precision_weight_tiles(monkeypatch, hdt, wdt):
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            hl = hid.to(hdt).requires_grad_()
-            wl = w.to(wdt).requires_grad_()
-            bl = b.to(wdt).requires_grad_()
-            loss, st = fr.fused_linear_ppo_loss(hl, wl, tok, old.float(), adv.float(), mask,
-                                                bias=bl, ref_logp=old.float() - 0.1,
-                                                backend="native", **LOSS_KW)
-            outs.append([loss, *torch.autograd.grad(loss * 0.7, [hl, wl, bl])])
+            for _ in range(2):  # the first call warms new worker threads (csrc: SerialBlas)
+                hl = hid.to(hdt).requires_grad_()
+                wl = w.to(wdt).requires_grad_()
+                bl = b.to(wdt).requires_grad_()
+                loss, st = fr.fused_linear_ppo_loss(hl, wl, tok, old.float(), adv.float(), mask,
+                                                    bias=bl, ref_logp=old.float() - 0.1,
+                                                    backend="native", **LOSS_KW)
+                res = [loss, *torch.autograd.grad(loss * 0.7, [hl, wl, bl])]
+            outs.append(res)
     finally:
         torch.set_num_threads(n0)
     for i, (a, c) in enumerate(zip(*outs)):
