@@ -427,6 +427,14 @@ def agg_row_weights(mask: torch.Tensor, mode: str = "token-mean", dp_size: int =
     n_b = _row_sums(m, cu_seqlens)
     if mode == "token-mean":
         n = n_b.sum() if batch_num_tokens is None else batch_num_tokens
+        host = n_b.device.type == "cpu" and not torch.compiler.is_compiling()
+        if host and not (isinstance(n, torch.Tensor) and n.dtype == dtype):
+            n = torch.as_tensor(n, dtype=dtype)  # rounded to dtype first, as _div_or_zero does
+        if host and n.device.type == "cpu" and n.numel() == 1:
+            # the same values with one host read instead of five small tensor ops (per call on
+            # the CPU path): dp / n rounded once to ``dtype``, as the tensor division rounds it
+            nv = float(n)
+            return torch.full_like(n_b, 0.0 if nv == 0 else float(dp_size) / nv)
         return _div_or_zero(torch.full_like(n_b, float(dp_size)), n)
     if mode == "token-sum":
         return torch.full_like(n_b, float(dp_size))

@@ -527,6 +527,29 @@ def test_agg_loss_matches_loop_and_row_weights(mode):
     assert torch.autograd.gradcheck(lambda t: L.agg_loss(t, m, mode), (x,))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_agg_row_weights_token_mean_host_path_is_the_tensor_division(dtype):
+    """On the CPU token-mean reads N on the host (one read instead of five small tensor ops):
+    bitwise the tensor formula dp / N rounded once to dtype, 0 for N = 0, NaN for a NaN N, and
+    batch_num_tokens rounded to dtype before dividing, whatever its type."""
+    g = torch.Generator().manual_seed(3)
+    masks = [torch.rand(4, 7, generator=g) < 0.6, torch.zeros(3, 5, dtype=torch.bool),
+             torch.rand(2, 9, generator=g, dtype=F64) * 3]  # a float (weighting) mask
+    bnts = [None, 3, 7.1, 0, torch.tensor(1e8 + 1.0, dtype=F64), torch.tensor(float("nan"))]
+    for m in masks:
+        for dp in (1, 3):
+            for bnt in bnts:
+                if dp > 1 and bnt is None:
+                    continue  # required with dp_size > 1
+                got = L.agg_row_weights(m, "token-mean", dp_size=dp, batch_num_tokens=bnt,
+                                        dtype=dtype)
+                n = m.to(dtype).sum(-1).sum() if bnt is None else torch.as_tensor(bnt, dtype=dtype)
+                want = reference._div_or_zero(torch.full((m.shape[0],), float(dp), dtype=dtype), n)
+                assert got.dtype == dtype and got.shape == (m.shape[0],)
+                assert torch.equal(got, want) or (bool(want.isnan().all()) and
+                                                  bool(got.isnan().all())), (m, dp, bnt)
+
+
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("dual", [None, 2.0])
 def test_policy_loss_per_token_is_autograd_of_reference(level, dual):

@@ -282,8 +282,11 @@ def _backward(ctx, gloss, *_):
         return (None,) * _N_INPUTS
     if type(buf) is Tensor and not torch.compiler.is_compiling():
         # Eager: scale without bumping the version counters of the saved tensors, so that a
-        # repeated backward (retain_graph=True, gradcheck) can still unpack them.
-        _rescale(buf, applied, gloss, ctx.backend)
+        # repeated backward (retain_graph=True, gradcheck) can still unpack them.  On the CPU an
+        # upstream gradient equal to the factor already applied (1 for ``loss.backward()``)
+        # needs nothing: two host reads instead of _rescale's small tensor ops.
+        if not (ctx.backend == "native" and float(gloss) == float(applied)):
+            _rescale(buf, applied, gloss, ctx.backend)
     else:
         _scale_(buf, applied, gloss, ctx.backend)
     return (buf,) + (None,) * (_N_INPUTS - 1)
