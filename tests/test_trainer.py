@@ -452,3 +452,22 @@ def test_peak_memory_sections_on_cpu():
     assert mem.total() >= first
     if os.path.exists("/proc/self/clear_refs") and os.access("/proc/self/clear_refs", os.W_OK):
         assert mem.read() < first - 150, (mem.read(), first)    # the reset worked
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fsdp2_grad_clip_applies_the_unrounded_coefficient(dtype):
+    """The FSDP2 clip (norm summed in fp32 over the local shards) multiplies each shard by its
+    fp32 coefficient in one fp32 multiply rounded once to the gradient's dtype -- not by the
+    coefficient first rounded to a bf16 / fp16 gradient's dtype (1/3 -> 0.33398 in bf16: every
+    element scaled by the same wrong amount)."""
+    from fastrlhf.trainer.distributed import scale_grads_
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(37, generator=g).to(dtype), torch.randn(5, 3, generator=g).to(dtype)]
+    coef = torch.tensor(1.0 / 3.0)
+    mine = [t.clone() for t in grads]
+    scale_grads_(mine, coef)
+    for t, m in zip(grads, mine):
+        assert m.dtype == dtype
+        assert torch.equal(m, (t.float() * coef).to(dtype))
+        if dtype != torch.float32:
+            assert not torch.equal(m, t * coef.to(dtype))
