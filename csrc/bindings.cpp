@@ -317,6 +317,43 @@ void fused_loss_fwd(const Tensor& logits, const optional<Tensor>& dlogits,
                      aux.data_ptr(), loss.data_ptr(), stats.data_ptr());
 }
 
+// The native fused-loss forward from the op's own per-token inputs, so that the Python side runs
+// no per-call tensor ops of its own: they are flattened and converted to the accumulation dtype
+// here (each a no-op when it already is), and the token ids checked (when `check_tokens`: the
+// flat position of the first id outside [0, V) that is not ignore_index is returned and nothing
+// is computed; -1 when all are valid).  The outputs aux / loss / stats come from Python
+// (torch.empty, which the test suite NaN-poisons).  Returns (per_token [3, B, T], bad).
+std::tuple<Tensor, int64_t> fused_loss_call(
+    const Tensor& logits, const optional<Tensor>& dlogits, std::vector<int64_t> dims,
+    std::vector<int64_t> strides, std::vector<int64_t> ostrides, int64_t V, int64_t B, int64_t T,
+    const Tensor& tokens, const Tensor& old_logp, const Tensor& adv,
+    const optional<Tensor>& ref_logp, const Tensor& mask, const Tensor& coef, double inv_temp,
+    int64_t ignore_index, double lo, double hi, optional<double> dual, bool seq, double kl_coef,
+    int64_t kl_val, int64_t kl_grad, double ent_coef, bool write_grad, bool check_tokens,
+    const Tensor& aux, const Tensor& loss, const Tensor& stats) {
+  check_cpu(logits, "logits");
+  const auto acc = acc_of(logits.scalar_type());
+  for (const Tensor* t : {&tokens, &old_logp, &adv, &mask, &coef}) check_cpu(*t, "input");
+  if (ref_logp.has_value()) check_cpu(*ref_logp, "ref_logp");
+  TORCH_CHECK(at::isIntegralType(tokens.scalar_type(), /*includeBool=*/false),
+              "fastrlhf native: tokens must be integers");
+  const Tensor tok = tokens.reshape({-1}).to(at::kLong).contiguous();
+  if (check_tokens) {
+    const int64_t* p = tok.data_ptr<int64_t>();
+    for (int64_t i = 0, n = tok.numel(); i < n; ++i) {
+      if ((p[i] < 0 || p[i] >= V) && p[i] != ignore_index) return {Tensor(), i};
+    }
+  }
+  auto flat = [&](const Tensor& t) { return t.reshape({-1}).to(acc).contiguous(); };
+  optional<Tensor> ref;
+  if (ref_logp.has_value()) ref = flat(*ref_logp);
+  fused_loss_fwd(logits, dlogits, std::move(dims), std::move(strides), std::move(ostrides), V, B,
+                 T, tok, flat(old_logp), flat(adv), ref, flat(mask), coef.to(acc).contiguous(),
+                 inv_temp, ignore_index, lo, hi, dual, seq, kl_coef, kl_val, kl_grad, ent_coef,
+                 write_grad, aux, loss, stats);
+  return {aux.view({7, B, T}).narrow(0, 1, 3).clone(), -1};
+}
+
 // ---- fused lm_head: token log-probs from hidden states -------------------------------------
 
 void check_linear_inputs(const Tensor& hidden, const Tensor& weight,
@@ -420,6 +457,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("value_fwd", &value_fwd, rel());
   m.def("value_bwd", &value_bwd, rel());
   m.def("fused_loss_fwd", &fused_loss_fwd, rel());
+  m.def("fused_loss_call", &fused_loss_call, rel());
   m.def("linear_logprobs_fwd", &linear_logprobs_fwd, rel());
   m.def("linear_logprobs_bwd", &linear_logprobs_bwd, rel());
   m.def("fused_linear_loss_fwd", &fused_linear_loss_fwd, rel());

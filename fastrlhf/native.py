@@ -49,7 +49,7 @@ from .buffers import grad_empty
 from .tables import AGG_MODE_IDS, acc_dtype
 
 __all__ = ["available", "load", "build_error", "source_dir", "logprobs_fwd", "logprobs_bwd",
-           "gae_fwd", "policy_fwd", "policy_bwd", "value_fwd", "value_bwd", "fused_loss_fwd",
+           "gae_fwd", "policy_fwd", "policy_bwd", "value_fwd", "value_bwd", "fused_loss_call",
            "linear_logprobs_fwd", "linear_logprobs_bwd", "fused_linear_loss_fwd"]
 
 _log = logging.getLogger("fastrlhf")
@@ -317,24 +317,28 @@ def value_bwd(grad_out, values, old_values, returns, mask, coef, clip, cu=None):
 # fused PPO loss from the logits (the C++ counterpart of kernels.fused_loss)
 # ---------------------------------------------------------------------------------------------
 
-def fused_loss_fwd(logits, dlogits, dims, strides, out_strides, V, B, T, tokens, old_logp, adv,
-                   ref_logp, mask, coef, *, inv_temp, ignore_index, lo, hi, dual, seq, kl_coef,
-                   kl_val, kl_grad, ent_coef, write_grad):
-    """The whole fused loss of ``[B, T]`` rows in one call: ``(loss [], stats [5], aux [7, B T])``
-    and, when ``write_grad``, d loss / d logits (upstream gradient 1) in ``dlogits``.
+def fused_loss_call(logits, dlogits, dims, strides, out_strides, V, B, T, tokens, old_logp, adv,
+                    ref_logp, mask, coef, *, inv_temp, ignore_index, lo, hi, dual, seq, kl_coef,
+                    kl_val, kl_grad, ent_coef, write_grad, check_tokens):
+    """The whole fused loss of ``[B, T]`` rows in one extension call (the C++ counterpart of
+    :func:`fastrlhf.kernels.fused_loss.fused_loss_fwd` with the row sums and statistics done
+    inside): ``(loss [], stats [5], per_token [3, B, T], bad)`` and, when ``write_grad``,
+    d loss / d logits (upstream gradient 1) in ``dlogits``.
 
-    Per-token inputs are contiguous ``[B T]`` in the accumulation dtype of ``coef`` (the per-row
-    aggregation weights ``[B]``); ``adv`` may be ``[B]``; GSPO (``seq``) runs its log-prob pass
-    inside.  ``aux`` rows: the first seven of :data:`fastrlhf.kernels.fused_loss.AUX_ROWS`."""
-    acc = coef.dtype
+    The per-token tensors come as the op has them (``[B, T]``, ``advantages`` also ``[B]``, any
+    float / int dtype): C++ flattens them and converts them to the accumulation dtype, and checks
+    the ids when ``check_tokens`` -- ``bad`` is then the flat position of the first id outside
+    ``[0, V)`` that is not ``ignore_index`` (nothing computed), else -1.  ``coef``: the per-row
+    aggregation weights ``[B]``; GSPO (``seq``) runs its log-prob pass inside."""
+    acc = acc_dtype(logits)
     aux = torch.empty(7, B * T, dtype=acc)
     loss = torch.empty((), dtype=acc)
     stats = torch.empty(5, dtype=acc)
-    _ext().fused_loss_fwd(
-        logits, dlogits, list(dims), list(strides), list(out_strides), V, B, T, _int64(tokens),
-        old_logp, adv, ref_logp, mask, coef, inv_temp, ignore_index, lo, hi, dual, seq, kl_coef,
-        kl_val, kl_grad, ent_coef, write_grad, aux, loss, stats)
-    return loss, stats, aux
+    per_token, bad = _ext().fused_loss_call(
+        logits, dlogits, list(dims), list(strides), list(out_strides), V, B, T, tokens, old_logp,
+        adv, ref_logp, mask, coef, inv_temp, ignore_index, lo, hi, dual, seq, kl_coef, kl_val,
+        kl_grad, ent_coef, write_grad, check_tokens, aux, loss, stats)
+    return loss, stats, per_token, bad
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,8 +400,9 @@ def fused_linear_loss_fwd(hidden: Tensor, dims, strides, weight: Tensor, bias: O
     """The token-level fused PPO loss of the logits ``hidden @ weight.T + bias`` with its
     gradients produced in the same call: ``(loss [], stats [5], aux [7, N], dh, dw, db)``, the
     gradients (upstream gradient 1; None where not asked for) in the dtypes of hidden / weight /
-    bias.  Per-token inputs as :func:`fused_loss_fwd`.  ``block_rows`` overrides the rows whose
-    ``[R, V]`` logits are formed at once (tests).  See csrc/fused_linear.cpp."""
+    bias.  Per-token inputs: contiguous ``[B T]`` in the accumulation dtype of ``coef`` (``adv``
+    may be ``[B]``).  ``block_rows`` overrides the rows whose ``[R, V]`` logits are formed at
+    once (tests).  See csrc/fused_linear.cpp."""
     V, H = weight.shape
     h = _hidden_rows(hidden, dims, strides, H)
     n = h.shape[0]

@@ -731,6 +731,36 @@ def test_fused_loss_gradcheck(native):
     assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-7)
 
 
+def test_fused_loss_token_ids_checked_in_the_extension(native):
+    """The native fused loss checks the ids in its one C++ call: int32 / int64 ids, a negative
+    or too large id is refused with the op's message (nothing computed, the logits untouched
+    even in place), ignore_index passes; unchecked, that token's logp is NaN, the others
+    finite."""
+    logits, tok, old, adv, m, refl = _fused_inputs(2, 3, 10, torch.float32, seed=4)
+    x = logits[:, :-1].contiguous()
+    m[:] = True
+    for dt in (torch.int64, torch.int32):
+        for v in (10, -3):
+            bad = tok.clone().to(dt)
+            bad[1, 1] = v
+            xi = x.clone().requires_grad_()
+            with pytest.raises(ValueError, match=rf"tokens contains id {v} \(flat position 4\) "
+                                                 r"outside \[0, 10\)"):
+                _fused_loss(xi, bad, old, adv, m, backend="native", inplace_backward=True)
+            assert torch.equal(xi.detach(), x)
+        ok = tok.clone().to(dt)
+        ok[ok == -100] = -7
+        ok[1, 1] = -7
+        loss, st = _fused_loss(x, ok, old, adv, m, ignore_index=-7, backend="native")
+        assert st["logp"][1, 1] == 0 and torch.isfinite(loss)
+        with fr.config.check_tokens(False):
+            loss, st = _fused_loss(x, bad, old, adv, m, backend="native")
+        assert torch.isnan(st["logp"][1, 1]) and torch.isnan(loss)
+        keep = torch.ones(2, 3, dtype=torch.bool)
+        keep[1, 1] = False
+        assert torch.isfinite(st["logp"][keep]).all()
+
+
 @pytest.mark.skipif(not TRITON_OK, reason="needs the Triton interpreter")
 def test_fused_loss_native_matches_triton(native):
     if not _fused_native_available():

@@ -212,6 +212,13 @@ def _raise_bad_token(op: str, tokens: Tensor, bad: Tensor, V: int, ignore_index:
         "graph capture), in which case such positions give NaN")
 
 
+def raise_bad_token(op: str, tokens: Tensor, V: int, ignore_index: int, what: str = "") -> None:
+    """Raise :func:`check_token_range`'s ValueError for ``tokens``, known to hold a bad id (a
+    launcher that checked the ids itself found one)."""
+    bad = ((tokens < 0) | (tokens >= V)) & (tokens != ignore_index)
+    _raise_bad_token(op, tokens, bad, V, ignore_index, what)
+
+
 def check_token_range(op: str, tokens: Tensor, V: int, ignore_index: int,
                       what: str = "") -> None:
     """Raise ValueError if an id lies outside ``[0, V)`` and is not ``ignore_index``.
