@@ -126,6 +126,37 @@ void logprobs_fwd(const Tensor& logits, std::vector<int64_t> dims, std::vector<i
                    const_cast<void*>(ptr_or_null(ent)), lse.data_ptr());
 }
 
+// Flattened int64 ids, and the flat position of the first one outside [0, V) that is not
+// ignore_index (-1 if none, or when not `check`).
+std::pair<Tensor, int64_t> checked_ids(const Tensor& tokens, int64_t V, int64_t ignore_index,
+                                       bool check) {
+  check_cpu(tokens, "tokens");
+  TORCH_CHECK(at::isIntegralType(tokens.scalar_type(), /*includeBool=*/false),
+              "fastrlhf native: tokens must be integers");
+  Tensor tok = tokens.reshape({-1}).to(at::kLong).contiguous();
+  if (check) {
+    const int64_t* p = tok.data_ptr<int64_t>();
+    for (int64_t i = 0, n = tok.numel(); i < n; ++i) {
+      if ((p[i] < 0 || p[i] >= V) && p[i] != ignore_index) return {tok, i};
+    }
+  }
+  return {tok, -1};
+}
+
+// logprobs_fwd from the op's own token tensor (any integer dtype and shape with N elements),
+// the ids flattened and, when `check_tokens`, checked here: returns the flat position of the
+// first bad id (nothing computed) or -1.  Saves the Python side its per-call tensor ops.
+int64_t logprobs_call(const Tensor& logits, std::vector<int64_t> dims,
+                      std::vector<int64_t> strides, int64_t V, const Tensor& tokens,
+                      double inv_temp, int64_t ignore_index, bool check_tokens,
+                      const Tensor& logp, const Tensor& ent, const Tensor& lse) {
+  auto [tok, bad] = checked_ids(tokens, V, ignore_index, check_tokens);
+  if (bad >= 0) return bad;
+  logprobs_fwd(logits, std::move(dims), std::move(strides), V, tok, inv_temp, ignore_index, logp,
+               ent, lse);
+  return -1;
+}
+
 void logprobs_bwd(const Tensor& logits, const Tensor& out, std::vector<int64_t> dims,
                   std::vector<int64_t> strides, std::vector<int64_t> ostrides, int64_t V,
                   const optional<Tensor>& tokens, const optional<Tensor>& dlogp,
@@ -335,15 +366,8 @@ std::tuple<Tensor, int64_t> fused_loss_call(
   const auto acc = acc_of(logits.scalar_type());
   for (const Tensor* t : {&tokens, &old_logp, &adv, &mask, &coef}) check_cpu(*t, "input");
   if (ref_logp.has_value()) check_cpu(*ref_logp, "ref_logp");
-  TORCH_CHECK(at::isIntegralType(tokens.scalar_type(), /*includeBool=*/false),
-              "fastrlhf native: tokens must be integers");
-  const Tensor tok = tokens.reshape({-1}).to(at::kLong).contiguous();
-  if (check_tokens) {
-    const int64_t* p = tok.data_ptr<int64_t>();
-    for (int64_t i = 0, n = tok.numel(); i < n; ++i) {
-      if ((p[i] < 0 || p[i] >= V) && p[i] != ignore_index) return {Tensor(), i};
-    }
-  }
+  const auto [tok, bad] = checked_ids(tokens, V, ignore_index, check_tokens);
+  if (bad >= 0) return {Tensor(), bad};
   auto flat = [&](const Tensor& t) { return t.reshape({-1}).to(acc).contiguous(); };
   optional<Tensor> ref;
   if (ref_logp.has_value()) ref = flat(*ref_logp);
@@ -458,6 +482,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("value_bwd", &value_bwd, rel());
   m.def("fused_loss_fwd", &fused_loss_fwd, rel());
   m.def("fused_loss_call", &fused_loss_call, rel());
+  m.def("logprobs_call", &logprobs_call, rel());
   m.def("linear_logprobs_fwd", &linear_logprobs_fwd, rel());
   m.def("linear_logprobs_bwd", &linear_logprobs_bwd, rel());
   m.def("fused_linear_loss_fwd", &fused_linear_loss_fwd, rel());

@@ -48,7 +48,8 @@ from torch import Tensor
 from .buffers import grad_empty
 from .tables import AGG_MODE_IDS, acc_dtype
 
-__all__ = ["available", "load", "build_error", "source_dir", "logprobs_fwd", "logprobs_bwd",
+__all__ = ["available", "load", "build_error", "source_dir", "logprobs_fwd", "logprobs_call",
+           "logprobs_bwd",
            "gae_fwd", "policy_fwd", "policy_bwd", "value_fwd", "value_bwd", "fused_loss_call",
            "linear_logprobs_fwd", "linear_logprobs_bwd", "fused_linear_loss_fwd"]
 
@@ -238,6 +239,22 @@ def logprobs_fwd(logits: Tensor, dims, strides, V: int, tokens: Optional[Tensor]
     _ext().logprobs_fwd(logits, list(dims), list(strides), V, _int64(tokens), inv_temp,
                         ignore_index, logp, ent, lse)
     return logp, ent, lse
+
+
+def logprobs_call(logits: Tensor, dims, strides, V: int, tokens: Tensor, inv_temp: float,
+                  ignore_index: int, check_tokens: bool, lead):
+    """:func:`logprobs_fwd` with the op's own ``tokens`` (any integer dtype and shape, flattened
+    and checked in C++ when ``check_tokens``): ``(logp [*lead], entropy [*lead], lse [*lead, 2],
+    bad)``, ``bad`` the flat position of the first id outside ``[0, V)`` that is not
+    ``ignore_index`` (nothing computed then), else -1.  ``lead``: the logits' leading shape
+    (``N`` rows in all), the outputs' shape."""
+    acc = acc_dtype(logits)
+    lse = torch.empty((*lead, 2), dtype=acc)
+    ent = torch.empty(lead, dtype=acc)
+    logp = torch.empty(lead, dtype=acc)
+    bad = _ext().logprobs_call(logits, list(dims), list(strides), V, tokens, inv_temp,
+                               ignore_index, check_tokens, logp, ent, lse)
+    return logp, ent, lse, bad
 
 
 def logprobs_bwd(logits: Tensor, dlogits: Tensor, dims, strides, out_strides, V: int,

@@ -476,13 +476,18 @@ def test_logprobs_bad_input(native):
         fr.token_logprobs(logits, tok[:, :2], backend="native")
     with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         fr.token_logprobs(logits, tok, temperature=0.0, backend="native")
-    bad = tok.clone()
-    bad[1, 2] = 10
-    with pytest.raises(ValueError, match=r"id 10 \(flat position 5\) outside \[0, 10\)"):
-        fr.token_logprobs(logits, bad, backend="native")
-    with fr.config.check_tokens(False):  # unchecked: NaN there, never an out-of-bounds read
-        lp = fr.token_logprobs(logits, bad, backend="native")
-    assert torch.isnan(lp[1, 2]) and torch.isfinite(lp[0]).all()
+    for dt in (torch.int64, torch.int32):  # (the ids are checked inside the extension call)
+        for v in (10, -3):
+            bad = tok.clone().to(dt)
+            bad[1, 2] = v
+            with pytest.raises(ValueError, match=rf"id {v} \(flat position 5\) outside \[0, 10\)"):
+                fr.token_logprobs(logits, bad, backend="native")
+            with fr.config.check_tokens(False):  # unchecked: NaN there, no out-of-bounds read
+                lp = fr.token_logprobs(logits, bad, backend="native")
+            assert torch.isnan(lp[1, 2]) and torch.isfinite(lp[0]).all()
+        bad[1, 2] = -3
+        lp = fr.token_logprobs(logits, bad, ignore_index=-3, backend="native")
+        assert lp[1, 2] == 0 and torch.isfinite(lp).all()
     with pytest.raises(ValueError, match="backend='native' is the CPU backend"):
         fr.token_logprobs(logits.to("meta"), tok.to("meta"), backend="native")
     # the C++ layer itself refuses buffers that do not fit (no memory error)

@@ -27,7 +27,7 @@ from ..backend import resolve as resolve_backend
 from ..tables import INT_DTYPES, acc_dtype
 from .common import (with_contract, check_bool, check_int, check_logits, check_positive_float,
                      check_same_device, check_shape, check_tensor, check_token_range,
-                     checked_tokens, grad_rows, non_overlapping,
+                     checked_tokens, grad_rows, non_overlapping, raise_bad_token,
                      rows_layout)
 from .parallel import (NO_IGNORE, check_full_vocab, check_group, combine_softmax_stats,
                        slice_start, split_tokens, zero_rows_where)
@@ -79,7 +79,16 @@ def logprobs_grad(logits: Tensor, out: Optional[Tensor], tokens, dlogp, dent, ls
 
 def _tl_impl(logits: Tensor, tokens: Tensor, temperature: float, ignore_index: int,
              backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    check_token_range("token_logprobs", tokens, logits.shape[-1], ignore_index)
+    V = logits.shape[-1]
+    if backend == "native":  # one extension call: ids flattened and checked in C++
+        lg, dims, strides = rows_layout(logits)
+        logp, ent, lse, bad = launchers(backend, "logprobs").logprobs_call(
+            lg, dims, strides, V, tokens, 1.0 / temperature, ignore_index,
+            config.check_tokens_enabled(), logits.shape[:-1])
+        if bad >= 0:
+            raise_bad_token("token_logprobs", tokens, V, ignore_index)
+        return logp, ent, lse
+    check_token_range("token_logprobs", tokens, V, ignore_index)
     return logprobs_stats(logits, tokens, temperature, ignore_index, backend)
 
 
