@@ -44,10 +44,9 @@ from torch import Tensor
 from .. import config, reference
 from ..backend import resolve as resolve_backend
 from ..tables import FUSED_STATS, KL_CODES, MASKED_EPS, acc_dtype
-from .common import (with_contract, check_fused_loss_args, check_logits, check_positive_float, check_int,
-                     fused_stats,
-                     check_token_range, checked_tokens, contiguous_row_strides, raise_bad_token, grad_empty, grad_rows,
-                     rows_layout)
+from .common import (with_contract, check_fused_loss_args, check_logits, check_positive_float,
+                     check_int, fused_stats, check_token_range, checked_tokens,
+                     contiguous_row_strides, raise_bad_token, grad_empty, grad_rows, rows_layout)
 from .logprobs import inplace_ok, logprobs_stats, vocab_parallel_token_logprobs
 from .losses import compose_ppo_loss
 from .registry import Op, launchers
