@@ -317,6 +317,8 @@ fn::FusedArgs fused_args(int64_t N, int64_t B, at::ScalarType acc, const Tensor&
   return fa;
 }
 
+// The checked call into fn::fused_loss_fwd (buffers as fastrlhf.native allocates them); Python
+// reaches it through fused_loss_call below.
 void fused_loss_fwd(const Tensor& logits, const optional<Tensor>& dlogits,
                     std::vector<int64_t> dims, std::vector<int64_t> strides,
                     std::vector<int64_t> ostrides, int64_t V, int64_t B, int64_t T,
@@ -480,7 +482,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("policy_bwd", &policy_bwd, rel());
   m.def("value_fwd", &value_fwd, rel());
   m.def("value_bwd", &value_bwd, rel());
-  m.def("fused_loss_fwd", &fused_loss_fwd, rel());
   m.def("fused_loss_call", &fused_loss_call, rel());
   m.def("logprobs_call", &logprobs_call, rel());
   m.def("linear_logprobs_fwd", &linear_logprobs_fwd, rel());

@@ -214,11 +214,15 @@ def _raise_bad_token(op: str, tokens: Tensor, bad: Tensor, V: int, ignore_index:
         "graph capture), in which case such positions give NaN")
 
 
+def _bad_ids(tokens: Tensor, V: int, ignore_index: int) -> Tensor:
+    """Where an id lies outside ``[0, V)`` and is not ``ignore_index``."""
+    return ((tokens < 0) | (tokens >= V)) & (tokens != ignore_index)
+
+
 def raise_bad_token(op: str, tokens: Tensor, V: int, ignore_index: int, what: str = "") -> None:
     """Raise :func:`check_token_range`'s ValueError for ``tokens``, known to hold a bad id (a
     launcher that checked the ids itself found one)."""
-    bad = ((tokens < 0) | (tokens >= V)) & (tokens != ignore_index)
-    _raise_bad_token(op, tokens, bad, V, ignore_index, what)
+    _raise_bad_token(op, tokens, _bad_ids(tokens, V, ignore_index), V, ignore_index, what)
 
 
 def check_token_range(op: str, tokens: Tensor, V: int, ignore_index: int,
@@ -234,7 +238,7 @@ def check_token_range(op: str, tokens: Tensor, V: int, ignore_index: int,
     lo, hi = torch.aminmax(tokens)  # one pass; the exact check only when some id is outside
     if (int(lo) >= 0 and int(hi) < V) if tokens.device.type == "cpu" else bool((lo >= 0) & (hi < V)):
         return
-    bad = ((tokens < 0) | (tokens >= V)) & (tokens != ignore_index)
+    bad = _bad_ids(tokens, V, ignore_index)
     if bool(bad.any()):
         _raise_bad_token(op, tokens, bad, V, ignore_index, what)
 
