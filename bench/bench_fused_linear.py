@@ -21,7 +21,10 @@ fwd+bwd only):
   when installed.
 
 Every implementation is checked against eager on the same inputs before it is timed (rows that
-disagree are recorded as skipped, with the discrepancy).  ``flops`` counts the useful matmul work,
+disagree are recorded as skipped, with the discrepancy); the implementations of one op / mode /
+shape are then timed round-robin on CPU (``common.time_group``), so that their ratios compare
+the same stretch of a shared machine's time (on GPU one after the other, one set of leaves and
+gradients at a time).  ``flops`` counts the useful matmul work,
 2NHV forward and 6NHV forward + backward (the backward's logits recompute, another 2NHV, is not
 counted), from which ``finish_row`` derives ``tflops``.  ``peak_mb`` is the peak memory allocated
 by one call beyond what was live before it (gradients included; on CPU the sampled resident set
@@ -137,19 +140,10 @@ def _skip_rows(rows, op, name, modes, shape, why):
         rows.append(dict(op=op, impl=name, mode=mode, shape=shape, dtype=_DTYPE["name"], skipped=why))
 
 
-def _time(row, step, device, on_gpu, pre=None):
-    try:
-        row.update(common.time_stats(step, device, warmup=2 if on_gpu else 1, rep=10 if on_gpu else 3))
-        if pre is not None:
-            pre()  # drop the last step's gradients, so that the peak counts the new ones
-        peak = common.peak_extra_bytes(step, device)
-        row["peak_mb"] = None if peak is None else round(peak / 2 ** 20, 1)
-    except Exception as e:  # out of memory, compile failure, ...
-        for k in ("flops", "ms", "iqr_ms", "repeats", "peak_mb"):
-            row.pop(k, None)
-        row["skipped"] = common.skip_reason(e, device)
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
+def _group(entries, on_gpu):
+    """Time the implementations of one op / mode / shape round-robin (common.time_group)."""
+    common.time_group(entries, "cuda" if on_gpu else "cpu", warmup=2 if on_gpu else 1,
+                      rep=10 if on_gpu else 5, max_seconds=60 if on_gpu else 120)
 
 
 def _bench_logprobs(rows, device, N, H, V, hidden, weight, tokens, with_compile, backend):
@@ -161,6 +155,7 @@ def _bench_logprobs(rows, device, N, H, V, hidden, weight, tokens, with_compile,
     w_h = torch.randn(N, device=device, generator=g)
     with torch.no_grad():
         e_lp, e_h = _eager(hidden[:256], weight, tokens[:256])
+    fns = {}
     for name, make in _logprob_impls(with_compile).items():
         try:
             fn = make()
@@ -174,29 +169,38 @@ def _bench_logprobs(rows, device, N, H, V, hidden, weight, tokens, with_compile,
         except Exception as e:  # peer not installed, ...
             _skip_rows(rows, op, name, ("fwd", "fwd+bwd"), shape, common.skip_reason(e, device))
             continue
-        for mode in ("fwd", "fwd+bwd"):
+        fns[name] = fn
+    for mode in ("fwd", "fwd+bwd"):
+        entries = []
+        for name, fn in fns.items():
             row = dict(op=op, impl=name, mode=mode, shape=shape, dtype=_DTYPE["name"],
                        flops=(2 if mode == "fwd" else 6) * N * H * V)
             if name == "fastrlhf":
                 row["backend"] = backend
             if mode == "fwd":
-                def step():
+                def step(fn=fn):
                     with torch.no_grad():
                         return fn(hidden, weight, tokens)
+                entries.append((row, step))
             else:
                 hl = hidden.detach().clone().requires_grad_(True)
                 wl = weight.detach().clone().requires_grad_(True)
 
-                def step():
+                def step(fn=fn, hl=hl, wl=wl):
                     hl.grad = wl.grad = None
                     lp, h = fn(hl, wl, tokens)
                     ((lp * w_lp).sum() + (h * w_h).sum()).backward()
-            _time(row, step, device, on_gpu,
-                  pre=None if mode == "fwd" else lambda: setattr(hl, "grad", None) or setattr(
-                      wl, "grad", None))
+
+                def drop(hl=hl, wl=wl):  # so that the peak counts the new gradients
+                    hl.grad = wl.grad = None
+                entries.append((row, step, drop))
             rows.append(row)
-            if mode != "fwd":
-                del hl, wl
+            if on_gpu:  # one set of leaves and gradients at a time (GPU timings are steady)
+                _group(entries, on_gpu)
+                entries = []
+                torch.cuda.empty_cache()
+        _group(entries, on_gpu)
+        del entries
 
 
 def _bench_ppo(rows, device, N, H, V, hidden, weight, tokens, backend):
@@ -213,6 +217,7 @@ def _bench_ppo(rows, device, N, H, V, hidden, weight, tokens, backend):
     adv = torch.randn(B, device=device, generator=g)
     mask = torch.rand(B, T, device=device, generator=g) > 0.1
     ref = None
+    entries = []
     for name, make in _ppo_impls().items():
         try:
             fn = make()
@@ -238,13 +243,20 @@ def _bench_ppo(rows, device, N, H, V, hidden, weight, tokens, backend):
         if name.startswith("fastrlhf"):
             row["backend"] = backend
 
-        def step():
+        def step(fn=fn, hl=hl, wl=wl):
             hl.grad = wl.grad = None
             fn(hl, wl, tok, old, adv, mask).backward()
-        _time(row, step, device, on_gpu,
-              pre=lambda: setattr(hl, "grad", None) or setattr(wl, "grad", None))
+
+        def drop(hl=hl, wl=wl):
+            hl.grad = wl.grad = None
+        entries.append((row, step, drop))
         rows.append(row)
-        del hl, wl
+        if on_gpu:
+            _group(entries, on_gpu)
+            entries = []
+            del hl, wl, step, drop
+            torch.cuda.empty_cache()
+    _group(entries, on_gpu)
 
 
 def run(device: str, quick: bool = False, with_compile: bool = True, cpu_shapes=None,

@@ -17,7 +17,10 @@ Implementations:
   liger             liger_kernel's triton_grpo_loss (per-token output reduced as "bnpo"), when
                     installed; it reads [B, T + 1, V] logits (one extra position per sequence)
 
-Every implementation's loss is checked against eager on the same inputs before it is timed.
+Every implementation's loss is checked against eager on the same inputs before it is timed; the
+implementations of one mode are timed round-robin on CPU (``common.time_group``), so that their
+ratios compare the same stretch of a shared machine's time (on GPU one after the other: one
+``[N, V]`` leaf at a time).
 Bytes = the one-read-one-write floor of the logits (2 x N x V x 2 bytes for bf16), so x_floor is
 the time over what a copy of the logits would take.  peak_mb: memory allocated beyond the inputs.
 """
@@ -139,42 +142,40 @@ def run(device: str, quick: bool = False, with_compile: bool = True) -> list[dic
             g_out = torch.tensor(up, device=device)
             with torch.no_grad():
                 want = _eager(full[:2, :-1], *[t[:2] for t in rest], seq=seq).float()
+            entries = []
             for name, make in _impls(with_compile, seq).items():
                 row = dict(op="fused_ppo_loss", impl=name, mode=mode, shape=f"{N}x{V}",
                            dtype="bf16")
+                rows.append(row)
                 if name.startswith("fastrlhf"):
                     row["backend"] = common.fastrlhf_backend(device)
                 try:
                     fn = make()
                 except Exception as e:  # peer not installed, etc.
                     row["skipped"] = common.skip_reason(e, device)
-                    rows.append(row)
                     continue
                 problem = _check(name, fn, full, rest, want)
                 if problem:
                     row["skipped"] = problem
-                    rows.append(row)
                     continue
                 row["bytes"] = 2 * N * V * data.element_size()
-                # One leaf reused across steps (a fresh copy per step would add a copy); the
-                # in-place variants overwrite it with gradients: values stay finite.
+                # One leaf per implementation, reused across steps (a fresh copy per step would
+                # add a copy); the in-place variants overwrite it with gradients: values stay
+                # finite.
                 leaf = (full if name == "liger" else data).clone().requires_grad_(True)
 
-                def step():
+                def step(fn=fn, leaf=leaf):
                     loss = fn(leaf, *rest)
                     return torch.autograd.grad(loss, leaf, grad_outputs=g_out.to(loss.dtype))
-
-                try:
-                    row.update(common.time_stats(step, device, warmup=3, rep=20 if on_gpu else 3))
-                    peak = common.peak_extra_bytes(step, device)
-                    row["peak_mb"] = None if peak is None else round(peak / 2 ** 20, 1)
-                except Exception as e:  # e.g. out of memory for the eager composition
-                    row.pop("bytes", None)
-                    row["skipped"] = common.skip_reason(e, device)
-                del leaf
-                rows.append(row)
-                if on_gpu:
+                if on_gpu:  # one [N, V] leaf at a time (GPU timings are steady anyway)
+                    common.time_group([(row, step)], device, warmup=3, rep=20)
+                    del leaf, step
                     torch.cuda.empty_cache()
+                else:
+                    entries.append((row, step))
+            # CPU: round-robin (common.time_group); the steps are milliseconds: many repeats
+            common.time_group(entries, device, warmup=3, rep=40, max_seconds=30)
+            del entries
         del full, data
         if on_gpu:
             torch.cuda.empty_cache()

@@ -10,6 +10,9 @@ Implementations compared at the same inputs (bf16 logits [N, V], int64 tokens):
 
 Byte floors (the fewest DRAM bytes the op can move): forward reads the logits once; forward +
 backward reads them twice and writes the gradient once (3 x N x V x 2 bytes for bf16).
+
+On CPU the implementations of one shape and mode are timed round-robin (``common.time_group``),
+so that their ratios compare the same stretch of a shared machine's time.
 """
 
 from __future__ import annotations
@@ -98,52 +101,57 @@ def run(device: str, quick: bool = False, with_compile: bool = True) -> list[dic
         w_lp = torch.randn(N, device=device, generator=g)
         w_h = torch.randn(N, device=device, generator=g)
         elem = data.element_size()
+        fns = {}
         for name, make in _impls(device, with_compile).items():
             try:
                 fn = make()
+                problem = None if name == "eager" else _check_against_eager(fn, data, tokens)
             except Exception as e:  # peer not installed, etc.
+                problem = common.skip_reason(e, device)
+            if problem:
                 for mode in ("fwd", "fwd+bwd"):
                     rows.append(dict(op="token_logprobs", impl=name, mode=mode, shape=f"{N}x{V}",
-                                     dtype="bf16", skipped=common.skip_reason(e, device)))
+                                     dtype="bf16", skipped=problem))
                 continue
-            if name != "eager":
-                problem = _check_against_eager(fn, data, tokens)
-                if problem:
-                    for mode in ("fwd", "fwd+bwd"):
-                        rows.append(dict(op="token_logprobs", impl=name, mode=mode,
-                                         shape=f"{N}x{V}", dtype="bf16", skipped=problem))
-                    continue
-            for mode in ("fwd", "fwd+bwd"):
+            fns[name] = fn
+        for mode in ("fwd", "fwd+bwd"):
+            entries = []
+            for name, fn in fns.items():
                 if mode == "fwd" and name.endswith("+inplace"):
                     continue  # same forward as "fastrlhf"
                 row = dict(op="token_logprobs", impl=name, mode=mode, shape=f"{N}x{V}", dtype="bf16",
                            bytes=(1 if mode == "fwd" else 3) * N * V * elem)
                 if name.startswith("fastrlhf"):
                     row["backend"] = common.fastrlhf_backend(device)
-                try:
-                    if mode == "fwd":
-                        def step():
-                            with torch.no_grad():
-                                return fn(data, tokens)
-                    else:
-                        # A fresh leaf each step would add a copy; reuse one leaf (the in-place
-                        # variant overwrites it with its gradient: values stay finite and random).
-                        leaf = data.clone().requires_grad_(True)
-
-                        def step():
-                            leaf.grad = None
-                            lp, h = fn(leaf, tokens)
-                            loss = (lp * w_lp).sum()
-                            if h is not None:
-                                loss = loss + (h * w_h).sum()
-                            loss.backward()
-                    row.update(common.time_stats(step, device, warmup=3, rep=20 if on_gpu else 5))
-                    peak = common.peak_extra_bytes(step, device)
-                    row["peak_mb"] = None if peak is None else round(peak / 2 ** 20, 1)
-                except Exception as e:
-                    row.pop("bytes", None)
-                    row["skipped"] = common.skip_reason(e, device)
                 rows.append(row)
+                if mode == "fwd":
+                    def step(fn=fn):
+                        with torch.no_grad():
+                            return fn(data, tokens)
+                else:
+                    # A fresh leaf each step would add a copy; reuse one leaf per implementation
+                    # (the in-place variant overwrites it with its gradient: values stay finite
+                    # and random).
+                    leaf = data.clone().requires_grad_(True)
+
+                    def step(fn=fn, leaf=leaf):
+                        leaf.grad = None
+                        lp, h = fn(leaf, tokens)
+                        loss = (lp * w_lp).sum()
+                        if h is not None:
+                            loss = loss + (h * w_h).sum()
+                        loss.backward()
+                if on_gpu:  # one leaf at a time (GPU timings are steady anyway)
+                    common.time_group([(row, step)], device, warmup=3, rep=20)
+                    del step
+                    leaf = None
+                    torch.cuda.empty_cache()
+                else:
+                    entries.append((row, step))
+            # CPU: round-robin (common.time_group), so the ratios compare the same stretch of
+            # a shared machine's time
+            common.time_group(entries, device, warmup=3, rep=20, max_seconds=30)
+            del entries
         del data
         if on_gpu:
             torch.cuda.empty_cache()

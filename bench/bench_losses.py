@@ -7,10 +7,11 @@ old values / returns, bool multi-turn mask; policy: clip 0.2 / 0.28 + dual clip 
 * ``compile``: the same function under ``torch.compile`` (forward and backward fused by
   inductor).
 * ``fastrlhf``: ``fastrlhf.ppo_policy_loss`` / ``ppo_value_loss`` with ``backend="auto"`` (the
-  fused Triton kernels on CUDA; on CPU ``auto`` is the reference, so CPU rows only show that the
-  script runs).
+  fused Triton kernels on CUDA, the native C++ loops of ``csrc/losses.cpp`` on CPU).
 
-Each timed call is one forward + backward (gradient w.r.t. logp / values).  GB/s counts the
+Each timed call is one forward + backward (gradient w.r.t. logp / values); the implementations
+of one op / shape / dtype are timed round-robin (``common.time_group``), so that on a shared
+machine their ratios compare the same stretch of time.  GB/s counts the
 minimum traffic of that pair: the four inputs read once and the gradient written once
 (B * T * (3 * 4 + 1 + 4) bytes for fp32).  ``run(device, quick)`` returns the rows for
 ``bench/common.py``; ``python bench/bench_losses.py [--device cuda] [--quick] [--write]`` prints
@@ -91,23 +92,27 @@ def run(device: str, quick: bool = False, with_compile: bool = True) -> list[dic
                     impls["compile"] = lambda: _fwd_bwd(compiled_fn, x, *args, **ref_kw)
                 impls["fastrlhf"] = lambda: _fwd_bwd(fr_fn, x, *args, **kw)
                 e_loss, e_grad = eager()
+                entries = []
                 for name, fn in impls.items():
                     row = {"op": op, "impl": name, "mode": "fwd+bwd", "shape": f"{B}x{T}",
                            "dtype": str(dtype).replace("torch.", ""), "bytes": nbytes}
                     if name == "fastrlhf":
                         row["backend"] = backend
+                    rows.append(row)
                     try:
                         loss, grad = fn()
                         row["max_err"] = float(max((loss - e_loss).detach().abs(),
                                                    (grad.float() - e_grad.float()).abs().max()))
-                        row.update(common.time_stats(fn, device, warmup=3 if cuda else 1,
-                                                        rep=50 if cuda else 5))
-                        row["peak_mb"] = (None if not cuda else
-                                          round(common.peak_extra_bytes(fn, device) / 2**20, 1))
                     except Exception as e:  # e.g. no C++ compiler for torch.compile on CPU
-                        row.pop("max_err", None)
+                        row.pop("bytes", None)
                         row["skipped"] = common.skip_reason(e, device)
-                    rows.append(row)
+                        continue
+                    entries.append((row, fn))
+                # round-robin (common.time_group): the steps are well under a millisecond on
+                # CPU, where a shared machine's speed drifts between implementations timed one
+                # after the other
+                common.time_group(entries, device, warmup=3, rep=50 if cuda else 100,
+                                  max_seconds=20, peak=cuda)
             del inputs
             if cuda:
                 torch.cuda.empty_cache()

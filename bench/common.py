@@ -76,6 +76,85 @@ def time_stats(fn: Callable[[], object], device: str, *, warmup: int = 3, rep: i
     return spread(times)
 
 
+def _once_ms(fn: Callable[[], object], device: str) -> float:
+    if device.startswith("cuda"):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_group(entries: list, device: str, *, warmup: int = 3, rep: int = 20,
+               max_seconds: float = 30.0, peak: bool = True) -> None:
+    """Time implementations of the same step against each other, round-robin.
+
+    ``entries``: ``(row, step)`` or ``(row, step, pre)`` tuples.  Every step is warmed up
+    ``warmup`` times, then round r runs each step once (the order rotated by one per round, so no
+    step always follows the same one), for ``rep`` rounds (fewer, but at least 3, once
+    ``max_seconds`` have passed).  Each row gets :func:`time_stats`' fields (``ms`` median,
+    ``iqr_ms``, ``repeats``), ``"interleaved": true`` when two or more steps shared the rounds,
+    and with ``peak`` then ``peak_mb`` from :func:`peak_extra_bytes` (``pre()`` first, when
+    given: e.g. dropping the last step's gradients).  A step that raises gets ``skipped`` with the reason and leaves the others timed.
+
+    Why round-robin: on a shared machine (a VM whose speed moves by tens of percent within
+    minutes) implementations timed one after the other are compared across different machine
+    states; interleaved, each implementation's repeats are spread over the same stretch of time,
+    so the ratios of their medians are comparable."""
+    live = []
+    for entry in entries:
+        row, step = entry[0], entry[1]
+        try:
+            for _ in range(warmup):
+                step()
+            sync(device)
+            live.append(entry)
+        except Exception as e:  # out of memory, compile failure, ...
+            _mark_skipped(row, e, device)
+    times = {id(e[0]): [] for e in live}
+    interleaved = len(live) > 1
+    deadline = time.perf_counter() + max_seconds
+    for r in range(rep):
+        if not live:
+            break
+        k = r % len(live)
+        for entry in live[k:] + live[:k]:
+            try:
+                times[id(entry[0])].append(_once_ms(entry[1], device))
+            except Exception as e:
+                _mark_skipped(entry[0], e, device)
+        live = [e for e in live if not e[0].get("skipped")]
+        if time.perf_counter() > deadline and r >= 2:
+            break
+    for entry in live:
+        row = entry[0]
+        row.update(spread(times[id(row)]))
+        if interleaved:
+            row["interleaved"] = True
+        if not peak:
+            continue
+        try:
+            if len(entry) > 2 and entry[2] is not None:
+                entry[2]()
+            p = peak_extra_bytes(entry[1], device)
+            row["peak_mb"] = None if p is None else round(p / 2 ** 20, 1)
+        except Exception as e:
+            _mark_skipped(row, e, device)
+
+
+def _mark_skipped(row: dict, e: BaseException, device: str) -> None:
+    for k in ("ms", "iqr_ms", "repeats", "peak_mb", "interleaved", "bytes", "flops", "max_err"):
+        row.pop(k, None)
+    row["skipped"] = skip_reason(e, device)
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def spread(times_ms: list) -> dict:
     """Median, interquartile range and count of repeated timings (ms); the IQR needs 2 or more."""
     n = len(times_ms)

@@ -246,6 +246,44 @@ def test_finish_row_marks_noisy_rows():
     assert "active drivers" in common.skip_reason(RuntimeError("0 active drivers"), "cuda")
 
 
+def test_time_group_interleaves_and_isolates_a_failing_step():
+    sys.path.insert(0, BENCH)
+    try:
+        import common
+    finally:
+        sys.path.remove(BENCH)
+    calls = []
+    fail_at = {"c": 3}  # c raises on its third call (the first timed round, after two warm-ups)
+
+    def make(name):
+        def step():
+            calls.append(name)
+            if name in fail_at:
+                fail_at[name] -= 1
+                if fail_at[name] == 0:
+                    raise RuntimeError("out of memory")
+        return step
+    rows = [dict(impl=n) for n in "abc"]
+    dropped = []
+    entries = [(rows[0], make("a"), lambda: dropped.append("a")), (rows[1], make("b")),
+               (rows[2], make("c"))]
+    common.time_group(entries, "cpu", warmup=2, rep=4, max_seconds=60)
+    timed = calls[6:]  # after the warm-ups (a a b b c c)
+    assert calls[:6] == list("aabbcc")
+    # round 0: a b c (c fails); round 1 rotated by one among the live steps (a, b): b a; ...
+    assert timed[:3] == list("abc") and timed[3:5] == list("ba") and timed[5:7] == list("ab")
+    for r in rows[:2]:
+        assert r["repeats"] == 4 and r["interleaved"] is True and r["ms"] >= 0
+        assert "peak_mb" in r
+    assert dropped == ["a"]  # the pre-hook runs before the peak-memory call
+    assert rows[2]["skipped"].startswith("RuntimeError: out of memory")
+    assert "ms" not in rows[2] and "interleaved" not in rows[2]
+    # a group of one is timed the same way, without the interleaved mark
+    alone = dict(impl="d")
+    common.time_group([(alone, make("d"))], "cpu", warmup=1, rep=3, peak=False)
+    assert alone["repeats"] == 3 and "interleaved" not in alone and "peak_mb" not in alone
+
+
 OLD_FORMAT = {  # schema 1: one top-level environment, overwritten by each merge; no spread
     "commit": "bbb", "copy_gbps": 30.0, "date": "2026-01-02T00:00:00Z", "device": "Machine B",
     "device_type": "cpu", "torch": "2.13.0", "triton": "3.9.0",
