@@ -277,3 +277,40 @@ def test_fast_eager_records_an_autograd_node_only_when_autograd_would(monkeypatc
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     with_grad.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_fast_eager_mutating_op_bumps_versions_and_defers_to_the_dispatcher_under_autograd(
+        monkeypatch):
+    """A mutating op with ``fast_eager`` calls its implementation directly only where autograd
+    records nothing, and then bumps the version counters of what it wrote (as the dispatcher
+    does: a tensor saved for some backward before it is then refused); with a mutated tensor
+    that requires grad under grad mode it goes through the registered op."""
+    from fastrlhf.ops import registry
+
+    def _impl(x: torch.Tensor, y: torch.Tensor) -> None:
+        x.data.add_(y)  # a raw write, as the kernels' (no version bump of its own)
+
+    def _fake(x, y):
+        return None
+
+    op = registry.Op("test_fast_eager_mutating_", _impl, _fake, mutates_args=("x",),
+                     fast_eager=True)
+    via = []
+    real = op.op
+    monkeypatch.setattr(op, "op", lambda *a: via.append("dispatcher") or real(*a))
+    x, y = torch.zeros(3), torch.ones(3)
+    v = x._version
+    op(x, y)
+    assert via == [] and x._version > v and torch.equal(x, torch.ones(3))
+    w = torch.zeros(3, requires_grad=True)
+    saved = (w * 1.0)
+    z = (saved * saved).sum()  # saves `saved`
+    with torch.no_grad():
+        op(saved, y)
+    assert via == []
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.backward()
+    leaf = torch.zeros(3, requires_grad=True)
+    v = leaf._version
+    op(leaf, y)  # autograd could record this: the registered op, with its own checks
+    assert via == ["dispatcher"] and leaf._version > v

@@ -220,6 +220,46 @@ def test_inplace_equals_out_of_place_without_new_buffers(level, monkeypatch):
     assert_close("last position untouched", bufs[1][:, -1], inp["base"][:, -1], atol=0)
 
 
+@pytest.mark.parametrize("backend", [b for b in backends(native=True) if b != "reference"])
+@pytest.mark.parametrize("timing", ["forward", "backward"])
+def test_inplace_path_is_the_dispatcher_path(backend, timing):
+    """The in-place variants run eagerly without the dispatcher (registry.Op fast_eager), as the
+    others: the same loss, stats and gradient as the registered op, and autograd still sees the
+    logits overwritten -- another op that saved them for its backward raises, not a silently
+    wrong gradient."""
+    import fastrlhf.ops.fused_loss as mod
+    inp = make_inputs(seed=11)
+    args = (inp["tokens"], inp["old"], inp["adv"], inp["mask"])
+    kw = dict(ref_logp=inp["ref"], kl_coef=0.1, entropy_coef=0.01, backend=backend,
+              inplace_backward=True, grad_timing=timing)
+    outs = []
+    for fast in (True, False):
+        leaf = inp["base"].clone().requires_grad_(True)
+        if not fast:  # force the registered torch.library op
+            for op in (mod._fused_ib, mod._deferred_ib):
+                op.fast_eager = False
+        try:
+            loss, st = fused_ppo_loss(leaf[:, :-1] * 1.0, *args, **kw)
+            (loss * 0.5).backward()
+        finally:
+            for op in (mod._fused_ib, mod._deferred_ib):
+                op.fast_eager = True
+        outs.append((loss.detach(), st["entropy_mean"], leaf.grad))
+    for a, b, what in zip(outs[0], outs[1], ("loss", "entropy_mean", "dlogits")):
+        assert_close(what, a, b, atol=0, rtol=0)
+    leaf = inp["base"].clone().requires_grad_(True)
+    logits = leaf[:, :-1] * 1.0
+    other = (logits * logits).sum()  # saves logits for its backward
+    loss, _ = fused_ppo_loss(logits, *args, **kw)
+    if timing == "forward":  # the forward already wrote the gradient over the logits
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            other.backward()
+    else:  # the logits are overwritten by the loss's backward
+        loss.backward()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            other.backward()
+
+
 @pytest.mark.parametrize("backend", backends(native=True))
 @pytest.mark.parametrize("inplace", [False, True])
 def test_repeated_backward_and_upstream_grad(backend, inplace):

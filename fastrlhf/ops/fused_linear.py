@@ -101,7 +101,7 @@ def _lin_bwd_fake(hidden, weight, bias, tokens, dlogp, dent, lse, ent, temperatu
             (bias if need_db else weight).new_empty(bias.shape if need_db else (0,)))
 
 
-_lin_bwd = Op("linear_token_logprobs_bwd", _lin_bwd_impl, _lin_bwd_fake)
+_lin_bwd = Op("linear_token_logprobs_bwd", _lin_bwd_impl, _lin_bwd_fake, fast_eager=True)
 
 
 def _lin_setup(ctx, inputs, output):
@@ -130,7 +130,7 @@ def _lin_backward(ctx, dlogp, dent, dlse):
 
 
 _linear_token_logprobs = Op("linear_token_logprobs", _lin_impl, _lin_fake, setup=_lin_setup,
-                            backward=_lin_backward)
+                            backward=_lin_backward, fast_eager=True)
 
 
 # ---------------------------------------------------------------------------------------------

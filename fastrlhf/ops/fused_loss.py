@@ -300,7 +300,7 @@ def _backward(ctx, gloss, *_):
 _fused = Op("fused_ppo_loss", _fused_impl, _fused_fake, setup=_setup, backward=_backward,
             fast_eager=True)
 _fused_ib = Op("fused_ppo_loss_ib", _fused_ib_impl, _fused_ib_fake, setup=_setup_ib,
-               backward=_backward)
+               backward=_backward, fast_eager=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,7 +369,7 @@ def _dgrad_inplace_fake(logits, tokens, lse, ent, coefs, upstream, temperature, 
 
 _dgrad = Op("fused_ppo_loss_grad", _dgrad_impl, _dgrad_fake, fast_eager=True)
 _dgrad_inplace = Op("fused_ppo_loss_grad_", _dgrad_inplace_impl, _dgrad_inplace_fake,
-                    mutates_args=("logits",))
+                    mutates_args=("logits",), fast_eager=True)
 
 _N_DEFERRED_INPUTS = 18
 
@@ -407,7 +407,7 @@ _deferred = Op("fused_ppo_loss_deferred", _deferred_impl, _deferred_fake, setup=
                backward=_backward_deferred, fast_eager=True)
 # The same forward whose backward writes the gradient over the logits (inplace_backward).
 _deferred_ib = Op("fused_ppo_loss_deferred_ib", _deferred_impl, _deferred_fake,
-                  setup=_setup_deferred_ib, backward=_backward_deferred)
+                  setup=_setup_deferred_ib, backward=_backward_deferred, fast_eager=True)
 
 
 # ---------------------------------------------------------------------------------------------

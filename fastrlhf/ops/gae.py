@@ -42,7 +42,7 @@ def _gae_fake(rewards, values, mask, cu_seqlens, gamma, lam, max_len, f64, backe
     return rewards.new_empty(rewards.shape, dtype=acc), rewards.new_empty(rewards.shape, dtype=acc)
 
 
-_gae = Op("gae", _gae_impl, _gae_fake)
+_gae = Op("gae", _gae_impl, _gae_fake, fast_eager=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def _klp_bwd_fake(grad, logp, ref_logp, kind, need_dlogp, need_dref, backend):
     return _grad_fakes(logp, ref_logp, need_dlogp, need_dref)
 
 
-_klp_bwd = Op("kl_penalty_bwd", _klp_bwd_impl, _klp_bwd_fake)
+_klp_bwd = Op("kl_penalty_bwd", _klp_bwd_impl, _klp_bwd_fake, fast_eager=True)
 
 
 def _klp_setup(ctx, inputs, output):
@@ -83,7 +83,8 @@ def _klp_backward(ctx, grad):
     return (dx if need_x else None), (dy if need_y else None), None, None
 
 
-_kl_penalty = Op("kl_penalty", _klp_impl, _klp_fake, setup=_klp_setup, backward=_klp_backward)
+_kl_penalty = Op("kl_penalty", _klp_impl, _klp_fake, setup=_klp_setup, backward=_klp_backward,
+                 fast_eager=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +141,7 @@ def _fkl_bwd_fake(grad, logits, ref_logits, kl, stats, temperature, need_dlogits
     return _grad_fakes(logits, ref_logits, need_dlogits, need_dref)
 
 
-_fkl_bwd = Op("full_kl_bwd", _fkl_bwd_impl, _fkl_bwd_fake)
+_fkl_bwd = Op("full_kl_bwd", _fkl_bwd_impl, _fkl_bwd_fake, fast_eager=True)
 
 
 def _fkl_setup(ctx, inputs, output):
@@ -162,7 +163,8 @@ def _fkl_backward(ctx, grad, dstats):
     return (dx if need_x else None), (dy if need_y else None), None, None
 
 
-_full_kl = Op("full_kl", _fkl_impl, _fkl_fake, setup=_fkl_setup, backward=_fkl_backward)
+_full_kl = Op("full_kl", _fkl_impl, _fkl_fake, setup=_fkl_setup, backward=_fkl_backward,
+              fast_eager=True)
 
 
 # ---------------------------------------------------------------------------------------------

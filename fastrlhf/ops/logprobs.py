@@ -134,7 +134,7 @@ def _bwd_inplace_fake(logits, tokens, dlogp, dent, lse, ent, temperature, ignore
 
 _bwd = Op("token_logprobs_bwd", _bwd_impl, _bwd_fake, fast_eager=True)
 _bwd_inplace = Op("token_logprobs_bwd_", _bwd_inplace_impl, _bwd_inplace_fake,
-                  mutates_args=("logits",))
+                  mutates_args=("logits",), fast_eager=True)
 
 
 def _setup(ctx, inputs, output, *, inplace: bool = False):

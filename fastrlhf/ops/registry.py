@@ -24,6 +24,7 @@ takes); under ``torch.compile`` the registered op is traced instead.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -58,7 +59,10 @@ class Op:
         fast_eager: outside ``torch.compile``, run ``impl`` (and the formula) without the
             dispatcher: through a ``torch.autograd.Function`` when the op is differentiable and
             autograd would record the call, directly otherwise (``no_grad``, inference mode,
-            or no input requiring grad).  Only for ops that mutate nothing.
+            or no input requiring grad).  A mutating op takes the direct call only when
+            autograd would record nothing (e.g. inside a backward) and then bumps the version
+            counters of the tensors it wrote, as the dispatcher does; otherwise (a mutated
+            tensor that may need grad) it goes through the dispatcher, whose checks apply.
 
     Calling the object runs the op; ``.op`` is the registered ``torch.library`` op (what
     ``torch.compile`` traces and ``torch.library.opcheck`` checks).
@@ -67,8 +71,9 @@ class Op:
     def __init__(self, name: str, impl: Callable, fake: Callable, *,
                  setup: Optional[Callable] = None, backward: Optional[Callable] = None,
                  mutates_args: Sequence[str] = (), fast_eager: bool = False):
-        if fast_eager and mutates_args:
-            raise ValueError(f"fastrlhf::{name}: a mutating op must go through the dispatcher")
+        if fast_eager and mutates_args and backward is not None:
+            raise ValueError(f"fastrlhf::{name}: a differentiable mutating op must go through "
+                             "the dispatcher")
         if (setup is None) != (backward is None):
             raise ValueError(f"fastrlhf::{name}: setup and backward come together")
         self.name = name
@@ -86,9 +91,19 @@ class Op:
                 "backward": staticmethod(backward),
             })
         self.fast_eager = fast_eager
+        names = list(inspect.signature(impl).parameters)  # custom_op checked mutates_args
+        self._mutated = tuple(names.index(a) for a in mutates_args)
 
     def __call__(self, *args):
         if self.fast_eager and _plain_eager(args):
+            if self._mutated:
+                if _needs_graph(args):
+                    return self.op(*args)
+                out = self.impl(*args)
+                for i in self._mutated:
+                    if isinstance(args[i], torch.Tensor):
+                        torch.autograd.graph.increment_version(args[i])
+                return out
             if self._function is not None and _needs_graph(args):
                 return self._function.apply(*args)
             return self.impl(*args)  # not differentiable, or autograd would record nothing
