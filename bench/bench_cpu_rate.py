@@ -9,7 +9,11 @@ until each timing covers ~50 ms.  Reported per (loop, dtype, temperature): the m
 
 * ``fwd``: ``logprobs_fwd`` (the online logsumexp + entropy sums of every row, and logp);
 * ``grad``: ``logprobs_bwd`` into a separate buffer (p = exp(z) per element, the gradient
-  written back as the logits' dtype).
+  written back as the logits' dtype);
+* ``fused`` / ``fused+H``: ``fused_loss_call``, the token-level fused PPO loss writing its
+  gradient into a separate buffer (statistics sweep, per-token terms, gradient sweep from the
+  kept exp terms), without / with an entropy bonus (``+H``: log p is formed again per
+  element).
 
 Temperature 1 and 0.7 are both measured: 1 runs loops without the ``* (1 / T)`` multiply.
 
@@ -50,6 +54,30 @@ def _time(fn, reps: int) -> list:
     return out
 
 
+def _fused(native, x, out, tok, inv_temp, ent_coef):
+    """One call of the token-level fused PPO loss over all rows (one sequence of ``rows``
+    tokens, every token in the mask), the gradient written to ``out``."""
+    from fastrlhf.ops.common import contiguous_row_strides, rows_layout
+    from fastrlhf.ops.fused_loss import KL_CODES
+    rows, vocab = x.shape
+    lg, dims, strides = rows_layout(x.view(1, rows, vocab))
+    ostrides = contiguous_row_strides(dims, vocab)
+    g = torch.Generator().manual_seed(1)
+    old = torch.randn(1, rows, generator=g) - 9.0
+    adv = torch.randn(1, generator=g)
+    mask = torch.ones(1, rows, dtype=torch.bool)
+    coef = torch.full((1,), 1.0 / rows)
+    tokens = tok.view(1, rows)
+
+    def f():
+        return native.fused_loss_call(
+            lg, out.view(1, rows, vocab), dims, strides, ostrides, vocab, 1, rows, tokens, old,
+            adv, None, mask, coef, inv_temp=inv_temp, ignore_index=-100, lo=0.8, hi=1.2,
+            dual=None, seq=False, kl_coef=0.0, kl_val=KL_CODES["k3"], kl_grad=KL_CODES["k3"],
+            ent_coef=ent_coef, write_grad=True, check_tokens=False)
+    return f
+
+
 def run(rows: int, vocab: int, reps: int) -> list:
     from fastrlhf import native
     if not native.available():
@@ -69,6 +97,8 @@ def run(rows: int, vocab: int, reps: int) -> list:
                 "fwd": lambda: native.logprobs_fwd(x, dims, strides, vocab, tok, inv, -100),
                 "grad": lambda: native.logprobs_bwd(x, out, dims, strides, strides, vocab, tok,
                                                     dlogp, None, lse, ent, inv, -100),
+                "fused": _fused(native, x, out, tok, inv, 0.0),
+                "fused+H": _fused(native, x, out, tok, inv, 0.01),
             }
             for loop, fn in loops.items():
                 ts = _time(fn, reps)

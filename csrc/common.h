@@ -276,7 +276,8 @@ inline Vec<double> vexp2_clamped(Vec<double> x) {
 // (relative 1.7e-7, measured over [-126, 12]) moves log S by at most that much, a fifth of an
 // ulp of a log-prob of -1 and in line with the GPU backends' ex2.approx (2 ulp).  The constant
 // term is exactly 1 (a fit of 1 + r q(r)), so 2^0 = 1 exactly and a one-hot row's sum is
-// exactly 1.  The gradient sweep, whose p = exp(z) values are outputs, keeps vexp2_clamped.
+// exactly 1.  The backward's gradient sweep, whose p = exp(z) values are outputs, keeps
+// vexp2_clamped; the fused loss's gradient reuses these terms (softmax_row.h, RowExps).
 inline Vec<float> vexp2_sum_term(Vec<float> x) {
   Vec<float> big;
   const Vec<float> r = vexp2_reduce(x, big);

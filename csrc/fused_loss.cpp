@@ -9,9 +9,11 @@
 //          L = pg + kl_coef kl - entropy_coef H,
 //          g_lp = w (d pg / d logp + kl_coef d kl / d logp),   g_H = -w entropy_coef
 //      with w = c_b m_bt the token's aggregation weight;
-//   3. gradient: the row is swept again (from L2: a V = 32000 fp32 row is 128 KB) and
+//   3. gradient: the row is swept again and
 //      dlogits = (g_lp (onehot - p) - g_H p (log p + H)) / T written -- into a fresh buffer or
-//      over the logits (each vector is read before it is written).  Masked tokens (w = 0) get a
+//      over the logits (each vector is read before it is written); p comes from the exp terms
+//      step 1 kept in a per-thread [V] scratch (RowExps: no exp per element, and without an
+//      entropy term no second read of the logits).  Masked tokens (w = 0) get a
 //      zero row without the logits being read again.
 // GSPO (ratio_level="sequence") needs the row's mean log-ratio first: a statistics pass over
 // all rows, the per-sequence log-ratios, then the loss / gradient pass from the saved (M, log S).
@@ -63,8 +65,14 @@ void fused_impl(const void* logits_v, void* dlogits_v, const int64_t* dims,
     }
   }
 
+  // Token-level rows writing the gradient keep the statistics sweep's exp terms for the
+  // gradient sweep right after it (RowExps: a thread's [V] scratch, in L2 with the row).
+  const bool keep_exps = fa.write_grad && !fa.pol.seq;
   parallel_rows(N, rows_grain(V), [&](int64_t r0, int64_t r1) {
     std::vector<A> buf(kLanes);
+    std::vector<A> e_buf(keep_exps ? RowExps<A>::e_size(V) : 0);
+    std::vector<A> m_buf(keep_exps ? RowExps<A>::m_size(V) : 0);
+    const RowExps<A> keep{e_buf.data(), m_buf.data()};
     for (int64_t row = r0; row < r1; ++row) {
       const S* x = logits + lay.offset(row);
       S* out = fa.write_grad ? dlogits + olay.offset(row) : nullptr;
@@ -73,8 +81,9 @@ void fused_impl(const void* logits_v, void* dlogits_v, const int64_t* dims,
                   buf.data());
       } else {
         A M, logS, H;
-        const A logp = op.stats(row, x, buf.data(), M, logS, H);
-        op.finish(row, x, out, M, logS, H, logp, A(0), buf.data());
+        const RowExps<A>* k = keep_exps ? &keep : nullptr;
+        const A logp = op.stats(row, x, buf.data(), M, logS, H, k);
+        op.finish(row, x, out, M, logS, H, logp, A(0), buf.data(), k);
       }
     }
   });

@@ -41,10 +41,14 @@ class FusedRow {
 
   // logp of row `row` from its logits x (and M, log S, H); a NaN row or an out-of-range id
   // gives NaN, an ignored id 0.  buf: kLanes scratch.
-  A stats(int64_t row, const S* x, A* buf, A& M, A& logS, A& H) const {
+  // keep: also keep the row's exp terms for finish (when it writes the gradient right after).
+  A stats(int64_t row, const S* x, A* buf, A& M, A& logS, A& H,
+          const RowExps<A>* keep = nullptr) const {
     const int64_t tok = in_.tokens[row];
     A x_tok;
-    const bool ok = row_stats<S, A>(x, V_, sc_, buf, M, logS, H, tok, x_tok);
+    const bool ok = keep != nullptr
+                        ? row_stats<S, A, Sc, true>(x, V_, sc_, buf, M, logS, H, tok, x_tok, keep)
+                        : row_stats<S, A>(x, V_, sc_, buf, M, logS, H, tok, x_tok);
     A lp = ok ? (x_tok - M) - logS : kNaN<A>;
     if (tok == fa_.ignore_index) lp = A(0);
     return lp;
@@ -52,9 +56,10 @@ class FusedRow {
 
   // The per-token terms of row `row` into aux and, when fa.write_grad, its gradient row into
   // `out` (may alias x: every vector is read before it is written).  seq_lr: the sequence's
-  // GSPO mean log-ratio (ignored for token-level ratios).
+  // GSPO mean log-ratio (ignored for token-level ratios).  keep: the exp terms stats kept for
+  // this row (the gradient sweep then computes no exp), or null.
   void finish(int64_t row, const S* x, S* out, A M, A logS, A H, A logp, A seq_lr,
-              A* buf) const {
+              A* buf, const RowExps<A>* keep = nullptr) const {
     const int64_t b = row / in_.T;
     const A o = in_.old[row];
     const A a = fa_.adv_row ? in_.adv[b] : in_.adv[row];
@@ -92,10 +97,18 @@ class FusedRow {
     }
     const int64_t tok = in_.tokens[row];
     const A g_lp = tok == fa_.ignore_index ? A(0) : w * (dpg + kl_coef_ * dkl);
-    if (ent_coef_ != A(0))
+    if (keep != nullptr) {
+      if (ent_coef_ != A(0))
+        grad_row_from_exps<S, A, true>(x, out, V_, sc_, M, logS, H, g_lp, -w * ent_coef_, tok,
+                                       buf, *keep);
+      else
+        grad_row_from_exps<S, A, false>(x, out, V_, sc_, M, logS, H, g_lp, A(0), tok, buf,
+                                        *keep);
+    } else if (ent_coef_ != A(0)) {
       grad_row<S, A, true>(x, out, V_, sc_, M, logS, H, g_lp, -w * ent_coef_, tok, buf);
-    else
+    } else {
       grad_row<S, A, false>(x, out, V_, sc_, M, logS, H, g_lp, A(0), tok, buf);
+    }
   }
 
  private:

@@ -163,9 +163,13 @@ inline A block_max(const T* x, int64_t n, const Sc& sc, A* tail) {
 // One accumulator chain each: the exp's ~20 vector operations per step take longer than the
 // chains' latency, and more live accumulators spill to the stack on AVX2 (16 registers, nine
 // of them the exp's constants).
-template <typename T, typename A, typename Sc>
+//
+// kStore: each vector's e is also stored to `e_out`, in for_vectors' order (so the gradient
+// sweep, which walks the row the same way, finds every element's e where it loads its logit;
+// the padded lanes of a partial last vector store 0).  `e_out` holds round_up(n, kLanes).
+template <typename T, typename A, typename Sc, bool kStore = false>
 inline A block_exp_sums(const T* x, int64_t n, const Sc& sc, A m, A* tail, Vec<A>& s,
-                        Vec<A>& t) {
+                        Vec<A>& t, A* e_out = nullptr) {
   using VA = Vec<A>;
   VA sb = vsplat<A>(0), tb = sb, mx = vsplat(-kInf<A>);
   const A log2e = static_cast<A>(kLog2e);
@@ -173,6 +177,10 @@ inline A block_exp_sums(const T* x, int64_t n, const Sc& sc, A m, A* tail, Vec<A
     mx = vmaxv<A>(v, mx);
     const VA d = vclamp_lo<A>(v - m);
     const VA e = vexp2_sum_term(d * log2e);
+    if constexpr (kStore) {
+      vstore(e_out, e);
+      e_out += kLanes;
+    }
     sb += e;
     tb += e * d;
   });
@@ -197,9 +205,22 @@ constexpr A kSlack = A(8);
 //     s <- s * exp(M - M'),   t <- exp(M - M') * (t + (M - M') s)
 // and one that exceeds it by more than kSlack is recomputed against its own max (rare: a row's
 // max is usually not far above its first block's).
-template <typename T, typename A, typename Sc>
+//
+// With a RowExps (the fused loss, whose gradient sweep follows at once), the sweep also keeps
+// every element's exp term and each block's reference max, for grad_row_from_exps.
+template <typename A>
+struct RowExps {
+  A* e;       // round_up(V, kLanes) values: e = exp(max(x - m_b, kExpLo)), for_vectors' order
+  A* blk_m;   // ceil(V / kBlock) values: m_b, the reference max of block b (-inf: e all 0)
+
+  // The scratch of one thread for rows of V elements.
+  static int64_t e_size(int64_t V) { return round_up(V, 2 * kLanes); }
+  static int64_t m_size(int64_t V) { return (V + kBlock - 1) / kBlock; }
+};
+
+template <typename T, typename A, typename Sc, bool kStore = false>
 bool row_stats(const T* x, int64_t V, const Sc& sc, A* buf, A& M_out, A& logS_out, A& ent_out,
-               int64_t tok, A& x_tok) {
+               int64_t tok, A& x_tok, const RowExps<A>* keep = nullptr) {
   using VA = Vec<A>;
   x_tok = (tok >= 0 && tok < V) ? sc(Elem<T>::template load<A>(x + tok)) : kNaN<A>;
   A m = -kInf<A>;
@@ -215,6 +236,7 @@ bool row_stats(const T* x, int64_t V, const Sc& sc, A* buf, A& M_out, A& logS_ou
   for (int64_t start = 0; start < V; start += kBlock) {
     const int64_t n = std::min(kBlock, V - start);
     const T* xb = x + start;
+    A* eb = kStore ? keep->e + start : nullptr;
     if (m == -kInf<A>) {
       const A bm = block_max<T, A>(xb, n, sc, buf);
       if (bm == -kInf<A>) {
@@ -224,16 +246,21 @@ bool row_stats(const T* x, int64_t V, const Sc& sc, A* buf, A& M_out, A& logS_ou
           bad = v != v;
         }
         if (bad) break;
+        if constexpr (kStore) {
+          std::fill(eb, eb + round_up(n, kLanes), A(0));
+          keep->blk_m[start / kBlock] = -kInf<A>;
+        }
         continue;
       }
       m = bm;
     }
     VA sb, tb;
-    A bm = block_exp_sums<T, A>(xb, n, sc, m, buf, sb, tb);
+    A bm = block_exp_sums<T, A, Sc, kStore>(xb, n, sc, m, buf, sb, tb, eb);
     if (bm > m + kSlack<A>) {  // far above: drop the sums, rescale, redo against bm
       rescale_to(bm);
-      bm = block_exp_sums<T, A>(xb, n, sc, m, buf, sb, tb);
+      bm = block_exp_sums<T, A, Sc, kStore>(xb, n, sc, m, buf, sb, tb, eb);
     }
+    if constexpr (kStore) keep->blk_m[start / kBlock] = m;
     s += sb;
     t += tb;
     if (bm > m) rescale_to(bm);
@@ -353,6 +380,75 @@ void grad_row(const T* x, T* out, int64_t V, const Sc& sc, A M, A logS, A H, A g
       buf[i] = j + i < V ? sc(Elem<T>::template load<A>(x + j + i)) : A(0);
     const VA g = grad(vload(buf));
     for (int64_t i = 0; j + i < V; ++i) Elem<T>::template store<A>(out + j + i, g[i]);
+  }
+  if (has_tok) Elem<T>::template store<A>(out + tok, g_tok);
+}
+
+// grad_row from the exp terms row_stats kept (RowExps): p = e * exp((m_b - M) - log S) per
+// block b, so the sweep computes no exp per element (the one vector exp of the forward sweep
+// serves both); with HAS_DENT the logits are read again for log p.  p carries the forward's
+// exp error (vexp2_sum_term, <= 2 ulp) and one rounding more: in line with the GPU backends'
+// ex2.approx.  Falls back to grad_row when a row scalar is not finite (grad_row's NaN path).
+template <typename T, typename A, bool HAS_DENT, typename Sc>
+void grad_row_from_exps(const T* x, T* out, int64_t V, const Sc& sc, A M, A logS, A H, A g_lp,
+                        A g_h, int64_t tok, A* buf, const RowExps<A>& keep) {
+  const bool finite = std::isfinite(M) && std::isfinite(logS) && std::isfinite(g_lp) &&
+                      std::isfinite(sc(A(1))) &&
+                      (!HAS_DENT || (std::isfinite(H) && std::isfinite(g_h)));
+  if (!finite) {
+    grad_row<T, A, HAS_DENT>(x, out, V, sc, M, logS, H, g_lp, g_h, tok, buf);
+    return;
+  }
+  using VA = Vec<A>;
+  const A log2e = static_cast<A>(kLog2e);
+  const bool has_tok = tok >= 0 && tok < V;
+  A g_tok = A(0);
+  if (has_tok) {  // exactly as grad_row: from the logit itself, stored after the sweep
+    const VA zc =
+        vclamp_hi<A>(vclamp_lo<A>((vsplat(sc(Elem<T>::template load<A>(x + tok))) - M) - logS));
+    const VA p = vexp2_clamped(zc * log2e);
+    VA g = -g_lp * p;
+    if (HAS_DENT) g -= g_h * (p * (zc + H));
+    g_tok = sc(g)[0] + sc(g_lp);
+  }
+  for (int64_t start = 0; start < V; start += kBlock) {
+    const int64_t end = std::min(V, start + kBlock);
+    const A mb = keep.blk_m[start / kBlock];
+    const A cb = mb == -kInf<A> ? A(0) : exp_acc((mb - M) - logS);  // <= 1: mb <= M, S >= 1
+    const A* e = keep.e;
+    // g = sc(-g_lp p - g_h p (zc + H)), p = e cb
+    auto grad = [&](const VA& ev, const VA& v) -> VA {
+      const VA p = ev * cb;
+      VA g = -g_lp * p;
+      if constexpr (HAS_DENT) {
+        const VA zc = vclamp_hi<A>(vclamp_lo<A>((v - M) - logS));
+        g -= g_h * (p * (zc + H));
+      }
+      return sc(g);
+    };
+    int64_t j = start;
+    for (; j + 2 * kLanes <= end; j += 2 * kLanes) {
+      VA v0, v1;
+      if constexpr (HAS_DENT) {
+        prefetch_ahead(x + j);
+        vload_pair<T, A>(x + j, v0, v1);
+        v0 = sc(v0);
+        v1 = sc(v1);
+      }
+      vstore_pair_no_nan<T, A>(out + j, grad(vload(e + j), v0),
+                               grad(vload(e + j + kLanes), v1));
+    }
+    for (; j + kLanes <= end; j += kLanes) {
+      VA v;
+      if constexpr (HAS_DENT) v = sc(vload_as<T, A>(x + j));
+      vstore_as<T, A>(out + j, grad(vload(e + j), v));
+    }
+    if (j < end) {
+      for (int64_t i = 0; i < kLanes; ++i)
+        buf[i] = HAS_DENT && j + i < end ? sc(Elem<T>::template load<A>(x + j + i)) : A(0);
+      const VA g = grad(vload(e + j), vload(buf));
+      for (int64_t i = 0; j + i < end; ++i) Elem<T>::template store<A>(out + j + i, g[i]);
+    }
   }
   if (has_tok) Elem<T>::template store<A>(out + tok, g_tok);
 }

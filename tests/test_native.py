@@ -725,6 +725,48 @@ def test_fused_loss_matches_float64(native, dtype, level, dual, kind, adv_row, i
         assert_close(k, st[k], rs[k], atol=max(tol, 2e-5), rtol=max(tol, 2e-5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("ent_coef,temperature", [(0.0, 1.0), (0.03, 0.7)])
+def test_fused_loss_gradient_from_kept_exps_across_blocks(native, dtype, ent_coef, temperature):
+    """The token-level fused loss writes its gradient from the exp terms of the statistics
+    sweep (RowExps, one per element, against each 2048-wide block's reference max): rows whose
+    first block is all -inf (no reference: its terms are 0), whose later block jumps above the
+    running max by less / more than the rescale slack (rescaled / recomputed block), with a
+    partial last vector (V = 3 * 2048 + 37), masked and ignored tokens -- every gradient against
+    the float64 reference."""
+    if not _fused_native_available():
+        pytest.skip("fastrlhf.ops.fused_loss has no native dispatch yet")
+    B, T, V = 2, 5, 3 * 2048 + 37
+    logits, tok, old, adv, m, refl = _fused_inputs(B, T, V, torch.float64, seed=23)
+    logits[0, 1, :2048] = float("-inf")          # first block: nothing finite
+    logits[0, 2, 2048 + 5] += 4.0                # later block a little above the running max
+    logits[0, 3, 2 * 2048 + 9] += 30.0           # ... far above it (recomputed)
+    logits[1, 0, :2048] = float("-inf")
+    logits[1, 0, 3 * 2048 + 30] = 25.0           # the max in the partial last vector
+    logits[1, 1, :] = -3.0                       # a constant row
+    tok[0, 1] = 3000                             # a finite logit for the -inf-led rows
+    tok[1, 0] = 3 * 2048 + 30
+    m[0, 1:4] = True
+    m[1, :2] = True
+    m[1, 4] = False
+    logits = logits.to(dtype)
+    kw = dict(ref_logp=refl, kl_coef=0.1, kl_kind="k3", entropy_coef=ent_coef,
+              temperature=temperature, agg="token-mean")
+    leaf = logits.clone().requires_grad_(True)
+    loss, st = _fused_loss(leaf[:, :-1], tok, old, adv, m, backend="native", **kw)
+    (3.0 * loss).backward()
+    x64 = logits.double().requires_grad_(True)
+    rl, _ = ref.fused_ppo_loss(x64[:, :-1], tok, old, adv, m, refl, 0.1, "k3", ent_coef, 0.2,
+                               None, None, temperature, "token-mean", "token")
+    (3.0 * rl).backward()
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1e-2}[dtype]
+    assert_close("loss", loss, rl, atol=tol, rtol=tol)
+    assert torch.isfinite(leaf.grad).all()
+    assert_close("dlogits", leaf.grad, x64.grad, atol=tol, rtol=tol)
+    # the -inf entries get exactly zero gradient, the masked row exactly zero everywhere
+    assert (leaf.grad[0, 1, :2048] == 0).all() and (leaf.grad[1, 4] == 0).all()
+
+
 def test_fused_loss_gradcheck(native):
     if not _fused_native_available():
         pytest.skip("fastrlhf.ops.fused_loss has no native dispatch yet")
@@ -885,7 +927,7 @@ def test_bench_cpu_rate_reports_every_loop(native, tmp_path):
     finally:
         torch.set_num_threads(threads)
     keys = {(r["loop"], r["dtype"], r["temperature"]) for r in rows}
-    assert keys == {(lp, d, t) for lp in ("fwd", "grad") for d in ("fp32", "bf16")
-                    for t in (1.0, 0.7)}
+    assert keys == {(lp, d, t) for lp in ("fwd", "grad", "fused", "fused+H")
+                    for d in ("fp32", "bf16") for t in (1.0, 0.7)}
     assert all(r["gelem_s"] > 0 and r["ms"] > 0 for r in rows)
     assert json.loads(out.read_text())["rows"] == rows
