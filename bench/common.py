@@ -59,24 +59,14 @@ def time_stats(fn: Callable[[], object], device: str, *, warmup: int = 3, rep: i
     times = []
     deadline = time.perf_counter() + max_seconds
     for _ in range(rep):
-        if device.startswith("cuda"):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(_once_ms(fn, device))
         if time.perf_counter() > deadline and len(times) >= 3:
             break
     return spread(times)
 
 
 def _once_ms(fn: Callable[[], object], device: str) -> float:
+    """One call of ``fn()`` in milliseconds (CUDA events on GPU, perf_counter on CPU)."""
     if device.startswith("cuda"):
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
