@@ -14,6 +14,9 @@ Implementations:
   fastrlhf          fastrlhf.fused_ppo_loss (backend auto): one kernel, the gradient is written
                     in the forward; "+inplace": written over the logits (no [N, V] allocation);
                     ",grad_timing=backward": read in the forward, gradient swept in the backward
+                    (Triton; the native backend always writes the gradient in the forward, so
+                    on CPU these rows run the same code as their twins without it: the
+                    difference between the two is the machine's noise)
   liger             liger_kernel's triton_grpo_loss (per-token output reduced as "bnpo"), when
                     installed; it reads [B, T + 1, V] logits (one extra position per sequence)
 
