@@ -46,7 +46,8 @@ from ..backend import resolve as resolve_backend
 from ..tables import FUSED_STATS, KL_CODES, MASKED_EPS, acc_dtype
 from .common import (with_contract, check_fused_loss_args, check_logits, check_positive_float,
                      check_int, fused_stats, check_token_range, checked_tokens,
-                     contiguous_row_strides, raise_bad_token, grad_empty, grad_rows, rows_layout)
+                     contiguous_row_strides, raise_bad_token, grad_empty, grad_rows, mul_unrounded_,
+                     rows_layout)
 from .logprobs import inplace_ok, logprobs_stats, vocab_parallel_token_logprobs
 from .losses import compose_ppo_loss
 from .registry import Op, launchers
@@ -218,31 +219,19 @@ def _fused_ib_fake(logits, tokens, old_logp, advantages, mask, ref_logp, coef, k
 
 def _rescale(grad: Tensor, applied: Tensor, g: Tensor, backend: str) -> None:
     """Make ``grad`` hold the gradient for upstream gradient ``g``: ``grad *= g / applied`` and
-    ``applied = g`` (so a repeated backward rescales correctly); nothing of ``grad`` is touched
-    when the factor is exactly 1 (checked on the device by the Triton launcher, on the host by
-    the native path).  Writes through ``.data``: no autograd version bump of its own."""
+    ``applied = g`` (so a repeated backward rescales correctly).  Nothing is done when ``g``
+    equals the factor already applied (1 for ``loss.backward()``): checked on the host for the
+    native backend (CPU tensors: two reads, no tensor op), on the device by the Triton
+    launcher.  Writes through ``.data``: no autograd version bump of its own."""
+    if backend == "native" and float(g) == float(applied):
+        return
     factor = g.detach().to(applied.dtype).reshape(()) / applied
     applied.data.copy_(g.detach().reshape(()))
     lg, dims, strides = rows_layout(grad)
     if backend == "native" or lg.data_ptr() != grad.data_ptr() or lg.stride() != grad.stride():
-        if backend != "native" or float(factor) != 1.0:
-            _mul_unrounded(grad.data, factor)
+        mul_unrounded_(grad.data, factor)
         return
     launchers(backend, "fused_loss").scale_rows(lg, dims, strides, grad.shape[-1], factor)
-
-
-def _mul_unrounded(t: Tensor, factor: Tensor) -> None:
-    """``t *= factor`` (a one-element tensor of the accumulation dtype) without first rounding
-    the factor to ``t``'s dtype: ``factor.to(bfloat16)`` would scale every element of a bf16
-    gradient by the same wrong amount (1/3 -> 0.33398: a bias of +0.2%).  On the CPU a 0-dim CPU
-    factor is applied as a float scalar (one rounding per element); elsewhere (the Triton
-    backend's fallback for layouts its row kernel cannot address) through a temporary in the
-    factor's dtype."""
-    factor = factor.reshape(())
-    if t.dtype == factor.dtype or (t.device.type == "cpu" and factor.device.type == "cpu"):
-        t.mul_(factor)
-    else:
-        t.copy_(t.to(factor.dtype).mul_(factor))
 
 
 def _scale_impl(grad: Tensor, applied: Tensor, g: Tensor, backend: str) -> None:
@@ -287,11 +276,8 @@ def _backward(ctx, gloss, *_):
         return (None,) * _N_INPUTS
     if type(buf) is Tensor and not torch.compiler.is_compiling():
         # Eager: scale without bumping the version counters of the saved tensors, so that a
-        # repeated backward (retain_graph=True, gradcheck) can still unpack them.  On the CPU an
-        # upstream gradient equal to the factor already applied (1 for ``loss.backward()``)
-        # needs nothing: two host reads instead of _rescale's small tensor ops.
-        if not (ctx.backend == "native" and float(gloss) == float(applied)):
-            _rescale(buf, applied, gloss, ctx.backend)
+        # repeated backward (retain_graph=True, gradcheck) can still unpack them.
+        _rescale(buf, applied, gloss, ctx.backend)
     else:
         _scale_(buf, applied, gloss, ctx.backend)
     return (buf,) + (None,) * (_N_INPUTS - 1)

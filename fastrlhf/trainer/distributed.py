@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..ops.common import mul_unrounded_
 from .vocab_parallel import grad_norm_sq, sync_grads, vocab_shard
 
 __all__ = ["Runtime", "PeakMemory", "setup_runtime", "wrap_model", "unwrap", "grad_sync",
@@ -280,11 +281,11 @@ def finish_grad_sync(model: nn.Module, rt: Runtime) -> None:
 def scale_grads_(grads: List[torch.Tensor], coef: torch.Tensor) -> None:
     """``g *= coef`` for each gradient with the fp32 0-dim ``coef`` itself, not first rounded to
     a bf16 / fp16 gradient's dtype (``coef.to(bf16)`` would scale every element by the same wrong
-    amount, up to 0.4% off).  On the CPU the 0-dim factor enters the multiply as a float scalar:
-    one fp32 multiply, rounded once.  (``torch.nn.utils.clip_grad_norm_``, used for the other
-    layouts, computes the norm itself in the gradients' dtype.)"""
+    amount, up to 0.4% off): :func:`fastrlhf.ops.common.mul_unrounded_`, one fp32 multiply
+    rounded once.  (``torch.nn.utils.clip_grad_norm_``, used for the other layouts, computes the
+    norm itself in the gradients' dtype.)"""
     for g in grads:
-        g.mul_(coef.to(g.device))
+        mul_unrounded_(g, coef.to(g.device))
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, rt: Runtime) -> torch.Tensor:
