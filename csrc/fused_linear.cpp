@@ -142,7 +142,7 @@ void chunk_stats(const A* x, int64_t n, A& mc, A& sc, A& tc, bool& bad) {
   VA mx = tail;
   for (int64_t j = 0; j < nm; j += kLanes) {
     const VA v = vload(x + j);
-    mx = v > mx ? v : mx;
+    mx = vmax2<A>(v, mx);
   }
   const A bm = vmax<A>(mx);
   mc = bm;

@@ -124,8 +124,6 @@ inline void with_logit_scale(A inv_temp, const F& f) {
     f(LogitScale<A, false>{inv_temp});
 }
 
-template <typename A>
-inline Vec<A> vmaxv(const Vec<A>& a, const Vec<A>& b) { return a > b ? a : b; }  // NaN in a: b
 
 // Calls f(v) for every kLanes-vector of sc(x[0, n)), in order except that the bf16 loader
 // hands over each 2 kLanes elements as its even / odd halves (vload_pair); the last, partial
@@ -152,7 +150,7 @@ inline void for_vectors(const T* x, int64_t n, const Sc& sc, A* tail, const F& f
 template <typename T, typename A, typename Sc>
 inline A block_max(const T* x, int64_t n, const Sc& sc, A* tail) {
   Vec<A> m = vsplat(-kInf<A>);
-  for_vectors<T, A>(x, n, sc, tail, [&](Vec<A> v) { m = vmaxv<A>(v, m); });
+  for_vectors<T, A>(x, n, sc, tail, [&](Vec<A> v) { m = vmax2<A>(v, m); });
   return vmax<A>(m);
 }
 
@@ -174,7 +172,7 @@ inline A block_exp_sums(const T* x, int64_t n, const Sc& sc, A m, A* tail, Vec<A
   VA sb = vsplat<A>(0), tb = sb, mx = vsplat(-kInf<A>);
   const A log2e = static_cast<A>(kLog2e);
   for_vectors<T, A>(x, n, sc, tail, [&](VA v) {
-    mx = vmaxv<A>(v, mx);
+    mx = vmax2<A>(v, mx);
     const VA d = vclamp_lo<A>(v - m);
     const VA e = vexp2_sum_term(d * log2e);
     if constexpr (kStore) {
