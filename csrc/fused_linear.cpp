@@ -359,13 +359,17 @@ void bwd_impl(const at::Tensor& hA, const at::Tensor& weight, const A* bias, con
 // and dhidden then runs over K chunks of kWConvRows vocab rows).  The backward
 // then only scales the stored gradients by the upstream gradient.  Deterministic as the rest:
 // every task is a fixed tile, every output element has one owner per block, blocks in order.
-// GEMM tiles of this path: 256 rows x 512 columns for the logits, 256 x 256 for dhidden (K = V),
+// GEMM tiles of this path: 256 rows x 512 columns for the logits, 256 x 512 for dhidden (K = V),
 // 256 vocab rows for dW (K = R).  Single-threaded MKL sgemm here (AVX2 EPYC) measured 89-91
 // GFLOP/s at these shapes against 73-77 at the 64-row tiles of the vocab-chunked path (the
-// whole 2048 x 1024 x 32000 logits GEMM on 2 threads: 155).
+// whole 2048 x 1024 x 32000 logits GEMM on 2 threads: 155).  dhidden's tiles were 256 x 256
+// until the AVX-512 Xeon measured them at ~122 GFLOP/s against ~135 for 256 x 512 (one
+// thread, K = 32000); the whole 16 x 128 x H x 32000 step then took 1.57 vs 1.61 s (H = 1024)
+// and 3.03 vs 3.17 s (H = 2048), medians of the two builds timed alternately in one process,
+// with bitwise the same gradients.
 constexpr int64_t kBlockElems = int64_t(1) << 24;  // logits row block [R, V]: 64 MB of fp32 ...
 constexpr int64_t kLossRowTile = 256;  // ... or 256 rows; rows per logits / dhidden GEMM task
-constexpr int64_t kHTile = 256;                    // dhidden columns per GEMM task
+constexpr int64_t kHTile = 512;                    // dhidden columns per GEMM task
 constexpr int64_t kLossColTile = 256;              // vocab rows per dW GEMM task
 constexpr int64_t kWConvRows = 2048;  // low-precision W: vocab rows converted per dhidden GEMM
 
