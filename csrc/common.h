@@ -50,6 +50,13 @@ constexpr int kLanes = 8;
 constexpr int kLanes = 4;  // SSE2 / NEON: 128-bit
 #endif
 
+// On a hot loop's per-vector lambda (`[&](VA v) FASTRLHF_INLINE { ... }`): GCC's inliner
+// otherwise decides per instantiation, and a lambda called from several places (the main loop,
+// the remainder, the tail, the token's own entry) can tip over its limit in one build and not
+// in another -- seen as a 2x slower fp32 gradient sweep after an unrelated change to the exp,
+// whose main loop then called the lambda with every live vector spilled around the call.
+#define FASTRLHF_INLINE __attribute__((always_inline))
+
 template <typename A>
 constexpr A kInf = std::numeric_limits<A>::infinity();
 template <typename A>

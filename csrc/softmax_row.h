@@ -150,7 +150,7 @@ inline void for_vectors(const T* x, int64_t n, const Sc& sc, A* tail, const F& f
 template <typename T, typename A, typename Sc>
 inline A block_max(const T* x, int64_t n, const Sc& sc, A* tail) {
   Vec<A> m = vsplat(-kInf<A>);
-  for_vectors<T, A>(x, n, sc, tail, [&](Vec<A> v) { m = vmax2<A>(v, m); });
+  for_vectors<T, A>(x, n, sc, tail, [&](Vec<A> v) FASTRLHF_INLINE { m = vmax2<A>(v, m); });
   return vmax<A>(m);
 }
 
@@ -171,7 +171,7 @@ inline A block_exp_sums(const T* x, int64_t n, const Sc& sc, A m, A* tail, Vec<A
   using VA = Vec<A>;
   VA sb = vsplat<A>(0), tb = sb, mx = vsplat(-kInf<A>);
   const A log2e = static_cast<A>(kLog2e);
-  for_vectors<T, A>(x, n, sc, tail, [&](VA v) {
+  for_vectors<T, A>(x, n, sc, tail, [&](VA v) FASTRLHF_INLINE {
     mx = vmax2<A>(v, mx);
     const VA d = vclamp_lo<A>(v - m);
     const VA e = vexp2_sum_term(d * log2e);
@@ -341,7 +341,7 @@ void grad_row(const T* x, T* out, int64_t V, const Sc& sc, A M, A logS, A H, A g
               int64_t tok, A* buf) {
   using VA = Vec<A>;
   const A log2e = static_cast<A>(kLog2e);
-  auto grad = [&](const VA& v) -> VA {
+  auto grad = [&](const VA& v) FASTRLHF_INLINE -> VA {
     // z = log p <= 0 (up to rounding); where p underflows to 0 (x = -inf included) the clamped
     // zc keeps p * (zc + H) exactly 0
     const VA zc = vclamp_hi<A>(vclamp_lo<A>((v - M) - logS));
@@ -357,7 +357,7 @@ void grad_row(const T* x, T* out, int64_t V, const Sc& sc, A M, A logS, A H, A g
                       std::isfinite(sc(A(1))) &&
                       (!HAS_DENT || (std::isfinite(H) && std::isfinite(g_h)));
   int64_t j = 0;
-  auto sweep = [&](auto no_nan) {  // the main loop, instantiated with and without the NaN select
+  auto sweep = [&](auto no_nan) FASTRLHF_INLINE {  // the main loop, instantiated with and without the NaN select
     for (; j + 2 * kLanes <= V; j += 2 * kLanes) {
       prefetch_ahead(x + j);
       VA v0, v1;
@@ -415,7 +415,7 @@ void grad_row_from_exps(const T* x, T* out, int64_t V, const Sc& sc, A M, A logS
     const A cb = mb == -kInf<A> ? A(0) : exp_acc((mb - M) - logS);  // <= 1: mb <= M, S >= 1
     const A* e = keep.e;
     // g = sc(-g_lp p - g_h p (zc + H)), p = e cb
-    auto grad = [&](const VA& ev, const VA& v) -> VA {
+    auto grad = [&](const VA& ev, const VA& v) FASTRLHF_INLINE -> VA {
       const VA p = ev * cb;
       VA g = -g_lp * p;
       if constexpr (HAS_DENT) {
