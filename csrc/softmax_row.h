@@ -220,6 +220,7 @@ template <typename T, typename A, typename Sc, bool kStore = false>
 bool row_stats(const T* x, int64_t V, const Sc& sc, A* buf, A& M_out, A& logS_out, A& ent_out,
                int64_t tok, A& x_tok, const RowExps<A>* keep = nullptr) {
   using VA = Vec<A>;
+  const FlushDenormals ftz;  // vexp2_sum_term's vscalefps join (AVX-512): see there
   x_tok = (tok >= 0 && tok < V) ? sc(Elem<T>::template load<A>(x + tok)) : kNaN<A>;
   A m = -kInf<A>;
   VA s = vsplat<A>(0), t = vsplat<A>(0);

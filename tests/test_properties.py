@@ -504,9 +504,9 @@ def test_linear_token_logprobs(backend, lead, H, V, dtype, layout, T, bias, seed
         grads = _backward(out, _upstream(gen(seed + 1), out), [hv, wl] + ([bl] if bias else []))
         res[key] = (out, grads)
     what = f"{backend} {lead} H={H} V={V} {dtype} {layout} T={T} bias={bias} {sp}"
-    logit_scale = (float(hid.values.abs().max()) * float(w.abs().max()) * H
+    logit_scale = (float(hid.values.detach().abs().max()) * float(w.detach().abs().max()) * H
                    if hid.values.numel() and w.numel() else 0.0) + (
-        float(bvec.abs().max()) if bias else 0.0)
+        float(bvec.detach().abs().max()) if bias else 0.0)
     scale = 1 + logit_scale / T
     for i, (a, e) in enumerate(zip(res["got"][0], res["exp"][0])):
         close(f"out{i}", a, e, **_tol(dtype if dtype == F64 else torch.float32, scale * 4),
