@@ -196,6 +196,26 @@ def test_logprobs_one_hot_rows_are_exact(native, dtype, temperature):
     assert torch.all(h == 0), h
 
 
+def test_row_statistics_leave_the_callers_denormal_mode_alone(native):
+    # The forward sweep runs with flush-to-zero on (csrc/common.h FlushDenormals, for the
+    # vscalefps of its exp terms) and must restore the thread's mode: afterwards a float op on
+    # this thread still produces subnormals, and the sweep's own sums are exact.
+    def subnormal():
+        return float(torch.tensor([1e-30]) * torch.tensor([1e-10]))
+    assert subnormal() != 0.0, "this thread flushes subnormals already"
+    before = subnormal()
+    x = torch.randn(4, 3000)
+    x[1, ::2] = float("-inf")
+    x[2] = float("-inf")
+    x[2, 5] = 1.5  # one finite logit: log S = 0 exactly
+    tok = torch.tensor([0, 1, 5, 2999])
+    lp, h = fr.token_logprobs(x, tok, return_entropy=True, backend="native")
+    assert subnormal() == before
+    ref_lp = torch.log_softmax(x.double(), -1).gather(-1, tok[:, None])[:, 0]
+    assert torch.allclose(lp.double(), ref_lp, rtol=0, atol=2e-6)
+    assert float(lp[2]) == 0.0 and float(h[2]) == 0.0
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_fp16_rows_compute_exactly_as_their_fp32_values(native, temperature):
     # fp16 -> fp32 is exact and the fp16 loader (one vector conversion) hands the loop the same
