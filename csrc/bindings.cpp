@@ -382,6 +382,14 @@ std::tuple<Tensor, int64_t> fused_loss_call(
 
 // ---- fused lm_head: token log-probs from hidden states -------------------------------------
 
+void scale_rows(const Tensor& x, std::vector<int64_t> dims, std::vector<int64_t> strides,
+                int64_t V, double factor) {
+  check_cpu(x, "x");
+  check_rows_in_bounds(x, dims, strides, V, "x");
+  if (V == 0 || dims[0] * dims[1] * dims[2] == 0 || factor == 1.0) return;
+  fn::scale_rows(x.data_ptr(), x.scalar_type(), dims.data(), strides.data(), V, factor);
+}
+
 void check_linear_inputs(const Tensor& hidden, const Tensor& weight,
                          const optional<Tensor>& bias, const Tensor& tokens) {
   check_cpu(hidden, "hidden");
@@ -483,6 +491,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("value_fwd", &value_fwd, rel());
   m.def("value_bwd", &value_bwd, rel());
   m.def("fused_loss_call", &fused_loss_call, rel());
+  m.def("scale_rows", &scale_rows, rel());
   m.def("logprobs_call", &logprobs_call, rel());
   m.def("linear_logprobs_fwd", &linear_logprobs_fwd, rel());
   m.def("linear_logprobs_bwd", &linear_logprobs_bwd, rel());

@@ -90,7 +90,41 @@ void fused_impl(const void* logits_v, void* dlogits_v, const int64_t* dims,
   reduce_fused(aux, m, in.coef, B, T, loss_out, stats_out);
 }
 
+// x *= f over the rows: one read and one write per element, converted in registers (bf16: the
+// even / odd halves of vload_pair, stored back by the matching vstore_pair, NaN kept).  Same
+// arithmetic as ATen's x.mul_(f) with a float scalar (x in the accumulation dtype times f, one
+// rounding), which it replaces in the native backward: that took ~0.46 ms for a 256 x 8192 bf16
+// gradient on 2 cores of the Xeon, a third of the whole fused loss step.
+template <typename T, typename A>
+void scale_impl(void* x_v, const int64_t* dims, const int64_t* strides, int64_t V, A f) {
+  T* x = static_cast<T*>(x_v);
+  const RowLayout lay{dims[1], dims[2], strides[0], strides[1], strides[2]};
+  const int64_t N = dims[0] * dims[1] * dims[2];
+  const Vec<A> fv = vsplat(f);
+  parallel_rows(N, rows_grain(V), [&](int64_t b, int64_t e) {
+    for (int64_t row = b; row < e; ++row) {
+      T* r = x + lay.offset(row);
+      int64_t j = 0;
+      for (; j + 2 * kLanes <= V; j += 2 * kLanes) {
+        Vec<A> v0, v1;
+        vload_pair<T, A>(r + j, v0, v1);
+        vstore_pair<T, A>(r + j, v0 * fv, v1 * fv);
+      }
+      for (; j < V; ++j) Elem<T>::template store<A>(r + j, Elem<T>::template load<A>(r + j) * f);
+    }
+  });
+}
+
 }  // namespace
+
+void scale_rows(void* x, ScalarType dt, const int64_t* dims, const int64_t* strides, int64_t V,
+                double factor) {
+  dispatch_logits(dt, [&](auto t, auto a) {
+    using T_ = decltype(t);
+    using A = decltype(a);
+    scale_impl<T_, A>(x, dims, strides, V, static_cast<A>(factor));
+  });
+}
 
 void fused_loss_fwd(const void* logits, void* dlogits, ScalarType dt, const int64_t* dims,
                     const int64_t* strides, const int64_t* ostrides, int64_t V, int64_t B,

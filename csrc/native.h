@@ -88,6 +88,11 @@ void fused_loss_fwd(const void* logits, void* dlogits, ScalarType dt, const int6
                     int64_t T, const int64_t* tokens, const void* old_logp, const void* adv,
                     const void* ref_logp, const void* mask, const void* coef,
                     const FusedArgs& fa, void* aux, void* loss, void* stats);
+// x *= factor in place over the rows (dims / strides as above, unit stride over V), computed in
+// the accumulation dtype and rounded once to x's dtype: the fused loss's stored gradient scaled
+// by the upstream gradient in the backward.
+void scale_rows(void* x, ScalarType dt, const int64_t* dims, const int64_t* strides, int64_t V,
+                double factor);
 
 }  // namespace native
 }  // namespace fastrlhf

@@ -51,7 +51,7 @@ from .tables import AGG_MODE_IDS, acc_dtype
 __all__ = ["available", "load", "build_error", "source_dir", "logprobs_fwd", "logprobs_call",
            "logprobs_bwd",
            "gae_fwd", "policy_fwd", "policy_bwd", "value_fwd", "value_bwd", "fused_loss_call",
-           "linear_logprobs_fwd", "linear_logprobs_bwd", "fused_linear_loss_fwd"]
+           "scale_rows", "linear_logprobs_fwd", "linear_logprobs_bwd", "fused_linear_loss_fwd"]
 
 _log = logging.getLogger("fastrlhf")
 _LOCK = threading.Lock()
@@ -356,6 +356,15 @@ def fused_loss_call(logits, dlogits, dims, strides, out_strides, V, B, T, tokens
         adv, ref_logp, mask, coef, inv_temp, ignore_index, lo, hi, dual, seq, kl_coef, kl_val,
         kl_grad, ent_coef, write_grad, check_tokens, aux, loss, stats)
     return loss, stats, per_token, bad
+
+
+def scale_rows(x: Tensor, dims, strides, V: int, g: Tensor) -> Tensor:
+    """``x *= g`` in place over rows ``dims`` / ``strides`` (unit stride over ``V``), in the
+    accumulation dtype with one rounding (as ``x.mul_(float(g))``); ``g`` a one-element tensor,
+    read on the host.  Nothing is touched when ``g == 1`` (the counterpart of
+    :func:`fastrlhf.kernels.fused_loss.scale_rows`)."""
+    _ext().scale_rows(x, list(dims), list(strides), V, float(g))
+    return x
 
 
 # ---------------------------------------------------------------------------------------------

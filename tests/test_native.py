@@ -951,3 +951,39 @@ def test_bench_cpu_rate_reports_every_loop(native, tmp_path):
                     for d in ("fp32", "bf16") for t in (1.0, 0.7)}
     assert all(r["gelem_s"] > 0 and r["ms"] > 0 for r in rows)
     assert json.loads(out.read_text())["rows"] == rows
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("factor", [0.25, 1 / 3, -7.5])
+def test_scale_rows_matches_mul_unrounded_bitwise(native, dtype, factor):
+    # The native backward's upstream-factor scaling of the fused loss's stored gradient: the same
+    # values, bit for bit, as the ATen path it replaced (mul_unrounded_), over strided rows of a
+    # view (only those rows written), odd V, and NaN / inf / subnormal entries.
+    from fastrlhf.ops.common import mul_unrounded_, rows_layout
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randn(3, 6, 77, generator=g, dtype=torch.float64) * 3).to(dtype)
+    base[0, 1, 5] = float("nan")
+    base[1, 2, 0] = float("inf")
+    base[2, 3, 76] = -float("inf")
+    base[2, 0, 9] = torch.finfo(dtype).tiny / 4
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    f = torch.tensor(factor, dtype=acc)
+    want = base.clone()
+    mul_unrounded_(want[:, :-1], f)
+    got = base.clone()
+    view = got[:, :-1]
+    lg, dims, strides = rows_layout(view)
+    assert lg.data_ptr() == view.data_ptr()  # the rows in place, no copy
+    _native.scale_rows(lg, dims, strides, view.shape[-1], f)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))
+    assert torch.equal(got[:, -1], base[:, -1])  # the row outside the view is untouched
+
+
+def test_scale_rows_rejects_rows_outside_the_buffer(native):
+    x = torch.zeros(4, 10)
+    with pytest.raises(RuntimeError, match="native: x"):
+        _native.scale_rows(x, (1, 1, 5), (0, 0, 10), 10, torch.tensor(2.0))
+    before = x.clone()
+    _native.scale_rows(x, (1, 1, 4), (0, 0, 10), 10, torch.tensor(1.0))  # factor 1: untouched
+    assert torch.equal(x, before)

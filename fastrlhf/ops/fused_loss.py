@@ -228,8 +228,8 @@ def _rescale(grad: Tensor, applied: Tensor, g: Tensor, backend: str) -> None:
     factor = g.detach().to(applied.dtype).reshape(()) / applied
     applied.data.copy_(g.detach().reshape(()))
     lg, dims, strides = rows_layout(grad)
-    if backend == "native" or lg.data_ptr() != grad.data_ptr() or lg.stride() != grad.stride():
-        mul_unrounded_(grad.data, factor)
+    if lg.data_ptr() != grad.data_ptr() or lg.stride() != grad.stride():
+        mul_unrounded_(grad.data, factor)  # rows that were copied: scale the tensor itself
         return
     launchers(backend, "fused_loss").scale_rows(lg, dims, strides, grad.shape[-1], factor)
 
