@@ -410,10 +410,8 @@ void fused_linear_impl(const at::Tensor& hA, const at::Tensor& wA, const A* bias
     parallel_rows(nr, rows_grain(V), [&](int64_t a, int64_t b) {
       std::vector<A> buf(kLanes);
       // the statistics sweep keeps its exp terms for the gradient sweep (fused_row.h)
-      std::vector<A> e_buf(fa.write_grad ? RowExps<A>::e_size(V) : 0);
-      std::vector<A> m_buf(fa.write_grad ? RowExps<A>::m_size(V) : 0);
-      const RowExps<A> keep{e_buf.data(), m_buf.data()};
-      const RowExps<A>* k = fa.write_grad ? &keep : nullptr;
+      const RowExpsScratch<A> keep(V, fa.write_grad);
+      const RowExps<A>* k = keep.get();
       for (int64_t i = a; i < b; ++i) {
         A* x = xp + i * V;
         A M, logS, Hr;

@@ -70,9 +70,7 @@ void fused_impl(const void* logits_v, void* dlogits_v, const int64_t* dims,
   const bool keep_exps = fa.write_grad && !fa.pol.seq;
   parallel_rows(N, rows_grain(V), [&](int64_t r0, int64_t r1) {
     std::vector<A> buf(kLanes);
-    std::vector<A> e_buf(keep_exps ? RowExps<A>::e_size(V) : 0);
-    std::vector<A> m_buf(keep_exps ? RowExps<A>::m_size(V) : 0);
-    const RowExps<A> keep{e_buf.data(), m_buf.data()};
+    const RowExpsScratch<A> keep(V, keep_exps);
     for (int64_t row = r0; row < r1; ++row) {
       const S* x = logits + lay.offset(row);
       S* out = fa.write_grad ? dlogits + olay.offset(row) : nullptr;
@@ -81,9 +79,8 @@ void fused_impl(const void* logits_v, void* dlogits_v, const int64_t* dims,
                   buf.data());
       } else {
         A M, logS, H;
-        const RowExps<A>* k = keep_exps ? &keep : nullptr;
-        const A logp = op.stats(row, x, buf.data(), M, logS, H, k);
-        op.finish(row, x, out, M, logS, H, logp, A(0), buf.data(), k);
+        const A logp = op.stats(row, x, buf.data(), M, logS, H, keep.get());
+        op.finish(row, x, out, M, logS, H, logp, A(0), buf.data(), keep.get());
       }
     }
   });

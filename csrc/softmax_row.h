@@ -216,6 +216,22 @@ struct RowExps {
   static int64_t m_size(int64_t V) { return (V + kBlock - 1) / kBlock; }
 };
 
+// One thread's RowExps storage for rows of V elements, or nothing when `on` is false;
+// get() is the RowExps to pass to the row loops (null when off).
+template <typename A>
+class RowExpsScratch {
+ public:
+  RowExpsScratch(int64_t V, bool on)
+      : e_(on ? RowExps<A>::e_size(V) : 0), m_(on ? RowExps<A>::m_size(V) : 0),
+        keep_{e_.data(), m_.data()}, on_(on) {}
+  const RowExps<A>* get() const { return on_ ? &keep_ : nullptr; }
+
+ private:
+  std::vector<A> e_, m_;
+  RowExps<A> keep_;
+  bool on_;
+};
+
 template <typename T, typename A, typename Sc, bool kStore = false>
 bool row_stats(const T* x, int64_t V, const Sc& sc, A* buf, A& M_out, A& logS_out, A& ent_out,
                int64_t tok, A& x_tok, const RowExps<A>* keep = nullptr) {
