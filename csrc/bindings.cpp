@@ -380,8 +380,7 @@ std::tuple<Tensor, int64_t> fused_loss_call(
   return {aux.view({7, B, T}).narrow(0, 1, 3).clone(), -1};
 }
 
-// ---- fused lm_head: token log-probs from hidden states -------------------------------------
-
+// The fused loss's stored gradient times an upstream gradient other than 1, in place.
 void scale_rows(const Tensor& x, std::vector<int64_t> dims, std::vector<int64_t> strides,
                 int64_t V, double factor) {
   check_cpu(x, "x");
@@ -389,6 +388,8 @@ void scale_rows(const Tensor& x, std::vector<int64_t> dims, std::vector<int64_t>
   if (V == 0 || dims[0] * dims[1] * dims[2] == 0 || factor == 1.0) return;
   fn::scale_rows(x.data_ptr(), x.scalar_type(), dims.data(), strides.data(), V, factor);
 }
+
+// ---- fused lm_head: token log-probs from hidden states -------------------------------------
 
 void check_linear_inputs(const Tensor& hidden, const Tensor& weight,
                          const optional<Tensor>& bias, const Tensor& tokens) {

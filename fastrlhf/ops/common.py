@@ -484,8 +484,9 @@ def mul_unrounded_(t: torch.Tensor, factor: torch.Tensor) -> None:
     ``t``'s dtype: ``factor.to(bfloat16)`` would scale every element of a bf16 tensor by the
     same wrong amount (1/3 -> 0.33398: a bias of +0.2%).  On the CPU a 0-dim CPU factor is
     applied as a float scalar (one rounding per element); elsewhere through a temporary in the
-    factor's dtype.  Used for the fused loss's stored gradient and the trainer's gradient
-    clipping."""
+    factor's dtype.  Used for the trainer's gradient clipping and for a fused-loss gradient
+    whose rows a launcher cannot address in place (``native`` / Triton ``scale_rows`` do the
+    rest)."""
     factor = factor.reshape(())
     if t.dtype == factor.dtype or (t.device.type == "cpu" and factor.device.type == "cpu"):
         t.mul_(factor)
