@@ -41,7 +41,7 @@ using c10::ScalarType;
 // 16 lanes on an AVX2 build made the softmax loops ~13x slower (row statistics: 8.6 vs 0.64 ns
 // per element, one thread, measured on a 2-core AMD EPYC).  The lane count fixes the summation order, so results
 // are bitwise independent of the thread count on one build, and may differ in the last bits
-// between builds for different ISAs.
+// between builds (other ISAs, other compilers, or any edit of these sources: csrc/README.md).
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
 #elif defined(__AVX__)
@@ -191,7 +191,8 @@ inline A vmax(const Vec<A>& v) {  // NaN lanes are skipped
 // x86's maxps / minps compute exactly that (the second operand is returned for NaN or equal),
 // but inside the softmax loops GCC emits a compare and a blend (or a masked move) for the
 // select, two vector operations instead of one; so the float vectors of the AVX / AVX2 (8
-// lanes) and AVX-512 (16 lanes) builds name the instruction.  Same results, bit for bit.  On
+// lanes) and AVX-512 (16 lanes) builds name the instruction.  Same lane results as the select
+// (though a rebuild can move fp32 results in the last bits anyway: csrc/README.md).  On
 // AVX-512 this removed 2 of the ~19 vector operations per vector of the forward sweep's inner
 // loop (the running max and the kExpLo clamp) and of the gradient sweep's (the two clamps):
 // +3 to +8% elements / s on one core of the Xeon here (bench/bench_cpu_rate.py, the two builds
