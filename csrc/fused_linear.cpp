@@ -139,12 +139,8 @@ void chunk_stats(const A* x, int64_t n, A& mc, A& sc, A& tc, bool& bad) {
   using VA = Vec<A>;
   const int64_t nm = n / kLanes * kLanes;
   const VA tail = tail_vec(x + nm, n - nm, -kInf<A>);
-  VA mx = tail;
-  for (int64_t j = 0; j < nm; j += kLanes) {
-    const VA v = vload(x + j);
-    mx = vmax2<A>(v, mx);
-  }
-  const A bm = vmax<A>(mx);
+  A scratch[kLanes];
+  const A bm = block_max<A, A>(x, n, LogitScale<A, true>{A(1)}, scratch);  // four max chains
   mc = bm;
   sc = tc = A(0);
   if (bm == -kInf<A>) {
