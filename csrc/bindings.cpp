@@ -498,4 +498,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_logprobs_bwd", &linear_logprobs_bwd, rel());
   m.def("fused_linear_loss_fwd", &fused_linear_loss_fwd, rel());
   m.def("num_threads", []() { return at::get_num_threads(); });
+  m.def("gspo_seq_group", &fn::gspo_seq_group);
 }

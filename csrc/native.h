@@ -88,6 +88,9 @@ void fused_loss_fwd(const void* logits, void* dlogits, ScalarType dt, const int6
                     int64_t T, const int64_t* tokens, const void* old_logp, const void* adv,
                     const void* ref_logp, const void* mask, const void* coef,
                     const FusedArgs& fa, void* aux, void* loss, void* stats);
+// Sequences per group of the GSPO passes (fused_loss_fwd): as many sequences of seq_bytes
+// logits as fit three quarters of every thread's L2 cache, at least 1; B when one does not fit.
+int64_t gspo_seq_group(int64_t seq_bytes, int64_t B);
 // x *= factor in place over the rows (dims / strides as above, unit stride over V), computed in
 // the accumulation dtype and rounded once to x's dtype: the fused loss's stored gradient scaled
 // by the upstream gradient in the backward.

@@ -745,6 +745,40 @@ def test_fused_loss_matches_float64(native, dtype, level, dual, kind, adv_row, i
         assert_close(k, st[k], rs[k], atol=max(tol, 2e-5), rtol=max(tol, 2e-5))
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_gspo_in_sequence_groups_matches_float64(native, inplace):
+    """GSPO's two passes (statistics, then loss / gradient) run per group of whole sequences
+    sized to the L2 caches (gspo_seq_group).  Sequences of a size that makes groups of two, with
+    B = 3 (so a full group and a partial one), against the float64 reference."""
+    if not _fused_native_available():
+        pytest.skip("fastrlhf.ops.fused_loss has no native dispatch yet")
+    B, T = 3, 3
+    # the smallest vocab whose sequences group two by two on this machine and thread count
+    V = next(v for v in range(1000, 2_000_001, 500)
+             if native.gspo_seq_group(T * v * 8, B) == 2)
+    assert native.gspo_seq_group(T * V * 8, B) == 2
+    logits, tok, _, adv, m, refl = _fused_inputs(B, T, V, torch.float64, seed=5, adv_row=True)
+    g = torch.Generator().manual_seed(6)
+    lp = ref.token_logprobs(logits[:, :-1], tok.clamp(min=0))
+    old = lp + 0.1 * torch.randn(B, T, generator=g, dtype=torch.float64)  # ratios near 1
+    m[1] = False                                                           # a masked sequence
+    kw = dict(ref_logp=refl, kl_coef=0.1, kl_kind="k3", entropy_coef=0.01, clip_low=0.2,
+              agg="seq-mean-token-mean", ratio_level="sequence")
+    leaf = logits.clone().requires_grad_(True)
+    loss, st = _fused_loss((leaf * 1.0)[:, :-1], tok, old, adv, m, backend="native",
+                           inplace_backward=inplace, **kw)
+    (1.5 * loss).backward()
+    x64 = logits.clone().requires_grad_(True)
+    rl, rs = ref.fused_ppo_loss(x64[:, :-1], tok, old, adv, m, refl, 0.1, "k3", 0.01, 0.2, None,
+                                None, 1.0, "seq-mean-token-mean", "sequence")
+    (1.5 * rl).backward()
+    assert_close("loss", loss, rl, atol=1e-10, rtol=1e-10)
+    assert_close("dlogits", leaf.grad, x64.grad, atol=1e-10, rtol=1e-10)
+    assert_close("logp", st["logp"], rs["logp"], atol=1e-10, rtol=1e-10)
+    assert (leaf.grad[1] == 0).all() and leaf.grad[0].abs().sum() > 0
+    assert leaf.grad[2].abs().sum() > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("ent_coef,temperature", [(0.0, 1.0), (0.03, 0.7)])
 def test_fused_loss_gradient_from_kept_exps_across_blocks(native, dtype, ent_coef, temperature):
