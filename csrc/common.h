@@ -345,6 +345,27 @@ inline Vec<double> vexp2_clamped(Vec<double> x) {
   for (int l = 0; l < kLanes; ++l) x[l] = std::exp2(x[l]);
   return x;
 }
+// vexp2_clamped for a caller that holds FlushDenormals (the gradient sweeps): on AVX-512 the 2^n
+// is one vscalefps instead of the exponent-field construction's add, shift and multiply (as in
+// vexp2_sum_term below), so results below 2^-126 are 0 rather than subnormal; elsewhere the same
+// as vexp2_clamped.
+inline Vec<float> vexp2_ftz(Vec<float> x) {
+#if defined(__AVX512F__)
+  Vec<float> big;
+  const Vec<float> r = vexp2_reduce(x, big);
+  Vec<float> p = vsplat(1.5353410e-4f);
+  p = p * r + 1.3398874e-3f;
+  p = p * r + 9.6184369e-3f;
+  p = p * r + 5.5503324e-2f;
+  p = p * r + 2.4022648e-1f;
+  p = p * r + 6.9314718e-1f;
+  p = p * r + 1.0f;
+  return _mm512_scalef_ps(p, big - 12582912.0f);
+#else
+  return vexp2_clamped(x);
+#endif
+}
+inline Vec<double> vexp2_ftz(Vec<double> x) { return vexp2_clamped(x); }
 
 // vexp2_clamped with a degree-5 polynomial: one FMA fewer in the forward sweeps' inner loop
 // (~10% of its operations; measured 2.5 -> 3.0 G elements / s on one core here), for terms that
@@ -512,7 +533,7 @@ inline void store_any(void* p, ScalarType dt, int64_t n, const A* in) {
 
 // Flush-to-zero (x86 MXCSR.FTZ) for the calling thread while in scope, the previous mode
 // restored on exit (also by an exception).  Held by row_stats for vexp2_sum_term's vscalefps
-// (AVX-512 builds only; elsewhere it does nothing).  Results below 2^-126 inside the scope
+// and by the gradient sweeps for vexp2_ftz's (AVX-512 builds only; elsewhere it does nothing).  Results below 2^-126 inside the scope
 // become 0; the caller's own floating-point mode is untouched outside it.
 struct FlushDenormals {
 #if defined(__AVX512F__)

@@ -377,72 +377,97 @@ inline void vstore_pair_no_nan(T* p, const Vec<A>& v0, const Vec<A>& v1) {
   }
 }
 
+// The per-element gradient g = sc(-g_lp p - g_h p (zc + H)) of the sweeps below (zc = log p,
+// clamped), factored as p (a + b zc) with the row's a = sc(-g_lp - g_h H), b = sc(-g_h): one FMA
+// and one multiply per vector instead of an add, three multiplies and an FMS (and the scale's
+// multiply at T != 1); without the entropy term, g = p a.  `fast` is whether that form is safe:
+// every row scalar finite and |a| + |b| max|zc| too, so that p (a + b zc) is finite for every
+// p in [0, e^slack] -- else the sweeps take the term-by-term form, NaN select included.
+template <typename A, bool HAS_DENT, typename Sc>
+struct GradCoefs {
+  A a, b;
+  bool fast;
+  GradCoefs(const Sc& sc, A M, A logS, A H, A g_lp, A g_h) {
+    a = sc(HAS_DENT ? -g_lp - g_h * H : -g_lp);
+    b = sc(HAS_DENT ? -g_h : A(0));
+    const A zmax = std::max(std::abs(kExpLo<A>), std::abs(kExpHi<A>));
+    fast = std::isfinite(M) && std::isfinite(logS) && std::isfinite(g_lp) &&
+           std::isfinite(sc(A(1))) && (!HAS_DENT || (std::isfinite(H) && std::isfinite(g_h))) &&
+           std::isfinite(std::abs(a) + std::abs(b) * zmax);
+  }
+};
+
 // The gradient sweep of one row: out = sc(g_lp (onehot(tok) - p) - g_h p (log p + H)) with
 // p = exp((sc(x) - M) - logS), one vector at a time straight from x to out (each vector is read
 // before it is written, so `out` may alias `x`; the token's entry is computed before the sweep
 // and written after it).  buf: kLanes scratch values (the partial last vector).
-// With finite row scalars (M, log S, H, the upstream factors, the scale) no element's gradient
-// is NaN: p is in [0, e^slack] and zc is clamped, and the logits are those the statistics were
-// taken from (a NaN or +inf logit makes M NaN).  Such rows, nearly all, store without the
-// NaN select.
+// With finite row scalars (GradCoefs::fast) no element's gradient is NaN: p is in [0, e^slack]
+// and zc is clamped, and the logits are those the statistics were taken from (a NaN or +inf
+// logit makes M NaN).  Such rows, nearly all, use the factored form and store without the NaN
+// select; the others compute term by term (a NaN stays a NaN, a zero p gives 0 next to an
+// infinite factor as before) and select.
 template <typename T, typename A, bool HAS_DENT, typename Sc>
 void grad_row(const T* x, T* out, int64_t V, const Sc& sc, A M, A logS, A H, A g_lp, A g_h,
               int64_t tok, A* buf) {
   using VA = Vec<A>;
   const A log2e = static_cast<A>(kLog2e);
-  auto grad = [&](const VA& v) FASTRLHF_INLINE -> VA {
-    // z = log p <= 0 (up to rounding); where p underflows to 0 (x = -inf included) the clamped
-    // zc keeps p * (zc + H) exactly 0
-    const VA zc = vclamp_hi<A>(vclamp_lo<A>((v - M) - logS));
-    const VA p = vexp2_clamped(zc * log2e);
-    VA g = -g_lp * p;
-    if (HAS_DENT) g -= g_h * (p * (zc + H));
-    return sc(g);
-  };
-  const bool has_tok = tok >= 0 && tok < V;
-  A g_tok = A(0);
-  if (has_tok) g_tok = grad(vsplat(sc(Elem<T>::template load<A>(x + tok))))[0] + sc(g_lp);
-  const bool finite = std::isfinite(M) && std::isfinite(logS) && std::isfinite(g_lp) &&
-                      std::isfinite(sc(A(1))) &&
-                      (!HAS_DENT || (std::isfinite(H) && std::isfinite(g_h)));
-  int64_t j = 0;
-  auto sweep = [&](auto no_nan) FASTRLHF_INLINE {  // the main loop, instantiated with and without the NaN select
+  const GradCoefs<A, HAS_DENT, Sc> c(sc, M, logS, H, g_lp, g_h);
+  const FlushDenormals ftz;  // vexp2_ftz
+  auto run = [&](auto fast) FASTRLHF_INLINE {  // instantiated for both forms
+    constexpr bool kFast = decltype(fast)::value;
+    auto grad = [&](const VA& v) FASTRLHF_INLINE -> VA {
+      // z = log p <= 0 (up to rounding); where p underflows to 0 (x = -inf included) the
+      // clamped zc keeps p * (zc + H) exactly 0
+      const VA zc = vclamp_hi<A>(vclamp_lo<A>((v - M) - logS));
+      const VA p = vexp2_ftz(zc * log2e);
+      if constexpr (kFast) {
+        if constexpr (HAS_DENT) return p * (c.a + c.b * zc);
+        else return p * c.a;
+      } else {
+        VA g = -g_lp * p;
+        if (HAS_DENT) g -= g_h * (p * (zc + H));
+        return sc(g);
+      }
+    };
+    const bool has_tok = tok >= 0 && tok < V;
+    A g_tok = A(0);
+    if (has_tok) g_tok = grad(vsplat(sc(Elem<T>::template load<A>(x + tok))))[0] + sc(g_lp);
+    int64_t j = 0;
     for (; j + 2 * kLanes <= V; j += 2 * kLanes) {
       prefetch_ahead(x + j);
       VA v0, v1;
       vload_pair<T, A>(x + j, v0, v1);
-      if constexpr (decltype(no_nan)::value)
+      if constexpr (kFast)
         vstore_pair_no_nan<T, A>(out + j, grad(sc(v0)), grad(sc(v1)));
       else
         vstore_pair<T, A>(out + j, grad(sc(v0)), grad(sc(v1)));
     }
+    for (; j + kLanes <= V; j += kLanes) vstore_as<T, A>(out + j, grad(sc(vload_as<T, A>(x + j))));
+    if (j < V) {
+      for (int64_t i = 0; i < kLanes; ++i)
+        buf[i] = j + i < V ? sc(Elem<T>::template load<A>(x + j + i)) : A(0);
+      const VA g = grad(vload(buf));
+      for (int64_t i = 0; j + i < V; ++i) Elem<T>::template store<A>(out + j + i, g[i]);
+    }
+    if (has_tok) Elem<T>::template store<A>(out + tok, g_tok);
   };
-  if (finite)
-    sweep(std::true_type{});
+  if (c.fast)
+    run(std::true_type{});
   else
-    sweep(std::false_type{});
-  for (; j + kLanes <= V; j += kLanes) vstore_as<T, A>(out + j, grad(sc(vload_as<T, A>(x + j))));
-  if (j < V) {
-    for (int64_t i = 0; i < kLanes; ++i)
-      buf[i] = j + i < V ? sc(Elem<T>::template load<A>(x + j + i)) : A(0);
-    const VA g = grad(vload(buf));
-    for (int64_t i = 0; j + i < V; ++i) Elem<T>::template store<A>(out + j + i, g[i]);
-  }
-  if (has_tok) Elem<T>::template store<A>(out + tok, g_tok);
+    run(std::false_type{});
 }
 
 // grad_row from the exp terms row_stats kept (RowExps): p = e * exp((m_b - M) - log S) per
 // block b, so the sweep computes no exp per element (the one vector exp of the forward sweep
-// serves both); with HAS_DENT the logits are read again for log p.  p carries the forward's
-// exp error (vexp2_sum_term, <= 2 ulp) and one rounding more: in line with the GPU backends'
-// ex2.approx.  Falls back to grad_row when a row scalar is not finite (grad_row's NaN path).
+// serves both); with HAS_DENT the logits are read again for log p, without it g = e (c_b a) is
+// one multiply per vector.  p carries the forward's exp error (vexp2_sum_term, <= 2 ulp) and one
+// rounding more: in line with the GPU backends' ex2.approx.  Falls back to grad_row when the
+// factored form is not safe (GradCoefs::fast: grad_row's NaN path).
 template <typename T, typename A, bool HAS_DENT, typename Sc>
 void grad_row_from_exps(const T* x, T* out, int64_t V, const Sc& sc, A M, A logS, A H, A g_lp,
                         A g_h, int64_t tok, A* buf, const RowExps<A>& keep) {
-  const bool finite = std::isfinite(M) && std::isfinite(logS) && std::isfinite(g_lp) &&
-                      std::isfinite(sc(A(1))) &&
-                      (!HAS_DENT || (std::isfinite(H) && std::isfinite(g_h)));
-  if (!finite) {
+  const GradCoefs<A, HAS_DENT, Sc> c(sc, M, logS, H, g_lp, g_h);
+  if (!c.fast) {
     grad_row<T, A, HAS_DENT>(x, out, V, sc, M, logS, H, g_lp, g_h, tok, buf);
     return;
   }
@@ -451,27 +476,26 @@ void grad_row_from_exps(const T* x, T* out, int64_t V, const Sc& sc, A M, A logS
   const bool has_tok = tok >= 0 && tok < V;
   A g_tok = A(0);
   if (has_tok) {  // exactly as grad_row: from the logit itself, stored after the sweep
+    const FlushDenormals ftz;  // vexp2_ftz
     const VA zc =
         vclamp_hi<A>(vclamp_lo<A>((vsplat(sc(Elem<T>::template load<A>(x + tok))) - M) - logS));
-    const VA p = vexp2_clamped(zc * log2e);
-    VA g = -g_lp * p;
-    if (HAS_DENT) g -= g_h * (p * (zc + H));
-    g_tok = sc(g)[0] + sc(g_lp);
+    const VA p = vexp2_ftz(zc * log2e);
+    const VA g = HAS_DENT ? p * (c.a + c.b * zc) : p * c.a;
+    g_tok = g[0] + sc(g_lp);
   }
   for (int64_t start = 0; start < V; start += kBlock) {
     const int64_t end = std::min(V, start + kBlock);
     const A mb = keep.blk_m[start / kBlock];
-    const A cb = mb == -kInf<A> ? A(0) : exp_acc((mb - M) - logS);  // <= 1: mb <= M, S >= 1
+    const A cblk = mb == -kInf<A> ? A(0) : exp_acc((mb - M) - logS);  // <= 1: mb <= M, S >= 1
+    const A ca = cblk * c.a;  // without the entropy term g = e (c_b a)
     const A* e = keep.e;
-    // g = sc(-g_lp p - g_h p (zc + H)), p = e cb
     auto grad = [&](const VA& ev, const VA& v) FASTRLHF_INLINE -> VA {
-      const VA p = ev * cb;
-      VA g = -g_lp * p;
       if constexpr (HAS_DENT) {
         const VA zc = vclamp_hi<A>(vclamp_lo<A>((v - M) - logS));
-        g -= g_h * (p * (zc + H));
+        return (ev * cblk) * (c.a + c.b * zc);
+      } else {
+        return ev * ca;
       }
-      return sc(g);
     };
     int64_t j = start;
     for (; j + 2 * kLanes <= end; j += 2 * kLanes) {

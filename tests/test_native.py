@@ -197,9 +197,10 @@ def test_logprobs_one_hot_rows_are_exact(native, dtype, temperature):
 
 
 def test_row_statistics_leave_the_callers_denormal_mode_alone(native):
-    # The forward sweep runs with flush-to-zero on (csrc/common.h FlushDenormals, for the
-    # vscalefps of its exp terms) and must restore the thread's mode: afterwards a float op on
-    # this thread still produces subnormals, and the sweep's own sums are exact.
+    # The forward and gradient sweeps run with flush-to-zero on (csrc/common.h FlushDenormals,
+    # for the vscalefps of their exps) and must restore the thread's mode: afterwards a float op
+    # on this thread still produces subnormals, and the sweeps' own results are exact where they
+    # must be (a one-hot row: logp 0, entropy 0, gradient 0; -inf logits: gradient exactly 0).
     def subnormal():
         return float(torch.tensor([1e-30]) * torch.tensor([1e-10]))
     assert subnormal() != 0.0, "this thread flushes subnormals already"
@@ -209,11 +210,19 @@ def test_row_statistics_leave_the_callers_denormal_mode_alone(native):
     x[2] = float("-inf")
     x[2, 5] = 1.5  # one finite logit: log S = 0 exactly
     tok = torch.tensor([0, 1, 5, 2999])
-    lp, h = fr.token_logprobs(x, tok, return_entropy=True, backend="native")
+    leaf = x.clone().requires_grad_(True)
+    lp, h = fr.token_logprobs(leaf, tok, return_entropy=True, backend="native")
     assert subnormal() == before
     ref_lp = torch.log_softmax(x.double(), -1).gather(-1, tok[:, None])[:, 0]
     assert torch.allclose(lp.double(), ref_lp, rtol=0, atol=2e-6)
-    assert float(lp[2]) == 0.0 and float(h[2]) == 0.0
+    assert float(lp[2].detach()) == 0.0 and float(h[2].detach()) == 0.0
+    (lp.sum() + 0.5 * h.sum()).backward()
+    assert subnormal() == before
+    assert torch.all(leaf.grad[1, ::2] == 0) and torch.all(leaf.grad[2] == 0)
+    x64 = x.double().requires_grad_(True)
+    l64, h64 = ref.token_logprobs(x64, tok, 1.0, True)
+    (l64.sum() + 0.5 * h64.sum()).backward()
+    assert torch.allclose(leaf.grad.double(), x64.grad, rtol=0, atol=2e-6)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
