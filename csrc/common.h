@@ -227,15 +227,28 @@ inline Vec<float> vmin2<float>(const Vec<float>& a, const Vec<float>& b) {
 }
 #endif
 
-#if defined(__AVX512F__)
-template <>
-inline float vsum<float>(const Vec<float>& v) {
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v),
-                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+#if defined(__AVX__)
+// The trees' 8-lane tails (halves, then quarters, then pairs).
+inline float hsum8(const __m256 h) {
   __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
   q = _mm_add_ps(q, _mm_movehl_ps(q, q));
   q = _mm_add_ss(q, _mm_movehdup_ps(q));
   return _mm_cvtss_f32(q);
+}
+inline float hmax8(const __m256 h) {  // no NaN lanes
+  __m128 q = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  q = _mm_max_ps(q, _mm_movehl_ps(q, q));
+  q = _mm_max_ss(q, _mm_movehdup_ps(q));
+  return _mm_cvtss_f32(q);
+}
+#endif
+#if defined(__AVX512F__)
+inline __m256 upper8(const __m512 v) {
+  return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+}
+template <>
+inline float vsum<float>(const Vec<float>& v) {
+  return hsum8(_mm256_add_ps(_mm512_castps512_ps256(v), upper8(v)));
 }
 template <>
 inline float vmax<float>(const Vec<float>& v) {
@@ -243,29 +256,14 @@ inline float vmax<float>(const Vec<float>& v) {
   // otherwise survive or not depending on its lane)
   const __m512 w = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q),
                                         _mm512_set1_ps(-kInf<float>), v);
-  const __m256 h = _mm256_max_ps(_mm512_castps512_ps256(w),
-                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(w), 1)));
-  __m128 q = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-  q = _mm_max_ps(q, _mm_movehl_ps(q, q));
-  q = _mm_max_ss(q, _mm_movehdup_ps(q));
-  return _mm_cvtss_f32(q);
+  return hmax8(_mm256_max_ps(_mm512_castps512_ps256(w), upper8(w)));
 }
 #elif defined(__AVX__)
 template <>
-inline float vsum<float>(const Vec<float>& v) {
-  __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-  q = _mm_add_ss(q, _mm_movehdup_ps(q));
-  return _mm_cvtss_f32(q);
-}
+inline float vsum<float>(const Vec<float>& v) { return hsum8(v); }
 template <>
 inline float vmax<float>(const Vec<float>& v) {
-  const __m256 w =
-      _mm256_blendv_ps(_mm256_set1_ps(-kInf<float>), v, _mm256_cmp_ps(v, v, _CMP_ORD_Q));
-  __m128 q = _mm_max_ps(_mm256_castps256_ps128(w), _mm256_extractf128_ps(w, 1));
-  q = _mm_max_ps(q, _mm_movehl_ps(q, q));
-  q = _mm_max_ss(q, _mm_movehdup_ps(q));
-  return _mm_cvtss_f32(q);
+  return hmax8(_mm256_blendv_ps(_mm256_set1_ps(-kInf<float>), v, _mm256_cmp_ps(v, v, _CMP_ORD_Q)));
 }
 #endif
 
@@ -329,17 +327,20 @@ inline Vec<float> vexp2_join(const Vec<float>& p, const Vec<float>& big) {
   return vscale_pow2(p, bits + (127 - 0x4B400000));
 }
 
-inline Vec<float> vexp2_clamped(Vec<float> x) {
-  Vec<float> big;
-  const Vec<float> r = vexp2_reduce(x, big);
+// 2^r for r in [-1/2, 1/2]: the degree-6 polynomial of vexp2_clamped / vexp2_ftz.
+inline Vec<float> vexp2_poly6(const Vec<float>& r) {
   Vec<float> p = vsplat(1.5353410e-4f);
   p = p * r + 1.3398874e-3f;
   p = p * r + 9.6184369e-3f;
   p = p * r + 5.5503324e-2f;
   p = p * r + 2.4022648e-1f;
   p = p * r + 6.9314718e-1f;
-  p = p * r + 1.0f;
-  return vexp2_join(p, big);
+  return p * r + 1.0f;
+}
+inline Vec<float> vexp2_clamped(Vec<float> x) {
+  Vec<float> big;
+  const Vec<float> r = vexp2_reduce(x, big);
+  return vexp2_join(vexp2_poly6(r), big);
 }
 inline Vec<double> vexp2_clamped(Vec<double> x) {
   for (int l = 0; l < kLanes; ++l) x[l] = std::exp2(x[l]);
@@ -353,14 +354,7 @@ inline Vec<float> vexp2_ftz(Vec<float> x) {
 #if defined(__AVX512F__)
   Vec<float> big;
   const Vec<float> r = vexp2_reduce(x, big);
-  Vec<float> p = vsplat(1.5353410e-4f);
-  p = p * r + 1.3398874e-3f;
-  p = p * r + 9.6184369e-3f;
-  p = p * r + 5.5503324e-2f;
-  p = p * r + 2.4022648e-1f;
-  p = p * r + 6.9314718e-1f;
-  p = p * r + 1.0f;
-  return _mm512_scalef_ps(p, big - 12582912.0f);
+  return _mm512_scalef_ps(vexp2_poly6(r), big - 12582912.0f);
 #else
   return vexp2_clamped(x);
 #endif
