@@ -499,4 +499,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_linear_loss_fwd", &fused_linear_loss_fwd, rel());
   m.def("num_threads", []() { return at::get_num_threads(); });
   m.def("gspo_seq_group", &fn::gspo_seq_group);
+  m.def("stream_stores", &fn::stream_stores);
 }

@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <unistd.h>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -538,6 +539,26 @@ struct FlushDenormals {
   FlushDenormals& operator=(const FlushDenormals&) = delete;
 #endif
 };
+
+// Whether a gradient of `bytes` written to a buffer of its own goes out with non-temporal
+// (streaming) stores: only when it is larger than the last-level cache, so that nothing would
+// be found in the cache by its reader anyway, and only on AVX-512 builds (the one measured).
+// Streaming skips the read-for-ownership of every output line: a third of the sweep's memory
+// traffic.  Measured on the 2-core Xeon, 4096 x 32000 fp32, two threads (builds alternated):
+// gradient sweep 2.92 -> 4.19 G elements / s, with the entropy term 3.03 -> 3.97; bf16 (whose
+// sweep is compute-bound) unchanged.
+inline bool stream_stores(int64_t bytes) {
+#if defined(__AVX512F__)
+  static const int64_t llc = [] {
+    const long v = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    return v > 0 ? static_cast<int64_t>(v) : int64_t(32) << 20;  // unknown: 32 MiB
+  }();
+  return bytes > llc;
+#else
+  (void)bytes;
+  return false;
+#endif
+}
 
 // Rows [0, n) in parallel on ATen's intra-op pool (OpenMP): torch.set_num_threads applies.
 template <typename F>

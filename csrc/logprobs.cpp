@@ -69,6 +69,8 @@ void bwd_impl(const void* logits_v, void* out_v, const int64_t* dims, const int6
   const RowLayout lay{dims[1], dims[2], strides[0], strides[1], strides[2]};
   const RowLayout olay{dims[1], dims[2], ostrides[0], ostrides[1], ostrides[2]};
   const int64_t N = dims[0] * dims[1] * dims[2];
+  // a separate gradient buffer larger than the last-level cache goes out with streaming stores
+  const bool stream = out_v != logits_v && stream_stores(N * V * static_cast<int64_t>(sizeof(T)));
   with_logit_scale(static_cast<A>(inv_temp_d), [&](const auto sc) {
   parallel_rows(N, rows_grain(V), [&](int64_t b, int64_t e) {
     std::vector<A> buf(kLanes);
@@ -81,7 +83,7 @@ void bwd_impl(const void* logits_v, void* out_v, const int64_t* dims, const int6
       }
       grad_row<T, A, HAS_DENT>(logits + lay.offset(row), out + olay.offset(row), V, sc,
                                lse[2 * row], lse[2 * row + 1], HAS_DENT ? ent[row] : A(0), g_lp,
-                               HAS_DENT ? dent[row] : A(0), tok, buf.data());
+                               HAS_DENT ? dent[row] : A(0), tok, buf.data(), stream);
     }
   });
   });

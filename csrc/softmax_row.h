@@ -377,6 +377,45 @@ inline void vstore_pair_no_nan(T* p, const Vec<A>& v0, const Vec<A>& v1) {
   }
 }
 
+// vstore_pair_no_nan with non-temporal stores (stream_stores), to a 64-byte aligned p: on
+// AVX-512 one streaming store per bf16 pair (64 bytes), two per fp32 pair; other element types
+// store as usual.  The caller fences (_mm_sfence) when its row is done.
+template <typename T, typename A>
+inline void vstream_pair_no_nan(T* p, const Vec<A>& v0, const Vec<A>& v1) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float>) {
+    using VI = VecT<float>::itype;
+    const VI w = ((bf16_round_bits<false>(v0) >> 16) & 0xffff) |
+                 (bf16_round_bits<false>(v1) & static_cast<int32_t>(0xffff0000u));
+    __m512i wi;
+    std::memcpy(&wi, &w, sizeof(wi));
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), wi);
+    return;
+  } else if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
+    _mm512_stream_ps(p, v0);
+    _mm512_stream_ps(p + kLanes, v1);
+    return;
+  }
+#endif
+  vstore_pair_no_nan<T, A>(p, v0, v1);
+}
+
+// Whether a row's gradient goes out with streaming stores: asked for (the whole gradient is a
+// buffer of its own, larger than the last-level cache: stream_stores) and the row 64-byte
+// aligned, so that every store of a pair is (a bf16 pair is 64 bytes, an fp32 pair 128).
+template <typename T>
+inline bool stream_row(bool stream, const T* out) {
+  return stream && (reinterpret_cast<uintptr_t>(out) & 63) == 0;
+}
+template <typename T>
+inline void stream_done(bool streamed) {
+#if defined(__AVX512F__)
+  if (streamed) _mm_sfence();
+#else
+  (void)streamed;
+#endif
+}
+
 // The per-element gradient g = sc(-g_lp p - g_h p (zc + H)) of the sweeps below (zc = log p,
 // clamped), factored as p (a + b zc) with the row's a = sc(-g_lp - g_h H), b = sc(-g_h): one FMA
 // and one multiply per vector instead of an add, three multiplies and an FMS (and the scale's
@@ -405,10 +444,10 @@ struct GradCoefs {
 // and zc is clamped, and the logits are those the statistics were taken from (a NaN or +inf
 // logit makes M NaN).  Such rows, nearly all, use the factored form and store without the NaN
 // select; the others compute term by term (a NaN stays a NaN, a zero p gives 0 next to an
-// infinite factor as before) and select.
+// infinite factor as before) and select.  `stream`: see stream_row (never for out == x).
 template <typename T, typename A, bool HAS_DENT, typename Sc>
 void grad_row(const T* x, T* out, int64_t V, const Sc& sc, A M, A logS, A H, A g_lp, A g_h,
-              int64_t tok, A* buf) {
+              int64_t tok, A* buf, bool stream = false) {
   using VA = Vec<A>;
   const A log2e = static_cast<A>(kLog2e);
   const GradCoefs<A, HAS_DENT, Sc> c(sc, M, logS, H, g_lp, g_h);
@@ -433,6 +472,15 @@ void grad_row(const T* x, T* out, int64_t V, const Sc& sc, A M, A logS, A H, A g
     A g_tok = A(0);
     if (has_tok) g_tok = grad(vsplat(sc(Elem<T>::template load<A>(x + tok))))[0] + sc(g_lp);
     int64_t j = 0;
+    const bool nt = kFast && stream_row(stream, out);
+    if (nt) {
+      for (; j + 2 * kLanes <= V; j += 2 * kLanes) {
+        prefetch_ahead(x + j);
+        VA v0, v1;
+        vload_pair<T, A>(x + j, v0, v1);
+        vstream_pair_no_nan<T, A>(out + j, grad(sc(v0)), grad(sc(v1)));
+      }
+    }
     for (; j + 2 * kLanes <= V; j += 2 * kLanes) {
       prefetch_ahead(x + j);
       VA v0, v1;
@@ -450,6 +498,7 @@ void grad_row(const T* x, T* out, int64_t V, const Sc& sc, A M, A logS, A H, A g
       for (int64_t i = 0; j + i < V; ++i) Elem<T>::template store<A>(out + j + i, g[i]);
     }
     if (has_tok) Elem<T>::template store<A>(out + tok, g_tok);
+    stream_done<T>(nt);
   };
   if (c.fast)
     run(std::true_type{});
@@ -465,12 +514,13 @@ void grad_row(const T* x, T* out, int64_t V, const Sc& sc, A M, A logS, A H, A g
 // factored form is not safe (GradCoefs::fast: grad_row's NaN path).
 template <typename T, typename A, bool HAS_DENT, typename Sc>
 void grad_row_from_exps(const T* x, T* out, int64_t V, const Sc& sc, A M, A logS, A H, A g_lp,
-                        A g_h, int64_t tok, A* buf, const RowExps<A>& keep) {
+                        A g_h, int64_t tok, A* buf, const RowExps<A>& keep, bool stream = false) {
   const GradCoefs<A, HAS_DENT, Sc> c(sc, M, logS, H, g_lp, g_h);
   if (!c.fast) {
-    grad_row<T, A, HAS_DENT>(x, out, V, sc, M, logS, H, g_lp, g_h, tok, buf);
+    grad_row<T, A, HAS_DENT>(x, out, V, sc, M, logS, H, g_lp, g_h, tok, buf, stream);
     return;
   }
+  const bool nt = stream_row(stream, out);  // blocks start at multiples of kBlock: aligned too
   using VA = Vec<A>;
   const A log2e = static_cast<A>(kLog2e);
   const bool has_tok = tok >= 0 && tok < V;
@@ -506,8 +556,11 @@ void grad_row_from_exps(const T* x, T* out, int64_t V, const Sc& sc, A M, A logS
         v0 = sc(v0);
         v1 = sc(v1);
       }
-      vstore_pair_no_nan<T, A>(out + j, grad(vload(e + j), v0),
-                               grad(vload(e + j + kLanes), v1));
+      const VA g0 = grad(vload(e + j), v0), g1 = grad(vload(e + j + kLanes), v1);
+      if (nt)
+        vstream_pair_no_nan<T, A>(out + j, g0, g1);
+      else
+        vstore_pair_no_nan<T, A>(out + j, g0, g1);
     }
     for (; j + kLanes <= end; j += kLanes) {
       VA v;
@@ -522,6 +575,7 @@ void grad_row_from_exps(const T* x, T* out, int64_t V, const Sc& sc, A M, A logS
     }
   }
   if (has_tok) Elem<T>::template store<A>(out + tok, g_tok);
+  stream_done<T>(nt);
 }
 
 template <typename T>

@@ -754,6 +754,57 @@ def test_fused_loss_matches_float64(native, dtype, level, dual, kind, adv_row, i
         assert_close(k, st[k], rs[k], atol=max(tol, 2e-5), rtol=max(tol, 2e-5))
 
 
+@pytest.mark.parametrize("dtype,V", [(torch.float32, 65536 + 8), (torch.bfloat16, 65536 + 16)])
+def test_streamed_gradients_equal_the_cached_ones(native, dtype, V):
+    """A separate gradient larger than the last-level cache is written with streaming stores
+    (csrc/common.h stream_stores), row by row where the row is 64-byte aligned: V is chosen so
+    that every other row is.  The in-place backward (never streamed) must give the same bits, and
+    both match the float64 reference; token_logprobs and the fused loss."""
+    if not _fused_native_available():
+        pytest.skip("fastrlhf.ops.fused_loss has no native dispatch yet")
+    esize = torch.tensor([], dtype=dtype).element_size()
+    N = 1
+    while not native.stream_stores(N * V * esize):
+        N *= 2
+        if N * V * esize > (1 << 30):
+            pytest.skip("this build does not stream (AVX-512 only), or its last-level cache "
+                        "is too large to exceed in a test")
+    N += 3  # an odd number of rows
+    assert native.stream_stores(N * V * esize)
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randn(N, V, generator=g) * 2).to(dtype)
+    tok = torch.randint(0, V, (N,), generator=g)
+    w = torch.randn(N, generator=g)
+
+    def grad_of(inplace):
+        leaf = base.clone().requires_grad_(True)
+        x = leaf * 1.0 if inplace else leaf
+        lp, h = fr.token_logprobs(x, tok, return_entropy=True, inplace_backward=inplace,
+                                  backend="native")
+        ((lp * w).sum() + 0.1 * h.sum()).backward()
+        return leaf.grad
+    streamed, cached = grad_of(False), grad_of(True)
+    assert torch.equal(streamed, cached)
+    x64 = base[:4].double().requires_grad_(True)  # rows 0-3: aligned and not
+    l64, h64 = ref.token_logprobs(x64, tok[:4], 1.0, True)
+    ((l64 * w[:4].double()).sum() + 0.1 * h64.sum()).backward()
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    assert_close("dlogits", streamed[:4], x64.grad, atol=tol, rtol=tol)
+
+    old = torch.randn(1, N, generator=g, dtype=torch.float64) * 0.1 - 11
+    adv = torch.randn(1, N, generator=g, dtype=torch.float64)
+    m = torch.ones(1, N, dtype=torch.bool)
+
+    def fused_grad(inplace):
+        leaf = base.clone().requires_grad_(True)
+        x = (leaf * 1.0 if inplace else leaf).view(1, N, V)
+        loss, _ = _fused_loss(x, tok.view(1, N), old, adv, m, entropy_coef=0.01,
+                              inplace_backward=inplace, backend="native")
+        loss.backward()
+        return leaf.grad
+    assert torch.equal(fused_grad(False), fused_grad(True))
+
+
 @pytest.mark.parametrize("inplace", [False, True])
 def test_gspo_in_sequence_groups_matches_float64(native, threads, inplace):
     """GSPO's two passes (statistics, then loss / gradient) run per group of whole sequences
