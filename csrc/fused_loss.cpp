@@ -53,10 +53,7 @@ void fused_impl(const void* logits_v, void* dlogits_v, const int64_t* dims,
   const RowLayout lay{dims[1], dims[2], strides[0], strides[1], strides[2]};
   const RowLayout olay{dims[1], dims[2], ostrides[0], ostrides[1], ostrides[2]};
   const int64_t N = B * T;
-  // a separate gradient buffer larger than the last-level cache: streaming stores
-  const bool stream = fa.write_grad && dlogits_v != logits_v &&
-                      stream_stores(N * V * static_cast<int64_t>(sizeof(S)));
-  const FusedRow<S, A, Sc> op(in, fa, sc, V, N, aux, stream);
+  const FusedRow<S, A, Sc> op(in, fa, sc, V, N, aux);
   const A* m = in.m;
   const A* old = in.old;
 

@@ -34,14 +34,10 @@ constexpr int kFusedAuxRows = 7;
 template <typename S, typename A, typename Sc>
 class FusedRow {
  public:
-  // stream: the gradient rows go out with streaming stores where aligned (stream_row; the
-  // logits path, for a separate gradient larger than the last-level cache; never the lm_head
-  // path, whose row block is read by its GEMMs right away).
   FusedRow(const FusedTokens<A>& in, const FusedArgs& fa, const Sc& sc, int64_t V, int64_t N,
-           A* aux, bool stream = false)
+           A* aux)
       : in_(in), fa_(fa), sc_(sc), pc_(fa.pol), V_(V), N_(N), aux_(aux),
-        kl_coef_(static_cast<A>(fa.kl_coef)), ent_coef_(static_cast<A>(fa.ent_coef)),
-        stream_(stream) {}
+        kl_coef_(static_cast<A>(fa.kl_coef)), ent_coef_(static_cast<A>(fa.ent_coef)) {}
 
   // logp of row `row` from its logits x (and M, log S, H); a NaN row or an out-of-range id
   // gives NaN, an ignored id 0.  buf: kLanes scratch.
@@ -101,18 +97,17 @@ class FusedRow {
     }
     const int64_t tok = in_.tokens[row];
     const A g_lp = tok == fa_.ignore_index ? A(0) : w * (dpg + kl_coef_ * dkl);
-    const bool st = stream_ && static_cast<const void*>(out) != static_cast<const void*>(x);
     if (keep != nullptr) {
       if (ent_coef_ != A(0))
         grad_row_from_exps<S, A, true>(x, out, V_, sc_, M, logS, H, g_lp, -w * ent_coef_, tok,
-                                       buf, *keep, st);
+                                       buf, *keep);
       else
         grad_row_from_exps<S, A, false>(x, out, V_, sc_, M, logS, H, g_lp, A(0), tok, buf,
-                                        *keep, st);
+                                        *keep);
     } else if (ent_coef_ != A(0)) {
-      grad_row<S, A, true>(x, out, V_, sc_, M, logS, H, g_lp, -w * ent_coef_, tok, buf, st);
+      grad_row<S, A, true>(x, out, V_, sc_, M, logS, H, g_lp, -w * ent_coef_, tok, buf);
     } else {
-      grad_row<S, A, false>(x, out, V_, sc_, M, logS, H, g_lp, A(0), tok, buf, st);
+      grad_row<S, A, false>(x, out, V_, sc_, M, logS, H, g_lp, A(0), tok, buf);
     }
   }
 
@@ -124,7 +119,6 @@ class FusedRow {
   const int64_t V_, N_;
   A* aux_;
   const A kl_coef_, ent_coef_;
-  const bool stream_;
 };
 
 // loss = sum_b c_b sum_t where(m != 0, L, 0) m; stats (clipfrac, clipfrac_lower, approx_kl,

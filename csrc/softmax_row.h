@@ -514,13 +514,12 @@ void grad_row(const T* x, T* out, int64_t V, const Sc& sc, A M, A logS, A H, A g
 // factored form is not safe (GradCoefs::fast: grad_row's NaN path).
 template <typename T, typename A, bool HAS_DENT, typename Sc>
 void grad_row_from_exps(const T* x, T* out, int64_t V, const Sc& sc, A M, A logS, A H, A g_lp,
-                        A g_h, int64_t tok, A* buf, const RowExps<A>& keep, bool stream = false) {
+                        A g_h, int64_t tok, A* buf, const RowExps<A>& keep) {
   const GradCoefs<A, HAS_DENT, Sc> c(sc, M, logS, H, g_lp, g_h);
   if (!c.fast) {
-    grad_row<T, A, HAS_DENT>(x, out, V, sc, M, logS, H, g_lp, g_h, tok, buf, stream);
+    grad_row<T, A, HAS_DENT>(x, out, V, sc, M, logS, H, g_lp, g_h, tok, buf);
     return;
   }
-  const bool nt = stream_row(stream, out);  // blocks start at multiples of kBlock: aligned too
   using VA = Vec<A>;
   const A log2e = static_cast<A>(kLog2e);
   const bool has_tok = tok >= 0 && tok < V;
@@ -556,11 +555,8 @@ void grad_row_from_exps(const T* x, T* out, int64_t V, const Sc& sc, A M, A logS
         v0 = sc(v0);
         v1 = sc(v1);
       }
-      const VA g0 = grad(vload(e + j), v0), g1 = grad(vload(e + j + kLanes), v1);
-      if (nt)
-        vstream_pair_no_nan<T, A>(out + j, g0, g1);
-      else
-        vstore_pair_no_nan<T, A>(out + j, g0, g1);
+      vstore_pair_no_nan<T, A>(out + j, grad(vload(e + j), v0),
+                               grad(vload(e + j + kLanes), v1));
     }
     for (; j + kLanes <= end; j += kLanes) {
       VA v;
@@ -575,7 +571,6 @@ void grad_row_from_exps(const T* x, T* out, int64_t V, const Sc& sc, A M, A logS
     }
   }
   if (has_tok) Elem<T>::template store<A>(out + tok, g_tok);
-  stream_done<T>(nt);
 }
 
 template <typename T>

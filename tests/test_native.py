@@ -756,10 +756,11 @@ def test_fused_loss_matches_float64(native, dtype, level, dual, kind, adv_row, i
 
 @pytest.mark.parametrize("dtype,V", [(torch.float32, 65536 + 8), (torch.bfloat16, 65536 + 16)])
 def test_streamed_gradients_equal_the_cached_ones(native, dtype, V):
-    """A separate gradient larger than the last-level cache is written with streaming stores
-    (csrc/common.h stream_stores), row by row where the row is 64-byte aligned: V is chosen so
-    that every other row is.  The in-place backward (never streamed) must give the same bits, and
-    both match the float64 reference; token_logprobs and the fused loss."""
+    """token_logprobs' backward writes a separate gradient larger than the last-level cache
+    with streaming stores (csrc/common.h stream_stores), row by row where the row is 64-byte
+    aligned: V is chosen so that every other row is.  The in-place backward (never streamed)
+    must give the same bits, and both match the float64 reference.  The fused loss (which does
+    not stream) at the same size: out of place and in place bitwise equal too."""
     if not _fused_native_available():
         pytest.skip("fastrlhf.ops.fused_loss has no native dispatch yet")
     esize = torch.tensor([], dtype=dtype).element_size()
