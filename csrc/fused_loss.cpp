@@ -23,8 +23,6 @@
 // fused_row.h, shared with the lm_head path (fused_linear.cpp: fused_linear_loss_fwd).
 #include "fused_row.h"
 
-#include <unistd.h>
-
 namespace fastrlhf {
 namespace native {
 
@@ -32,10 +30,7 @@ namespace native {
 // every thread (each reads its share of the group's rows, then writes their gradient), at least
 // one; B (a single group) when one sequence does not fit.
 int64_t gspo_seq_group(int64_t seq_bytes, int64_t B) {
-  static const int64_t l2 = [] {
-    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return v > 0 ? static_cast<int64_t>(v) : int64_t(1) << 20;  // unknown: 1 MiB
-  }();
+  static const int64_t l2 = cache_bytes(_SC_LEVEL2_CACHE_SIZE, int64_t(1) << 20);
   const int64_t budget = l2 * 3 / 4 * std::max(1, at::get_num_threads());
   if (seq_bytes <= 0 || seq_bytes > budget) return std::max<int64_t>(B, 1);
   return std::max<int64_t>(1, budget / seq_bytes);

@@ -355,11 +355,16 @@ inline VecT<float>::itype bf16_round_bits(const Vec<float>& v) {
     return r;
   }
 }
+// Two vectors rounded to bf16 and interleaved as vload_pair reads them back: the low half of
+// each 32-bit word from v0, the high half from v1.
+template <bool kNaN = true>
+inline VecT<float>::itype bf16_pack_pair(const Vec<float>& v0, const Vec<float>& v1) {
+  return ((bf16_round_bits<kNaN>(v0) >> 16) & 0xffff) |
+         (bf16_round_bits<kNaN>(v1) & static_cast<int32_t>(0xffff0000u));
+}
 template <bool kNaN = true>
 inline void vstore_pair_bf16(c10::BFloat16* p, const Vec<float>& v0, const Vec<float>& v1) {
-  using VI = VecT<float>::itype;
-  const VI w = ((bf16_round_bits<kNaN>(v0) >> 16) & 0xffff) |
-               (bf16_round_bits<kNaN>(v1) & static_cast<int32_t>(0xffff0000u));
+  const VecT<float>::itype w = bf16_pack_pair<kNaN>(v0, v1);
   std::memcpy(p, &w, sizeof(w));
 }
 template <>
@@ -384,9 +389,7 @@ template <typename T, typename A>
 inline void vstream_pair_no_nan(T* p, const Vec<A>& v0, const Vec<A>& v1) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float>) {
-    using VI = VecT<float>::itype;
-    const VI w = ((bf16_round_bits<false>(v0) >> 16) & 0xffff) |
-                 (bf16_round_bits<false>(v1) & static_cast<int32_t>(0xffff0000u));
+    const VecT<float>::itype w = bf16_pack_pair<false>(v0, v1);
     __m512i wi;
     std::memcpy(&wi, &w, sizeof(wi));
     _mm512_stream_si512(reinterpret_cast<__m512i*>(p), wi);
@@ -403,11 +406,9 @@ inline void vstream_pair_no_nan(T* p, const Vec<A>& v0, const Vec<A>& v1) {
 // Whether a row's gradient goes out with streaming stores: asked for (the whole gradient is a
 // buffer of its own, larger than the last-level cache: stream_stores) and the row 64-byte
 // aligned, so that every store of a pair is (a bf16 pair is 64 bytes, an fp32 pair 128).
-template <typename T>
-inline bool stream_row(bool stream, const T* out) {
+inline bool stream_row(bool stream, const void* out) {
   return stream && (reinterpret_cast<uintptr_t>(out) & 63) == 0;
 }
-template <typename T>
 inline void stream_done(bool streamed) {
 #if defined(__AVX512F__)
   if (streamed) _mm_sfence();
@@ -498,7 +499,7 @@ void grad_row(const T* x, T* out, int64_t V, const Sc& sc, A M, A logS, A H, A g
       for (int64_t i = 0; j + i < V; ++i) Elem<T>::template store<A>(out + j + i, g[i]);
     }
     if (has_tok) Elem<T>::template store<A>(out + tok, g_tok);
-    stream_done<T>(nt);
+    stream_done(nt);
   };
   if (c.fast)
     run(std::true_type{});
