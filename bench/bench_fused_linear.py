@@ -9,7 +9,12 @@ weight of ``sum(logp * a + entropy * b)``):
 * ``eager``: ``hidden @ weight.T`` (bf16 logits) + ``log_softmax(.float())`` + gather + entropy,
   the way trainers write it; ``compile``: that function under ``torch.compile``;
 * ``fastrlhf``: :func:`fastrlhf.ops.fused_linear.linear_token_logprobs` (backend auto);
-* ``trl``: TRL's ``ChunkedLogProbFunction`` (cuBLAS tiles + a Triton fold), when installed.
+* ``trl``: TRL's ``ChunkedLogProbFunction`` (cuBLAS tiles + a Triton fold), when installed;
+* ``gemms``: not an implementation but a floor: only the matmuls, with the same BLAS and inputs
+  -- forward ``hidden @ weight.T``; forward + backward also ``G @ weight`` and ``G.T @ hidden``
+  for a ``[N, V]`` ``G`` (the logits themselves) -- the least time any implementation that forms
+  the logits and both gradients by matmul can take (6NHV flops; fastrlhf's recomputing backward
+  does 8NHV, see ARCHITECTURE.md).
 
 op ``fused_linear_ppo_loss`` ([16, 1024] tokens, per-sequence advantages, clip 0.2, token-mean;
 fwd+bwd only):
@@ -18,7 +23,8 @@ fwd+bwd only):
 * ``fastrlhf-logits``: bf16 logits (cuBLAS) + ``fastrlhf.fused_ppo_loss``, when available;
 * ``fastrlhf``: :func:`fastrlhf.ops.fused_linear.fused_linear_ppo_loss`;
 * ``liger``: Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (beta 0, same clip and aggregation),
-  when installed.
+  when installed;
+* ``gemms``: the floor of the three matmuls, as above.
 
 Every implementation is checked against eager on the same inputs before it is timed (rows that
 disagree are recorded as skipped, with the discrepancy); the implementations of one op / mode /
@@ -78,12 +84,24 @@ def _trl():
     return f
 
 
+def _gemms(hidden, weight, tokens):
+    """The floor row: the logits matmul alone (the caller adds the two gradient matmuls)."""
+    return hidden @ weight.T
+
+
+def _gemm_grads(logits, hidden, weight):
+    """The two gradient matmuls of the floor row, with the logits standing in for d loss /
+    d logits (same shape and dtype): ``dhidden = G @ W``, ``dweight = G.T @ hidden``."""
+    return logits @ weight, logits.T @ hidden
+
+
 def _logprob_impls(with_compile):
     impls = {"eager": lambda: _eager}
     if with_compile:
         impls["compile"] = lambda: torch.compile(_eager, dynamic=False)
     impls["fastrlhf"] = lambda: _fastrlhf
     impls["trl"] = _trl
+    impls["gemms"] = lambda: _gemms
     return impls
 
 
@@ -159,7 +177,7 @@ def _bench_logprobs(rows, device, N, H, V, hidden, weight, tokens, with_compile,
     for name, make in _logprob_impls(with_compile).items():
         try:
             fn = make()
-            if name != "eager":
+            if name not in ("eager", "gemms"):
                 with torch.no_grad():
                     lp, h = fn(hidden[:256], weight, tokens[:256])
                 why = _agree(lp, e_lp, 5e-2) or _agree(h, e_h, 5e-2)
@@ -177,11 +195,15 @@ def _bench_logprobs(rows, device, N, H, V, hidden, weight, tokens, with_compile,
                        flops=(2 if mode == "fwd" else 6) * N * H * V)
             if name == "fastrlhf":
                 row["backend"] = backend
+            if name == "gemms":
+                row["floor"] = True
             if mode == "fwd":
                 def step(fn=fn):
                     with torch.no_grad():
                         return fn(hidden, weight, tokens)
                 entries.append((row, step))
+            elif name == "gemms":
+                entries.append((row, _gemm_floor_step(hidden, weight)))
             else:
                 hl = hidden.detach().clone().requires_grad_(True)
                 wl = weight.detach().clone().requires_grad_(True)
@@ -201,6 +223,15 @@ def _bench_logprobs(rows, device, N, H, V, hidden, weight, tokens, with_compile,
                 torch.cuda.empty_cache()
         _group(entries, on_gpu)
         del entries
+
+
+def _gemm_floor_step(hidden, weight):
+    """The three matmuls of a forward + backward (no grad mode: nothing else is computed)."""
+    def step():
+        with torch.no_grad():
+            logits = _gemms(hidden, weight, None)
+            return _gemm_grads(logits, hidden, weight)
+    return step
 
 
 def _bench_ppo(rows, device, N, H, V, hidden, weight, tokens, backend):
@@ -256,6 +287,10 @@ def _bench_ppo(rows, device, N, H, V, hidden, weight, tokens, backend):
             entries = []
             del hl, wl, step, drop
             torch.cuda.empty_cache()
+    row = dict(op=op, impl="gemms", mode="fwd+bwd", shape=shape, dtype=_DTYPE["name"],
+               flops=6 * B * T * H * V, floor=True)
+    entries.append((row, _gemm_floor_step(h3.reshape(B * T, H), weight)))
+    rows.append(row)
     _group(entries, on_gpu)
 
 

@@ -1027,15 +1027,20 @@ def test_torch_compile_fullgraph(native):
     assert_close("compiled grad", lin.weight.grad, g, atol=1e-6)
 
 
+def _bench_module(name):
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_bench_cpu_rate_reports_every_loop(native, tmp_path):
     # bench/bench_cpu_rate.py (the loops' compute-rate instrument) on a tiny problem: one row per
     # (loop, dtype, temperature), positive rates, and the JSON it writes.
-    import importlib.util
     import json
-    path = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_cpu_rate.py")
-    spec = importlib.util.spec_from_file_location("bench_cpu_rate", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench_module("bench_cpu_rate")
     out = tmp_path / "rate.json"
     threads = torch.get_num_threads()
     try:
@@ -1047,6 +1052,34 @@ def test_bench_cpu_rate_reports_every_loop(native, tmp_path):
                     for d in ("fp32", "bf16") for t in (1.0, 0.7)}
     assert all(r["gelem_s"] > 0 and r["ms"] > 0 for r in rows)
     assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_bench_cpu_small_times_every_layer_in_both_conditions(native, tmp_path):
+    # bench/bench_cpu_small.py (where a small token_logprobs call's time goes) on a tiny shape:
+    # one row per (layer, condition), positive times, and the JSON it writes.
+    import json
+    mod = _bench_module("bench_cpu_small")
+    out = tmp_path / "small.json"
+    rows = mod.main(["--shape", "5x70", "--rounds", "3", "--out", str(out)])
+    layers = ("kernel", "kernel-bwd", "fwd", "fwd-grad", "fwd+bwd", "harness", "eager-fwd",
+              "eager-fwd+bwd")
+    assert {(r["layer"], r["condition"]) for r in rows} == {
+        (layer, c) for layer in layers for c in ("warm", "after-eager")}
+    assert all(r["us"] > 0 and r["repeats"] == 3 and r["shape"] == "5x70" for r in rows)
+    assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_bench_fused_linear_gemm_floor_is_the_three_matmuls():
+    # The "gemms" floor rows of bench/bench_fused_linear.py time exactly the op's matmuls:
+    # logits = h W^T, then G W and G^T h with the logits standing in for G.
+    mod = _bench_module("bench_fused_linear")
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(6, 5, generator=g), torch.randn(9, 5, generator=g)
+    dh, dw = mod._gemm_floor_step(h, w)()
+    logits = h @ w.T
+    assert torch.equal(mod._gemms(h, w, None), logits)
+    assert torch.allclose(dh, logits @ w) and torch.allclose(dw, logits.T @ h)
+    assert dh.shape == h.shape and dw.shape == w.shape
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
