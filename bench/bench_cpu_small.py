@@ -22,14 +22,15 @@ Layers (bf16 logits, int64 tokens, entropy on, as in ``bench_logprobs.py``):
   part of ``fwd+bwd`` any implementation pays;
 * ``eager-fwd`` / ``eager-fwd+bwd``: the eager reference, for the ratios.
 
-``python bench/bench_cpu_small.py [--shape 256x2048] [--rounds 200] [--out FILE]``: medians
-and interquartile ranges in microseconds.
+``python bench/bench_cpu_small.py [--shape 256x2048] [--rounds 200] [--out FILE]``: prints
+medians and interquartile ranges in microseconds; ``--out`` writes the rows (``impl`` the layer,
+``condition``, ``ms`` / ``iqr_ms``) as a result file (bench ``cpu_small``) that ``fastrlhf
+report`` renders.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -44,6 +45,12 @@ def _eager(logits, tokens):
     logsm = torch.log_softmax(logits.float(), dim=-1)
     logp = logsm.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return logp, -(logsm.exp() * logsm).sum(-1)
+
+
+# the pass(es) each layer times: fwd, the gradient sweep alone (bwd), or both
+MODES = {"kernel": "fwd", "kernel-bwd": "bwd", "fwd": "fwd", "fwd-grad": "fwd",
+         "fwd+bwd": "fwd+bwd", "harness": "fwd+bwd", "eager-fwd": "fwd",
+         "eager-fwd+bwd": "fwd+bwd"}
 
 
 def run(N: int, V: int, rounds: int) -> list[dict]:
@@ -124,10 +131,9 @@ def run(N: int, V: int, rounds: int) -> list[dict]:
     rows = []
     for (name, cond), ts in times.items():
         s = common.spread([t / 1e3 for t in ts])
-        rows.append(dict(op="token_logprobs", layer=name, condition=cond, shape=f"{N}x{V}",
-                         dtype="bf16", us=round(s["ms"] * 1e3, 1),
-                         iqr_us=round(s["iqr_ms"] * 1e3, 1), repeats=s["repeats"],
-                         threads=torch.get_num_threads()))
+        rows.append(common.finish_row(dict(
+            op="token_logprobs", mode=MODES[name], impl=name, condition=cond, shape=f"{N}x{V}",
+            dtype="bf16", threads=torch.get_num_threads(), **s), copy_gbps=None))
     return rows
 
 
@@ -139,14 +145,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     N, V = (int(v) for v in args.shape.split("x"))
     rows = run(N, V, args.rounds)
-    by = {(r["layer"], r["condition"]): r for r in rows}
+    by = {(r["impl"], r["condition"]): r for r in rows}
     print(f"{'layer':<15}{'warm us':>10}{'iqr':>8}{'after-eager us':>16}{'iqr':>8}")
-    for layer in dict.fromkeys(r["layer"] for r in rows):
+    for layer in MODES:
         w, c = by[(layer, "warm")], by[(layer, "after-eager")]
-        print(f"{layer:<15}{w['us']:>10}{w['iqr_us']:>8}{c['us']:>16}{c['iqr_us']:>8}")
+        print(f"{layer:<15}{w['ms'] * 1e3:>10.1f}{w['iqr_ms'] * 1e3:>8.1f}"
+              f"{c['ms'] * 1e3:>16.1f}{c['iqr_ms'] * 1e3:>8.1f}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"env": common.environment("cpu"), "rows": rows}, f, indent=1)
+        common.write_results(args.out, common.environment("cpu"), None, {"cpu_small": rows})
         print(f"wrote {args.out}")
     return rows
 

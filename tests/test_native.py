@@ -1063,10 +1063,10 @@ def test_bench_cpu_small_times_every_layer_in_both_conditions(native, tmp_path):
     rows = mod.main(["--shape", "5x70", "--rounds", "3", "--out", str(out)])
     layers = ("kernel", "kernel-bwd", "fwd", "fwd-grad", "fwd+bwd", "harness", "eager-fwd",
               "eager-fwd+bwd")
-    assert {(r["layer"], r["condition"]) for r in rows} == {
+    assert {(r["impl"], r["condition"]) for r in rows} == {
         (layer, c) for layer in layers for c in ("warm", "after-eager")}
-    assert all(r["us"] > 0 and r["repeats"] == 3 and r["shape"] == "5x70" for r in rows)
-    assert json.loads(out.read_text())["rows"] == rows
+    assert all(r["ms"] > 0 and r["repeats"] == 3 and r["shape"] == "5x70" for r in rows)
+    assert json.loads(out.read_text())["benchmarks"]["cpu_small"]["rows"] == rows
 
 
 def test_bench_fused_linear_gemm_floor_is_the_three_matmuls():
