@@ -10,19 +10,18 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 
-from . import native
+from . import config, native
 from .tables import BACKENDS
 
 __all__ = ["BACKENDS", "requested", "resolve", "native_available", "interpret_env"]
 
 
 def interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return config.env("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def native_available() -> bool:
@@ -38,7 +37,7 @@ def requested(backend: str | None, *, op: str) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        env = os.environ.get("FASTRLHF_BACKEND", "").strip().lower()
+        env = config.env("FASTRLHF_BACKEND", "").strip().lower()
         if env and env != "auto":
             if env not in BACKENDS:
                 raise ValueError(f"FASTRLHF_BACKEND must be one of {BACKENDS}, got {env!r}")
