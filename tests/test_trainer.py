@@ -22,7 +22,7 @@ import torch
 pytest.importorskip("transformers")
 
 from helpers import DEVICE, TRITON_OK, assert_close  # noqa: E402
-from trainer_helpers import assert_first_update_replays, subprocess_env  # noqa: E402
+from trainer_helpers import assert_first_update_replays, failure_text, subprocess_env  # noqa: E402
 
 import fastrlhf as fr  # noqa: E402
 
@@ -359,6 +359,47 @@ def test_resume_after_kill_is_exact(tmp_path):
 # 4. data parallel: 2 CPU processes (DDP or FSDP2, gloo) == 1 process on the same global batch
 # ------------------------------------------------------------------------------------------------
 
+_CLOSE_SCRIPT = """
+import gc, os, weakref
+import torch, torch.distributed as dist
+from fastrlhf.trainer.distributed import Runtime
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"], RANK="0",
+                  WORLD_SIZE="1")
+dist.init_process_group("gloo")
+rt = Runtime(owns_group=True)
+gc.disable()  # only close() may collect
+
+def run():  # the trainer's models end with the run's locals, DDP and FSDP2 wrappers alike
+    ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 3))
+    ddp(torch.randn(2, 3)).sum().backward()
+    fsdp = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    torch.distributed.fsdp.fully_shard(fsdp)
+    fsdp(torch.randn(2, 3)).sum().backward()
+    return weakref.ref(ddp), weakref.ref(fsdp)
+
+refs = run()
+print("alive after the run", [r() is not None for r in refs])
+rt.close()
+print("alive after close", [r() is not None for r in refs], dist.is_initialized())
+"""
+
+
+def test_runtime_close_collects_the_wrappers_before_destroying_the_group(tmp_path):
+    # DDP / FSDP2 modules sit in reference cycles: without a collection they would outlive the
+    # run until some later GC pass, destroying their reducer's process group then (possibly at
+    # interpreter shutdown).  Runtime.close() collects them while the group exists.
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "-c", _CLOSE_SCRIPT], env={**subprocess_env(),
+                       "PORT": str(port)}, cwd=tmp_path, capture_output=True, timeout=120)
+    assert r.returncode == 0, failure_text(r.stderr)
+    out = r.stdout.decode()
+    assert "alive after the run [True, True]" in out, out  # the cycles are real
+    assert "alive after close [False, False] False" in out, out
+
+
 @pytest.mark.parametrize("parallel, packed", [("ddp", False), ("fsdp2", False), ("fsdp2", True)],
                          ids=["ddp", "fsdp2", "fsdp2-packed"])
 def test_data_parallel_update_equals_single_process(tmp_path, parallel, packed):
@@ -371,7 +412,7 @@ def test_data_parallel_update_equals_single_process(tmp_path, parallel, packed):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "fastrlhf.train", "--out", str(out)] + to_flags(kw)
     r = subprocess.run(cmd, env=subprocess_env(), cwd=tmp_path, capture_output=True, timeout=300)
-    assert r.returncode == 0, r.stderr.decode()[-4000:]
+    assert r.returncode == 0, failure_text(r.stderr)
     assert f"world 2 ({parallel})" in r.stdout.decode() + r.stderr.decode()
     dump = torch.load(out / "debug" / "first_update.pt", weights_only=False)
     assert dump["world"] == 2

@@ -25,7 +25,7 @@ import torch.distributed as dist
 pytest.importorskip("transformers")
 
 from helpers import assert_close, run_gloo  # noqa: E402
-from trainer_helpers import assert_first_update_replays, subprocess_env  # noqa: E402
+from trainer_helpers import assert_first_update_replays, failure_text, subprocess_env  # noqa: E402
 
 from fastrlhf.trainer.cli import to_flags  # noqa: E402
 
@@ -203,7 +203,7 @@ def _torchrun(nproc, args, cwd):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", "-m", "fastrlhf.train"] + args
     r = subprocess.run(cmd, env=subprocess_env(), cwd=cwd, capture_output=True, timeout=300)
-    assert r.returncode == 0, r.stderr.decode()[-4000:]
+    assert r.returncode == 0, failure_text(r.stderr)
     return r.stdout.decode() + r.stderr.decode()
 
 

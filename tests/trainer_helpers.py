@@ -11,11 +11,25 @@ def subprocess_env() -> dict:
     """This environment with the reference / native backends (no Triton interpreter) and one
     OpenMP thread per process.  fastrlhf is importable through its install; the checkout is
     not put on PYTHONPATH, where its root's ``kernels/`` would shadow the PyPI ``kernels``
-    package that recent transformers imports."""
+    package that recent transformers imports.  ``PYTHONFAULTHANDLER``: a process killed by a
+    fatal signal (an abort in C++) prints every thread's Python stack first (see
+    :func:`failure_text`)."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONFAULTHANDLER"] = "1"
     return env
+
+
+def failure_text(stderr: bytes, tail: int = 3000) -> str:
+    """What a failed subprocess run says: the fault handler's reports of the processes that
+    died on a signal (which a launcher's own error report would push out of a plain tail),
+    then the last ``tail`` characters."""
+    text = stderr.decode(errors="replace")
+    start = text.find("Fatal Python error")
+    if 0 <= start < len(text) - tail:  # not already in the tail
+        return text[start:start + 6000] + "\n...\n" + text[-tail:]
+    return text[-tail:]
 
 
 def assert_first_update_replays(kw: dict, dump: dict, batch, kl_coef: float, shards: int,

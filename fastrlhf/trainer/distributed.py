@@ -31,6 +31,7 @@ ranks is the data-parallel mean).  Losses and metrics are normalised and reduced
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import os
 from dataclasses import dataclass
@@ -113,7 +114,16 @@ class Runtime:
             dist.barrier()
 
     def close(self) -> None:
+        """Destroy the process group this runtime created (none otherwise).
+
+        A ``DistributedDataParallel`` / FSDP2 module lives in reference cycles (its hooks), so
+        it outlives the run's locals until a garbage-collection pass; its reducer holds the
+        process group.  Collecting first destroys those while the group and the interpreter are
+        fully alive, instead of at some later pass -- possibly during interpreter shutdown,
+        after the group was destroyed (a rank of a 2-process CPU run once aborted with
+        "terminate called without an active exception" at about that point)."""
         if self.owns_group and dist.is_initialized():
+            gc.collect()
             dist.destroy_process_group()
 
 
