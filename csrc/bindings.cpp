@@ -290,7 +290,7 @@ fn::FusedArgs fused_args(int64_t N, int64_t B, at::ScalarType acc, const Tensor&
                          double inv_temp, int64_t ignore_index, double lo, double hi,
                          optional<double> dual, bool seq, double kl_coef, int64_t kl_val,
                          int64_t kl_grad, double ent_coef, bool write_grad, const Tensor& aux,
-                         const Tensor& loss, const Tensor& stats) {
+                         const Tensor& loss, const Tensor& stats, bool defer = false) {
   check_out(tokens, "tokens", at::kLong, N);
   check_out(old_logp, "old_logp", acc, N);
   const bool adv_row = adv.numel() == B && N != B;
@@ -298,7 +298,8 @@ fn::FusedArgs fused_args(int64_t N, int64_t B, at::ScalarType acc, const Tensor&
   if (ref_logp.has_value()) check_out(*ref_logp, "ref_logp", acc, N);
   check_out(mask, "mask", acc, N);
   check_out(coef, "coef", acc, B);
-  check_out(aux, "aux", acc, 7 * N);
+  TORCH_CHECK(!(defer && write_grad), "fastrlhf native: a deferred gradient is not written now");
+  check_out(aux, "aux", acc, (defer ? fn::kFusedAuxRowsDeferred : fn::kFusedAuxRows) * N);
   check_out(loss, "loss", acc, 1);
   check_out(stats, "stats", acc, 5);
   TORCH_CHECK(kl_val >= 0 && kl_val <= 3 && kl_grad >= 0 && kl_grad <= 3,
@@ -314,6 +315,7 @@ fn::FusedArgs fused_args(int64_t N, int64_t B, at::ScalarType acc, const Tensor&
   fa.kl_grad = static_cast<int>(kl_grad);
   fa.ent_coef = ent_coef;
   fa.write_grad = write_grad;
+  fa.defer = defer;
   return fa;
 }
 
@@ -327,7 +329,7 @@ void fused_loss_fwd(const Tensor& logits, const optional<Tensor>& dlogits,
                     double inv_temp, int64_t ignore_index, double lo, double hi,
                     optional<double> dual, bool seq, double kl_coef, int64_t kl_val,
                     int64_t kl_grad, double ent_coef, bool write_grad, const Tensor& aux,
-                    const Tensor& loss, const Tensor& stats) {
+                    const Tensor& loss, const Tensor& stats, bool defer) {
   check_cpu(logits, "logits");
   check_rows_in_bounds(logits, dims, strides, V, "logits");
   const int64_t N = dims[0] * dims[1] * dims[2];
@@ -335,7 +337,7 @@ void fused_loss_fwd(const Tensor& logits, const optional<Tensor>& dlogits,
   const fn::FusedArgs fa = fused_args(
       N, B, acc_of(logits.scalar_type()), tokens, old_logp, adv, ref_logp, mask, coef, inv_temp,
       ignore_index, lo, hi, dual, seq, kl_coef, kl_val, kl_grad, ent_coef, write_grad, aux, loss,
-      stats);
+      stats, defer);
   void* dl = nullptr;
   if (write_grad) {
     TORCH_CHECK(dlogits.has_value(), "fastrlhf native: gradient buffer missing");
@@ -363,7 +365,7 @@ std::tuple<Tensor, int64_t> fused_loss_call(
     const optional<Tensor>& ref_logp, const Tensor& mask, const Tensor& coef, double inv_temp,
     int64_t ignore_index, double lo, double hi, optional<double> dual, bool seq, double kl_coef,
     int64_t kl_val, int64_t kl_grad, double ent_coef, bool write_grad, bool check_tokens,
-    const Tensor& aux, const Tensor& loss, const Tensor& stats) {
+    const Tensor& aux, const Tensor& loss, const Tensor& stats, bool defer) {
   check_cpu(logits, "logits");
   const auto acc = acc_of(logits.scalar_type());
   for (const Tensor* t : {&tokens, &old_logp, &adv, &mask, &coef}) check_cpu(*t, "input");
@@ -376,8 +378,39 @@ std::tuple<Tensor, int64_t> fused_loss_call(
   fused_loss_fwd(logits, dlogits, std::move(dims), std::move(strides), std::move(ostrides), V, B,
                  T, tok, flat(old_logp), flat(adv), ref, flat(mask), coef.to(acc).contiguous(),
                  inv_temp, ignore_index, lo, hi, dual, seq, kl_coef, kl_val, kl_grad, ent_coef,
-                 write_grad, aux, loss, stats);
-  return {aux.view({7, B, T}).narrow(0, 1, 3).clone(), -1};
+                 write_grad, aux, loss, stats, defer);
+  const int64_t rows = defer ? fn::kFusedAuxRowsDeferred : fn::kFusedAuxRows;
+  return {aux.view({rows, B, T}).narrow(0, 1, 3).clone(), -1};
+}
+
+// The deferred fused-loss gradient (grad_timing="backward"; fn::fused_loss_grad): rows of
+// `logits` as logprobs_bwd, the per-token coefficients g_lp / g_h [N] and statistics lse [N, 2]
+// / ent [N] from fused_loss_call(defer=True), the upstream gradient a host scalar.
+void fused_loss_grad(const Tensor& logits, const Tensor& out, std::vector<int64_t> dims,
+                     std::vector<int64_t> strides, std::vector<int64_t> ostrides, int64_t V,
+                     const Tensor& tokens, const Tensor& lse, const optional<Tensor>& ent,
+                     const Tensor& g_lp, const optional<Tensor>& g_h, double upstream,
+                     double inv_temp, int64_t ignore_index) {
+  check_cpu(logits, "logits");
+  check_cpu(out, "out");
+  TORCH_CHECK(out.scalar_type() == logits.scalar_type(), "fastrlhf native: out dtype");
+  check_rows_in_bounds(logits, dims, strides, V, "logits");
+  check_rows_in_bounds(out, dims, ostrides, V, "out");
+  const int64_t N = dims[0] * dims[1] * dims[2];
+  const auto acc = acc_of(logits.scalar_type());
+  check_out(tokens, "tokens", at::kLong, N);
+  check_out(lse, "lse", acc, 2 * N);
+  check_out(g_lp, "g_lp", acc, N);
+  TORCH_CHECK(g_h.has_value() == ent.has_value(), "fastrlhf native: g_h and ent come together");
+  if (g_h.has_value()) {
+    check_out(*g_h, "g_h", acc, N);
+    check_out(*ent, "ent", acc, N);
+  }
+  if (N == 0 || V == 0) return;
+  fn::fused_loss_grad(logits.data_ptr(), out.data_ptr(), logits.scalar_type(), dims.data(),
+                      strides.data(), ostrides.data(), V, tokens.data_ptr<int64_t>(),
+                      g_lp.data_ptr(), ptr_or_null(g_h), lse.data_ptr(), ptr_or_null(ent),
+                      upstream, inv_temp, ignore_index);
 }
 
 // The fused loss's stored gradient times an upstream gradient other than 1, in place.
@@ -493,6 +526,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("value_bwd", &value_bwd, rel());
   m.def("fused_loss_call", &fused_loss_call, rel());
   m.def("scale_rows", &scale_rows, rel());
+  m.def("fused_loss_grad", &fused_loss_grad, rel());
   m.def("logprobs_call", &logprobs_call, rel());
   m.def("linear_logprobs_fwd", &linear_logprobs_fwd, rel());
   m.def("linear_logprobs_bwd", &linear_logprobs_bwd, rel());

@@ -28,8 +28,8 @@ struct FusedTokens {
 };
 
 // aux rows (each [N]): 0 loss term, 1 logp, 2 entropy, 3 kl, 4 clipped, 5 clipped_lower,
-// 6 approx_kl term.
-constexpr int kFusedAuxRows = 7;
+// 6 approx_kl term; with FusedArgs::defer also 7 g_lp, 8 g_h, 9 M, 10 log S (kFusedAuxRows /
+// kFusedAuxRowsDeferred in native.h).
 
 template <typename S, typename A, typename Sc>
 class FusedRow {
@@ -90,6 +90,14 @@ class FusedRow {
     aux_[4 * N + row] = clipped ? A(1) : A(0);
     aux_[5 * N + row] = lower ? A(1) : A(0);
     aux_[6 * N + row] = akl;
+    if (fa_.defer) {  // the coefficients of a later gradient sweep (fused_loss_grad)
+      const bool ignored = in_.tokens[row] == fa_.ignore_index;
+      aux_[7 * N + row] = w != A(0) && !ignored ? w * (dpg + kl_coef_ * dkl) : A(0);
+      aux_[8 * N + row] = w != A(0) ? -w * ent_coef_ : A(0);
+      aux_[9 * N + row] = M;
+      aux_[10 * N + row] = logS;
+      return;
+    }
     if (!fa_.write_grad) return;
     if (w == A(0)) {  // masked token: zero gradient, the logits are not read again
       zero_row(out, V_);

@@ -60,10 +60,14 @@ void fwd_impl(const void* logits_v, const int64_t* dims, const int64_t* strides,
   });
 }
 
+// The gradient sweep of token_logprobs (logprobs_bwd) and of the deferred fused loss
+// (fused_loss_grad: coefficients times `upstream`, and rows whose coefficients are both 0 written
+// as zeros without being read -- `zero_dead`).
 template <typename T, typename A, bool HAS_DENT>
 void bwd_impl(const void* logits_v, void* out_v, const int64_t* dims, const int64_t* strides,
               const int64_t* ostrides, int64_t V, const int64_t* tokens, const A* dlogp,
-              const A* dent, const A* lse, const A* ent, double inv_temp_d, int64_t ignore_index) {
+              const A* dent, const A* lse, const A* ent, double inv_temp_d, int64_t ignore_index,
+              A upstream = A(1), bool zero_dead = false) {
   const T* logits = static_cast<const T*>(logits_v);
   T* out = static_cast<T*>(out_v);
   const RowLayout lay{dims[1], dims[2], strides[0], strides[1], strides[2]};
@@ -81,9 +85,14 @@ void bwd_impl(const void* logits_v, void* out_v, const int64_t* dims, const int6
         tok = tokens[row];
         g_lp = (tok == ignore_index || dlogp == nullptr) ? A(0) : dlogp[row];
       }
+      const A g_h = HAS_DENT ? dent[row] : A(0);
+      if (zero_dead && g_lp == A(0) && g_h == A(0)) {
+        zero_row(out + olay.offset(row), V);
+        continue;
+      }
       grad_row<T, A, HAS_DENT>(logits + lay.offset(row), out + olay.offset(row), V, sc,
-                               lse[2 * row], lse[2 * row + 1], HAS_DENT ? ent[row] : A(0), g_lp,
-                               HAS_DENT ? dent[row] : A(0), tok, buf.data(), stream);
+                               lse[2 * row], lse[2 * row + 1], HAS_DENT ? ent[row] : A(0),
+                               g_lp * upstream, g_h * upstream, tok, buf.data(), stream);
     }
   });
   });
@@ -117,6 +126,27 @@ void logprobs_bwd(const void* logits, void* out, ScalarType dt, const int64_t* d
     else
       bwd_impl<T, A, false>(logits, out, dims, strides, ostrides, V, tokens, dl, dh, ls, en,
                             inv_temp, ignore_index);
+  });
+}
+
+void fused_loss_grad(const void* logits, void* out, ScalarType dt, const int64_t* dims,
+                     const int64_t* strides, const int64_t* ostrides, int64_t V,
+                     const int64_t* tokens, const void* g_lp, const void* g_h, const void* lse,
+                     const void* ent, double upstream, double inv_temp, int64_t ignore_index) {
+  dispatch_logits(dt, [&](auto t, auto a) {
+    using T = decltype(t);
+    using A = decltype(a);
+    const A* gl = static_cast<const A*>(g_lp);
+    const A* gh = static_cast<const A*>(g_h);
+    const A* ls = static_cast<const A*>(lse);
+    const A* en = static_cast<const A*>(ent);
+    const A u = static_cast<A>(upstream);
+    if (gh)
+      bwd_impl<T, A, true>(logits, out, dims, strides, ostrides, V, tokens, gl, gh, ls, en,
+                           inv_temp, ignore_index, u, true);
+    else
+      bwd_impl<T, A, false>(logits, out, dims, strides, ostrides, V, tokens, gl, gh, ls, en,
+                            inv_temp, ignore_index, u, true);
   });
 }
 

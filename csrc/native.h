@@ -76,7 +76,13 @@ struct FusedArgs {
   int kl_val = 3, kl_grad = 3;  // KL estimator codes for the value and the gradient (kl.py)
   double ent_coef = 0.0;
   bool write_grad = false;
+  // grad_timing="backward": no gradient now; aux gets 4 more rows, the inputs of a later
+  // fused_loss_grad sweep: 7 g_lp, 8 g_h (d loss / d logp, d loss / d H; 0 for tokens that do
+  // not count), 9 M, 10 log S (the row statistics).
+  bool defer = false;
 };
+constexpr int kFusedAuxRows = 7;           // aux rows of the fused loss (fused_row.h) ...
+constexpr int kFusedAuxRowsDeferred = 11;  // ... and with FusedArgs::defer
 
 // logits rows as logprobs_fwd ([B, T] tokens = dims), gradient rows into dlogits at ostrides (may
 // alias logits; ignored unless write_grad).  Per-token inputs: contiguous [N] of the accumulation
@@ -88,6 +94,15 @@ void fused_loss_fwd(const void* logits, void* dlogits, ScalarType dt, const int6
                     int64_t T, const int64_t* tokens, const void* old_logp, const void* adv,
                     const void* ref_logp, const void* mask, const void* coef,
                     const FusedArgs& fa, void* aux, void* loss, void* stats);
+// The deferred fused-loss gradient (grad_timing="backward"): one sweep writing
+// upstream * (g_lp (onehot - p) - g_h p (log p + H)) * inv_temp per row from the saved
+// statistics (lse [N, 2] = M, log S; ent [N]); g_lp is taken as 0 where the token is
+// ignore_index, and a row whose g_lp and g_h are both 0 is written as zeros without being read
+// (masked tokens; NaN there stays out).  g_h / ent null: no entropy term.  out may alias logits.
+void fused_loss_grad(const void* logits, void* out, ScalarType dt, const int64_t* dims,
+                     const int64_t* strides, const int64_t* ostrides, int64_t V,
+                     const int64_t* tokens, const void* g_lp, const void* g_h, const void* lse,
+                     const void* ent, double upstream, double inv_temp, int64_t ignore_index);
 // Sequences per group of the GSPO passes (fused_loss_fwd): as many sequences of seq_bytes
 // logits as fit three quarters of every thread's L2 cache, at least 1; B when one does not fit.
 int64_t gspo_seq_group(int64_t seq_bytes, int64_t B);

@@ -51,6 +51,7 @@ from .tables import AGG_MODE_IDS, acc_dtype
 __all__ = ["available", "load", "build_error", "source_dir", "logprobs_fwd", "logprobs_call",
            "logprobs_bwd",
            "gae_fwd", "policy_fwd", "policy_bwd", "value_fwd", "value_bwd", "fused_loss_call",
+           "fused_loss_grad",
            "scale_rows", "linear_logprobs_fwd", "linear_logprobs_bwd", "fused_linear_loss_fwd"]
 
 _log = logging.getLogger("fastrlhf")
@@ -336,7 +337,7 @@ def value_bwd(grad_out, values, old_values, returns, mask, coef, clip, cu=None):
 
 def fused_loss_call(logits, dlogits, dims, strides, out_strides, V, B, T, tokens, old_logp, adv,
                     ref_logp, mask, coef, *, inv_temp, ignore_index, lo, hi, dual, seq, kl_coef,
-                    kl_val, kl_grad, ent_coef, write_grad, check_tokens):
+                    kl_val, kl_grad, ent_coef, write_grad, check_tokens, defer=False):
     """The whole fused loss of ``[B, T]`` rows in one extension call (the C++ counterpart of
     :func:`fastrlhf.kernels.fused_loss.fused_loss_fwd` with the row sums and statistics done
     inside): ``(loss [], stats [5], per_token [3, B, T], bad)`` and, when ``write_grad``,
@@ -346,16 +347,37 @@ def fused_loss_call(logits, dlogits, dims, strides, out_strides, V, B, T, tokens
     float / int dtype): C++ flattens them and converts them to the accumulation dtype, and checks
     the ids when ``check_tokens`` -- ``bad`` is then the flat position of the first id outside
     ``[0, V)`` that is not ``ignore_index`` (nothing computed), else -1.  ``coef``: the per-row
-    aggregation weights ``[B]``; GSPO (``seq``) runs its log-prob pass inside."""
+    aggregation weights ``[B]``; GSPO (``seq``) runs its log-prob pass inside.
+
+    ``defer`` (grad_timing="backward"; ``write_grad`` False): also returns the inputs of a later
+    :func:`fused_loss_grad` sweep, ``lse [N, 2]`` (row max, log sum exp) and ``coefs [2, N]``
+    (d loss / d logp, d loss / d H per token; 0 for tokens that do not count), else two Nones."""
     acc = acc_dtype(logits)
-    aux = torch.empty(7, B * T, dtype=acc)
+    aux = torch.empty(11 if defer else 7, B * T, dtype=acc)
     loss = torch.empty((), dtype=acc)
     stats = torch.empty(5, dtype=acc)
     per_token, bad = _ext().fused_loss_call(
         logits, dlogits, list(dims), list(strides), list(out_strides), V, B, T, tokens, old_logp,
         adv, ref_logp, mask, coef, inv_temp, ignore_index, lo, hi, dual, seq, kl_coef, kl_val,
-        kl_grad, ent_coef, write_grad, check_tokens, aux, loss, stats)
-    return loss, stats, per_token, bad
+        kl_grad, ent_coef, write_grad, check_tokens, aux, loss, stats, defer)
+    if not defer:
+        return loss, stats, per_token, bad, None, None
+    return loss, stats, per_token, bad, aux[9:11].t().contiguous(), aux[7:9].clone()
+
+
+def fused_loss_grad(logits, dlogits, dims, strides, out_strides, V, tokens, lse, ent, g_lp, g_h,
+                    upstream, *, inv_temp, ignore_index, has_ent):
+    """The deferred fused-loss gradient (the C++ counterpart of
+    :func:`fastrlhf.kernels.fused_loss.fused_loss_grad`): ``upstream * (g_lp (onehot - p) -
+    g_h p (log p + H)) / T`` into ``dlogits`` (may be ``logits``), one read and one write of
+    each row, none of the read for rows with ``g_lp = g_h = 0``.  ``upstream`` is a one-element
+    CPU tensor, read on the host.  Returns ``dlogits``."""
+    _ext().fused_loss_grad(logits, dlogits, list(dims), list(strides), list(out_strides), V,
+                           _int64(tokens), lse.reshape(-1, 2).contiguous(),
+                           ent.reshape(-1).contiguous() if has_ent else None,
+                           g_lp.contiguous(), g_h.contiguous() if has_ent else None,
+                           float(upstream), inv_temp, ignore_index)
+    return dlogits
 
 
 def scale_rows(x: Tensor, dims, strides, V: int, g: Tensor) -> Tensor:

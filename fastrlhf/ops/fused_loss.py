@@ -20,7 +20,7 @@ buffer by ``g_new / g_old``, so a gradient returned by an earlier backward (e.g.
 ``torch.autograd.grad``) changes with it; after a backward with upstream gradient 0 the buffer
 holds zeros and a later backward gives NaN.
 
-With ``grad_timing="backward"`` (Triton) two more ops take their place:
+With ``grad_timing="backward"`` (Triton and native) two more ops take their place:
 ``fastrlhf::fused_ppo_loss_deferred`` / ``fused_ppo_loss_deferred_ib`` read the logits once in the
 forward (the log-prob kernel's statistics, then the per-token loss terms and the coefficients
 ``d loss / d logp``, ``d loss / d H`` of every token: O(B T) saved) and their backward,
@@ -55,7 +55,7 @@ from .registry import Op, launchers
 __all__ = ["fused_ppo_loss", "FUSED_STATS", "GRAD_TIMINGS"]
 
 OP = "fused_ppo_loss"
-# When the Triton backend writes d loss / d logits: see fused_ppo_loss(grad_timing=...).
+# When the Triton / native backend writes d loss / d logits: see fused_ppo_loss(grad_timing=...).
 GRAD_TIMINGS = ("forward", "backward")
 
 
@@ -70,9 +70,10 @@ def _forward(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tenso
              cu_seqlens: Optional[Tensor], backend: str, defer: bool = False):
     """Returns (loss [], stats [5], per_token [3, B, T], dlogits or None, lse, coefs).
 
-    ``defer`` (Triton only, ``write_grad`` False): the statistics come from the log-prob pass
-    and the kernel only forms the per-token terms; ``lse`` ``[N, 2]`` and ``coefs`` ``[2, N]``
-    (d loss / d logp, d loss / d H) are returned for the deferred backward (else None).
+    ``defer`` (``write_grad`` False): the statistics come from the log-prob pass and the kernel
+    only forms the per-token terms (native: one call does both); ``lse`` ``[N, 2]`` and
+    ``coefs`` ``[2, N]`` (d loss / d logp, d loss / d H) are returned for the deferred backward
+    (else None).
 
     Packed layout (``cu_seqlens``, ``B = 1``, Triton only): ``coef`` is per segment ``[S]``; the
     per-token weights, per-sequence advantages and GSPO ratios are gathered to ``[total]``
@@ -101,14 +102,15 @@ def _forward(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tenso
         # One extension call: the C++ side flattens / converts the per-token inputs, checks the
         # ids and does the rows' sums and statistics (a few microseconds of Python per call
         # where the same steps as tensor ops here cost ~5 us each on a small CPU).
-        loss, stats, per_token, bad = launchers(backend, "fused_loss").fused_loss_call(
+        loss, stats, per_token, bad, lse, coefs = launchers(backend, "fused_loss").fused_loss_call(
             lg, dl, dims, strides, ostrides, V, B, T, tokens, old_logp, advantages, ref_logp,
-            mask, coef, seq=seq, check_tokens=config.check_tokens_enabled(), **scalars)
+            mask, coef, seq=seq, check_tokens=config.check_tokens_enabled(), defer=defer,
+            **scalars)
         if bad >= 0:
             raise_bad_token(OP, tokens, V, ignore_index)
         if inplace and write_grad:
             torch.autograd.graph.increment_version(logits)
-        return loss, stats, per_token, dl, None, None
+        return loss, stats, per_token, dl, lse, coefs
 
     flat = lambda t: t.to(acc).reshape(-1).contiguous()  # noqa: E731  (O(B T) copies at most)
     m = mask.to(acc)
@@ -465,8 +467,8 @@ def fused_ppo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages:
             copied or padded: only ``[total]``-sized vectors are gathered by segment.  Not
             supported by the native backend (``"auto"`` then uses the Triton / reference path;
             ``backend="native"`` raises ValueError).  Validated on the host (one sync).
-        grad_timing: when the Triton backend computes d loss / d logits (the values are the
-            same; only the memory traffic differs, see Cost):
+        grad_timing: when the Triton and native backends compute d loss / d logits (the values
+            are the same; only the memory traffic differs, see Cost):
 
             * ``"forward"`` (default): in the forward launch, right after each row's statistics,
               while the row is still in L2; the backward multiplies the stored gradient by the
@@ -481,10 +483,14 @@ def fused_ppo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages:
               alive until the backward (with ``inplace_backward`` the gradient is written
               over them there).
 
-            The native backend always computes the gradient in the forward (on the CPU the
-            upstream factor is checked on the host: no work when it is 1); the reference and
-            the vocab-parallel path differentiate the composition, which is already a
-            backward-time sweep.
+            The native backend does the same with its own passes: ``"forward"`` keeps each row's
+            exp terms from the statistics sweep for the gradient sweep right after it (on the
+            CPU the upstream factor is checked on the host: no scaling pass when it is 1);
+            ``"backward"`` reads the logits once in the forward and once in the backward, with
+            the exp terms computed again (measured on a 2-core Xeon at 4 x 64 x 8192 bf16:
+            upstream 0.25 1.43 -> 1.19 ms, upstream 1 0.98 -> 1.17 ms, forward + backward).
+            The reference and the vocab-parallel path differentiate the composition, which is
+            already a backward-time sweep.
 
     Returns:
         ``(loss, stats)``: ``loss`` a 0-dim tensor, float32 (float64 for float64 logits; the
@@ -564,7 +570,7 @@ def fused_ppo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages:
             entropy_coef, 1.0 - clip_low, 1.0 + clip_high, dual_clip, temperature,
             ratio_level == "sequence", ignore_index)
     cu = cu_seqlens.detach().contiguous() if packed else None
-    if grad_timing == "backward" and write_grad and which == "triton":
+    if grad_timing == "backward" and write_grad and which in ("triton", "native"):
         out = (_deferred_ib if ib else _deferred)(*args, cu, which)
     else:
         out = (_fused_ib if ib else _fused)(*args, write_grad, cu, which)
