@@ -157,19 +157,28 @@ int64_t logprobs_call(const Tensor& logits, std::vector<int64_t> dims,
   return -1;
 }
 
-void logprobs_bwd(const Tensor& logits, const Tensor& out, std::vector<int64_t> dims,
-                  std::vector<int64_t> strides, std::vector<int64_t> ostrides, int64_t V,
-                  const optional<Tensor>& tokens, const optional<Tensor>& dlogp,
-                  const optional<Tensor>& dent, const Tensor& lse, const optional<Tensor>& ent,
-                  double inv_temp, int64_t ignore_index) {
+// The checks shared by the two gradient sweeps (logprobs_bwd, fused_loss_grad): logits and out
+// on the CPU, of one dtype, their rows in bounds, and lse [N, 2].  Returns N.
+int64_t check_grad_rows(const Tensor& logits, const Tensor& out, const std::vector<int64_t>& dims,
+                        const std::vector<int64_t>& strides,
+                        const std::vector<int64_t>& ostrides, int64_t V, const Tensor& lse) {
   check_cpu(logits, "logits");
   check_cpu(out, "out");
   TORCH_CHECK(out.scalar_type() == logits.scalar_type(), "fastrlhf native: out dtype");
   check_rows_in_bounds(logits, dims, strides, V, "logits");
   check_rows_in_bounds(out, dims, ostrides, V, "out");
   const int64_t N = dims[0] * dims[1] * dims[2];
+  check_out(lse, "lse", acc_of(logits.scalar_type()), 2 * N);
+  return N;
+}
+
+void logprobs_bwd(const Tensor& logits, const Tensor& out, std::vector<int64_t> dims,
+                  std::vector<int64_t> strides, std::vector<int64_t> ostrides, int64_t V,
+                  const optional<Tensor>& tokens, const optional<Tensor>& dlogp,
+                  const optional<Tensor>& dent, const Tensor& lse, const optional<Tensor>& ent,
+                  double inv_temp, int64_t ignore_index) {
+  const int64_t N = check_grad_rows(logits, out, dims, strides, ostrides, V, lse);
   const auto acc = acc_of(logits.scalar_type());
-  check_out(lse, "lse", acc, 2 * N);
   const int64_t* tok = nullptr;
   if (tokens.has_value()) {
     check_out(*tokens, "tokens", at::kLong, N);
@@ -391,15 +400,9 @@ void fused_loss_grad(const Tensor& logits, const Tensor& out, std::vector<int64_
                      const Tensor& tokens, const Tensor& lse, const optional<Tensor>& ent,
                      const Tensor& g_lp, const optional<Tensor>& g_h, double upstream,
                      double inv_temp, int64_t ignore_index) {
-  check_cpu(logits, "logits");
-  check_cpu(out, "out");
-  TORCH_CHECK(out.scalar_type() == logits.scalar_type(), "fastrlhf native: out dtype");
-  check_rows_in_bounds(logits, dims, strides, V, "logits");
-  check_rows_in_bounds(out, dims, ostrides, V, "out");
-  const int64_t N = dims[0] * dims[1] * dims[2];
+  const int64_t N = check_grad_rows(logits, out, dims, strides, ostrides, V, lse);
   const auto acc = acc_of(logits.scalar_type());
   check_out(tokens, "tokens", at::kLong, N);
-  check_out(lse, "lse", acc, 2 * N);
   check_out(g_lp, "g_lp", acc, N);
   TORCH_CHECK(g_h.has_value() == ent.has_value(), "fastrlhf native: g_h and ent come together");
   if (g_h.has_value()) {

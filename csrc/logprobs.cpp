@@ -109,10 +109,13 @@ void logprobs_fwd(const void* logits, ScalarType dt, const int64_t* dims, const 
   });
 }
 
-void logprobs_bwd(const void* logits, void* out, ScalarType dt, const int64_t* dims,
+namespace {
+// bwd_impl for the logits dtype and for whether an entropy coefficient is given (dent / g_h).
+void bwd_dispatch(const void* logits, void* out, ScalarType dt, const int64_t* dims,
                   const int64_t* strides, const int64_t* ostrides, int64_t V,
                   const int64_t* tokens, const void* dlogp, const void* dent, const void* lse,
-                  const void* ent, double inv_temp, int64_t ignore_index) {
+                  const void* ent, double inv_temp, int64_t ignore_index, double upstream,
+                  bool zero_dead) {
   dispatch_logits(dt, [&](auto t, auto a) {
     using T = decltype(t);
     using A = decltype(a);
@@ -120,34 +123,31 @@ void logprobs_bwd(const void* logits, void* out, ScalarType dt, const int64_t* d
     const A* dh = static_cast<const A*>(dent);
     const A* ls = static_cast<const A*>(lse);
     const A* en = static_cast<const A*>(ent);
+    const A u = static_cast<A>(upstream);
     if (dh)
       bwd_impl<T, A, true>(logits, out, dims, strides, ostrides, V, tokens, dl, dh, ls, en,
-                           inv_temp, ignore_index);
+                           inv_temp, ignore_index, u, zero_dead);
     else
       bwd_impl<T, A, false>(logits, out, dims, strides, ostrides, V, tokens, dl, dh, ls, en,
-                            inv_temp, ignore_index);
+                            inv_temp, ignore_index, u, zero_dead);
   });
+}
+}  // namespace
+
+void logprobs_bwd(const void* logits, void* out, ScalarType dt, const int64_t* dims,
+                  const int64_t* strides, const int64_t* ostrides, int64_t V,
+                  const int64_t* tokens, const void* dlogp, const void* dent, const void* lse,
+                  const void* ent, double inv_temp, int64_t ignore_index) {
+  bwd_dispatch(logits, out, dt, dims, strides, ostrides, V, tokens, dlogp, dent, lse, ent,
+               inv_temp, ignore_index, 1.0, false);
 }
 
 void fused_loss_grad(const void* logits, void* out, ScalarType dt, const int64_t* dims,
                      const int64_t* strides, const int64_t* ostrides, int64_t V,
                      const int64_t* tokens, const void* g_lp, const void* g_h, const void* lse,
                      const void* ent, double upstream, double inv_temp, int64_t ignore_index) {
-  dispatch_logits(dt, [&](auto t, auto a) {
-    using T = decltype(t);
-    using A = decltype(a);
-    const A* gl = static_cast<const A*>(g_lp);
-    const A* gh = static_cast<const A*>(g_h);
-    const A* ls = static_cast<const A*>(lse);
-    const A* en = static_cast<const A*>(ent);
-    const A u = static_cast<A>(upstream);
-    if (gh)
-      bwd_impl<T, A, true>(logits, out, dims, strides, ostrides, V, tokens, gl, gh, ls, en,
-                           inv_temp, ignore_index, u, true);
-    else
-      bwd_impl<T, A, false>(logits, out, dims, strides, ostrides, V, tokens, gl, gh, ls, en,
-                            inv_temp, ignore_index, u, true);
-  });
+  bwd_dispatch(logits, out, dt, dims, strides, ostrides, V, tokens, g_lp, g_h, lse, ent,
+               inv_temp, ignore_index, upstream, true);
 }
 
 }  // namespace native
