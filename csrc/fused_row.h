@@ -90,30 +90,32 @@ class FusedRow {
     aux_[4 * N + row] = clipped ? A(1) : A(0);
     aux_[5 * N + row] = lower ? A(1) : A(0);
     aux_[6 * N + row] = akl;
-    if (fa_.defer) {  // the coefficients of a later gradient sweep (fused_loss_grad)
-      const bool ignored = in_.tokens[row] == fa_.ignore_index;
-      aux_[7 * N + row] = w != A(0) && !ignored ? w * (dpg + kl_coef_ * dkl) : A(0);
-      aux_[8 * N + row] = w != A(0) ? -w * ent_coef_ : A(0);
+    // d loss / d logp and d loss / d H of this token (0 for tokens that do not count): the
+    // coefficients of the gradient sweep, here or in a later one (fused_loss_grad)
+    const int64_t tok = in_.tokens[row];
+    const bool live = w != A(0);
+    const A g_lp = live && tok != fa_.ignore_index ? w * (dpg + kl_coef_ * dkl) : A(0);
+    const A g_h = live ? -w * ent_coef_ : A(0);
+    if (fa_.defer) {
+      aux_[7 * N + row] = g_lp;
+      aux_[8 * N + row] = g_h;
       aux_[9 * N + row] = M;
       aux_[10 * N + row] = logS;
       return;
     }
     if (!fa_.write_grad) return;
-    if (w == A(0)) {  // masked token: zero gradient, the logits are not read again
+    if (!live) {  // masked token: zero gradient, the logits are not read again
       zero_row(out, V_);
       return;
     }
-    const int64_t tok = in_.tokens[row];
-    const A g_lp = tok == fa_.ignore_index ? A(0) : w * (dpg + kl_coef_ * dkl);
     if (keep != nullptr) {
       if (ent_coef_ != A(0))
-        grad_row_from_exps<S, A, true>(x, out, V_, sc_, M, logS, H, g_lp, -w * ent_coef_, tok,
-                                       buf, *keep);
+        grad_row_from_exps<S, A, true>(x, out, V_, sc_, M, logS, H, g_lp, g_h, tok, buf, *keep);
       else
         grad_row_from_exps<S, A, false>(x, out, V_, sc_, M, logS, H, g_lp, A(0), tok, buf,
                                         *keep);
     } else if (ent_coef_ != A(0)) {
-      grad_row<S, A, true>(x, out, V_, sc_, M, logS, H, g_lp, -w * ent_coef_, tok, buf);
+      grad_row<S, A, true>(x, out, V_, sc_, M, logS, H, g_lp, g_h, tok, buf);
     } else {
       grad_row<S, A, false>(x, out, V_, sc_, M, logS, H, g_lp, A(0), tok, buf);
     }

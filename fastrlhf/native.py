@@ -362,7 +362,7 @@ def fused_loss_call(logits, dlogits, dims, strides, out_strides, V, B, T, tokens
         kl_grad, ent_coef, write_grad, check_tokens, aux, loss, stats, defer)
     if not defer:
         return loss, stats, per_token, bad, None, None
-    return loss, stats, per_token, bad, aux[9:11].t().contiguous(), aux[7:9].clone()
+    return loss, stats, per_token, bad, aux[9:11].t().contiguous(), aux[7:9]
 
 
 def fused_loss_grad(logits, dlogits, dims, strides, out_strides, V, tokens, lse, ent, g_lp, g_h,
@@ -373,10 +373,8 @@ def fused_loss_grad(logits, dlogits, dims, strides, out_strides, V, tokens, lse,
     each row, none of the read for rows with ``g_lp = g_h = 0``.  ``upstream`` is a one-element
     CPU tensor, read on the host.  Returns ``dlogits``."""
     _ext().fused_loss_grad(logits, dlogits, list(dims), list(strides), list(out_strides), V,
-                           _int64(tokens), lse.reshape(-1, 2).contiguous(),
-                           ent.reshape(-1).contiguous() if has_ent else None,
-                           g_lp.contiguous(), g_h.contiguous() if has_ent else None,
-                           float(upstream), inv_temp, ignore_index)
+                           _int64(tokens), lse, ent if has_ent else None, g_lp,
+                           g_h if has_ent else None, float(upstream), inv_temp, ignore_index)
     return dlogits
 
 
