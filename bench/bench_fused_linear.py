@@ -195,8 +195,6 @@ def _bench_logprobs(rows, device, N, H, V, hidden, weight, tokens, with_compile,
                        flops=(2 if mode == "fwd" else 6) * N * H * V)
             if name == "fastrlhf":
                 row["backend"] = backend
-            if name == "gemms":
-                row["floor"] = True
             if mode == "fwd":
                 def step(fn=fn):
                     with torch.no_grad():
@@ -288,7 +286,7 @@ def _bench_ppo(rows, device, N, H, V, hidden, weight, tokens, backend):
             del hl, wl, step, drop
             torch.cuda.empty_cache()
     row = dict(op=op, impl="gemms", mode="fwd+bwd", shape=shape, dtype=_DTYPE["name"],
-               flops=6 * B * T * H * V, floor=True)
+               flops=6 * B * T * H * V)
     entries.append((row, _gemm_floor_step(h3.reshape(B * T, H), weight)))
     rows.append(row)
     _group(entries, on_gpu)

@@ -18,7 +18,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 README = os.path.join(os.path.dirname(HERE), "README.md")
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 COLS = [("op", "op"), ("mode", "mode"), ("shape", "shape"), ("dtype", "dtype"), ("impl", "impl"),
-        ("condition", "condition"), ("backend", "backend"), ("threads", "threads"), ("ms", "median ms"), ("iqr_ms", "IQR ms"),
+        ("condition", "condition"), ("backend", "backend"), ("threads", "threads"),
+        ("ms", "median ms"), ("iqr_ms", "IQR ms"),
         ("min_ms", "min ms"), ("max_ms", "max ms"), ("tflops", "TFLOP/s"), ("gbps", "GB/s"),
         ("pct_copy_bw", "% copy BW"), ("pct_read_bw", "% read BW"),
         ("x_floor", "x floor"), ("speedup_vs_eager", "vs eager"), ("peak_mb", "peak MB"),
