@@ -423,6 +423,15 @@ def agg_row_weights(mask: torch.Tensor, mode: str = "token-mean", dp_size: int =
     """
     if mode not in AGG_MODES:
         raise ValueError(f"agg_row_weights: unknown mode {mode!r}; expected one of {AGG_MODES}")
+    if (mode == "token-mean" and batch_num_tokens is None and mask.dtype == torch.bool
+            and mask.device.type == "cpu" and mask.numel() < (1 << 24)
+            and not torch.compiler.is_compiling()):
+        # A bool mask on the host (per call on the CPU path): below 2^24 tokens its count is
+        # exact in every float dtype, so one integer sum gives the n of the float row sums
+        # below, and dp / n is rounded once to ``dtype`` as there (three tensor ops, not seven)
+        nv = int(mask.count_nonzero())
+        rows = mask.shape[:-1] if cu_seqlens is None else (cu_seqlens.numel() - 1,)
+        return torch.full(rows, 0.0 if nv == 0 else float(dp_size) / nv, dtype=dtype)
     m = mask.detach().to(dtype)
     n_b = _row_sums(m, cu_seqlens)
     if mode == "token-mean":

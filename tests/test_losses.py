@@ -529,7 +529,8 @@ def test_agg_loss_matches_loop_and_row_weights(mode):
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_agg_row_weights_token_mean_host_path_is_the_tensor_division(dtype):
-    """On the CPU token-mean reads N on the host (one read instead of five small tensor ops):
+    """On the CPU token-mean reads N on the host (one read instead of five small tensor ops; a
+    bool mask's N as one integer count):
     bitwise the tensor formula dp / N rounded once to dtype, 0 for N = 0, NaN for a NaN N, and
     batch_num_tokens rounded to dtype before dividing, whatever its type."""
     g = torch.Generator().manual_seed(3)
@@ -548,6 +549,12 @@ def test_agg_row_weights_token_mean_host_path_is_the_tensor_division(dtype):
                 assert got.dtype == dtype and got.shape == (m.shape[0],)
                 assert torch.equal(got, want) or (bool(want.isnan().all()) and
                                                   bool(got.isnan().all())), (m, dp, bnt)
+    # packed [1, total] bool masks: one coefficient per segment, the same value
+    cu = torch.tensor([0, 3, 3, 10])
+    for m in (torch.rand(1, 10, generator=g) < 0.5, torch.zeros(1, 10, dtype=torch.bool)):
+        got = L.agg_row_weights(m, "token-mean", dtype=dtype, cu_seqlens=cu)
+        want = reference._div_or_zero(torch.ones(3, dtype=dtype), m.to(dtype).sum())
+        assert got.dtype == dtype and torch.equal(got, want), m
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])

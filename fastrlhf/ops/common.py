@@ -498,6 +498,8 @@ def fused_stats(scal: torch.Tensor, per_token: torch.Tensor) -> dict:
     """The stats dict of the fused losses (keys of :data:`fastrlhf.tables.FUSED_STATS`) from a
     fused kernel's ``[5]`` scalars (clipfrac, clipfrac_lower, approx_kl, entropy_mean, kl_mean)
     and ``[3, B, T]`` per-token rows (logp, entropy, kl)."""
-    return {"logp": per_token[0], "entropy": per_token[1], "kl": per_token[2],
-            "clipfrac": scal[0], "clipfrac_lower": scal[1], "approx_kl": scal[2],
-            "entropy_mean": scal[3], "kl_mean": scal[4]}
+    logp, entropy, kl = per_token.unbind(0)  # two calls instead of eight indexing ops
+    clipfrac, clipfrac_lower, approx_kl, entropy_mean, kl_mean = scal.unbind(0)
+    return {"logp": logp, "entropy": entropy, "kl": kl, "clipfrac": clipfrac,
+            "clipfrac_lower": clipfrac_lower, "approx_kl": approx_kl,
+            "entropy_mean": entropy_mean, "kl_mean": kl_mean}
