@@ -66,7 +66,8 @@ def logprobs_grad(logits: Tensor, out: Optional[Tensor], tokens, dlogp, dent, ls
     or, with ``out=None``, into a fresh buffer of the logits' shape; returns it."""
     V = logits.shape[-1]
     out, lg, dims, strides, ob, ostrides = grad_rows(logits, out)
-    flat = lambda t: None if t is None else t.reshape(-1).contiguous()  # noqa: E731
+    # the launchers read these [N] rows through their pointers: any contiguous shape will do
+    flat = lambda t: None if t is None else t.contiguous()  # noqa: E731
     launchers(backend, "logprobs").logprobs_bwd(
         lg, ob, dims, strides, ostrides, V, flat(tokens), flat(dlogp), flat(dent), flat(lse),
         flat(ent), 1.0 / temperature, ignore_index)
