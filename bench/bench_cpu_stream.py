@@ -21,7 +21,9 @@ op are interleaved (fp32, bf16, fp32, ...) so that a load change on a shared mac
 and ``bf16_over_fp32`` is the median of the per-pair time ratios (per element: same N x V).
 Baselines in the same run: ``eager`` (log_softmax of ``.float()`` + gather + entropy, autograd;
 ``reference.fused_ppo_loss`` for the loss) and TRL's ``selective_log_softmax_and_entropy``
-(``trl.trainer.utils``; log-probs + entropy, its eager CPU path) where TRL is installed.
+(``trl.trainer.utils``; log-probs + entropy, its eager CPU path) where TRL is installed, its
+rows with ``max_abs_dlogp_vs_eager`` (its largest log-prob error on the first 64 rows: on bf16
+it computes in bf16, so ``bench_logprobs.py``'s accuracy gate leaves it out there).
 
 ``python bench/bench_cpu_stream.py [--shape 4096x32000] [--reps 5] [--out FILE] [--note TEXT]``
 (``--out``: a schema-2 results file, benchmark ``cpu_stream``; the read bandwidth is in its
@@ -144,6 +146,21 @@ def _steps(N, V, x, tok):
     return steps
 
 
+def trl_error(x, tok, rows: int = 64):
+    """TRL's largest |log-prob - eager's| on the first ``rows`` rows, or None without TRL.
+    ``bench_logprobs.py`` leaves out what differs from eager by more than 2e-2; here TRL is
+    timed anyway and its rows carry this figure: on bf16 logits its log-softmax runs in bf16
+    and is off by far more (so those rows are a speed comparison only)."""
+    try:
+        from trl.trainer.utils import selective_log_softmax_and_entropy as trl_fn
+    except Exception:  # TRL not installed
+        return None
+    with torch.no_grad():
+        lp, _ = trl_fn(x[:rows], tok[:rows])
+        want, _ = _eager_lp(x[:rows], tok[:rows])
+    return float((lp.float() - want).abs().max())
+
+
 def run(N: int, V: int, reps: int) -> dict:
     g = torch.Generator().manual_seed(0)
     base = torch.randn(N, V, generator=g) * 2
@@ -151,6 +168,7 @@ def run(N: int, V: int, reps: int) -> dict:
     xs = {name: base.to(dt) for name, dt in DTYPES.items()}
     del base
     steps = {name: _steps(N, V, x, tok) for name, x in xs.items()}
+    trl_err = {name: trl_error(x, tok) for name, x in xs.items()}
     bw = bandwidth(reps)
     rows = []
     for key in steps["fp32"]:
@@ -170,6 +188,8 @@ def run(N: int, V: int, reps: int) -> dict:
                           for k, v in _stats(times[d]).items()},
                        ns_per_elem=round(statistics.median(times[d]) * 1e6 / (N * V), 4),
                        bf16_over_fp32=round(ratio, 3))
+            if impl == "trl" and trl_err[d] is not None:
+                row["max_abs_dlogp_vs_eager"] = float(f"{trl_err[d]:.3g}")
             traffic = steps[d][key][1]
             if traffic:
                 gbps = traffic / (row["ms"] * 1e-3) / 1e9

@@ -1069,6 +1069,19 @@ def test_bench_cpu_small_times_every_layer_in_both_conditions(native, tmp_path):
     assert json.loads(out.read_text())["benchmarks"]["cpu_small"]["rows"] == rows
 
 
+def test_bench_cpu_stream_reports_trls_error_against_eager():
+    # bench/bench_cpu_stream.py times TRL's log-softmax on both dtypes and puts its log-prob
+    # error against eager on its rows: exact-ish on fp32, far off on bf16 (which it computes in
+    # bf16) -- what bench_logprobs.py's 2e-2 accuracy gate leaves out.
+    pytest.importorskip("trl")
+    mod = _bench_module("bench_cpu_stream")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 3000, generator=g) * 2
+    tok = torch.randint(0, 3000, (80,), generator=g)
+    assert mod.trl_error(x, tok) < 1e-4
+    assert mod.trl_error(x.to(torch.bfloat16), tok) > 2e-2
+
+
 def test_bench_fused_linear_gemm_floor_is_the_three_matmuls():
     # The "gemms" floor rows of bench/bench_fused_linear.py time exactly the op's matmuls:
     # logits = h W^T, then G W and G^T h with the logits standing in for G.
