@@ -1082,6 +1082,26 @@ def test_bench_cpu_stream_reports_trls_error_against_eager():
     assert mod.trl_error(x.to(torch.bfloat16), tok) > 2e-2
 
 
+def test_native_build_bits_script(native):
+    # scripts/native_build_bits.py (the cross-build comparison) in this process: its calls run
+    # on the native backend and give bitwise the same outputs twice with one build; compare()
+    # counts the elements that differ.
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "native_build_bits.py")
+    spec = importlib.util.spec_from_file_location("native_build_bits", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    a, b = mod.outputs(), mod.outputs()
+    assert len(a) == 14 and all(torch.isfinite(v).all() for v in a.values())
+    assert all(same and diff == 0 and n == 0 for _, same, diff, n, _ in mod.compare(a, b))
+    k = "gae advantages"
+    b[k] = b[k].clone()
+    b[k][0, 3] += 0.5
+    want = float((b[k][0, 3].double() - a[k][0, 3].double()).abs())
+    row = next(r for r in mod.compare(a, b) if r[0] == k)
+    assert row[1:4] == (False, want, 1) and row[4] == a[k].numel() and abs(want - 0.5) < 1e-6
+
+
 def test_bench_fused_linear_gemm_floor_is_the_three_matmuls():
     # The "gemms" floor rows of bench/bench_fused_linear.py time exactly the op's matmuls:
     # logits = h W^T, then G W and G^T h with the logits standing in for G.
