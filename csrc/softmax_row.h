@@ -37,6 +37,14 @@ template <typename T>
 inline void prefetch_ahead(const T* p, int64_t bytes = kPrefetchBytes<T>) {
   __builtin_prefetch(reinterpret_cast<const char*>(p) + bytes, 0, 3);
 }
+// The fused loss's gradient sweep into a buffer of its own (grad_row_from_exps, out != x) asks
+// for the output lines this many bytes ahead, for writing: a fresh buffer's lines are rarely
+// in the caches, and each store would otherwise wait for its line to be read.  Measured on the
+// 2-core Xeon, the 256 x 8192 bf16 step right after torch.compile's step (the benchmark's
+// round-robin), alternated in one process: 1.33 -> 1.23, 1.68 -> 1.37, 1.40 -> 1.31 ms
+// (upstream 0.25: 1.71 -> 1.57, 1.64 -> 1.44, 1.51 -> 1.44); 4096 bytes ahead mixed (+4% /
+// -5%); warm -2.5%; 8 x 512 x 32000 fp32 / bf16 unchanged (102.4 -> 99.8, 47.2 -> 47.1 ms).
+constexpr int64_t kPrefetchWriteBytes = 1024;
 
 struct RowLayout {
   int64_t D1, D2, s0, s1, s2;
@@ -533,6 +541,7 @@ void grad_row_from_exps(const T* x, T* out, int64_t V, const Sc& sc, A M, A logS
     const VA g = HAS_DENT ? p * (c.a + c.b * zc) : p * c.a;
     g_tok = g[0] + sc(g_lp);
   }
+  const bool own_out = out != x;  // a buffer of its own: kPrefetchWriteBytes
   for (int64_t start = 0; start < V; start += kBlock) {
     const int64_t end = std::min(V, start + kBlock);
     const A mb = keep.blk_m[start / kBlock];
@@ -550,6 +559,8 @@ void grad_row_from_exps(const T* x, T* out, int64_t V, const Sc& sc, A M, A logS
     int64_t j = start;
     for (; j + 2 * kLanes <= end; j += 2 * kLanes) {
       VA v0, v1;
+      if (own_out)
+        __builtin_prefetch(reinterpret_cast<const char*>(out + j) + kPrefetchWriteBytes, 1, 3);
       if constexpr (HAS_DENT) {
         prefetch_ahead(x + j);
         vload_pair<T, A>(x + j, v0, v1);
