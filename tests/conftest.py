@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import zlib
 
 # The repository root holds `kernels/`, installed as fastrlhf.kernels.  `python -m pytest` puts
 # the working directory (the root, in CI) first on sys.path, where that directory shadows the
@@ -51,6 +52,16 @@ def _poisoned_empty(*args, **kwargs):
 
 def _poisoned_empty_like(*args, **kwargs):
     return _poison(_real_empty_like(*args, **kwargs))
+
+
+@pytest.fixture(autouse=True)
+def seeded_rng(request):
+    """Seed torch's global RNG per test, from the test's id: many tests draw their data from it,
+    so without this their data depended on which tests had run before them on the same worker
+    (pytest-xdist's split changes with every new test), and an assertion about the data -- e.g.
+    test_packed's "the data exercises the clip" -- could fail in one split and not another."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    yield
 
 
 @pytest.fixture(autouse=True)
