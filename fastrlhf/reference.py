@@ -423,28 +423,30 @@ def agg_row_weights(mask: torch.Tensor, mode: str = "token-mean", dp_size: int =
     """
     if mode not in AGG_MODES:
         raise ValueError(f"agg_row_weights: unknown mode {mode!r}; expected one of {AGG_MODES}")
-    if (mode == "token-mean" and batch_num_tokens is None and mask.dtype == torch.bool
-            and mask.device.type == "cpu" and mask.numel() < (1 << 24)
-            and not torch.compiler.is_compiling()):
-        # A bool mask on the host (per call on the CPU path): below 2^24 tokens its count is
-        # exact in every float dtype, so one integer sum gives the n of the float row sums
-        # below, and dp / n is rounded once to ``dtype`` as there (three tensor ops, not seven)
-        nv = int(mask.count_nonzero())
+    if mode == "token-mean":
+        host = mask.device.type == "cpu" and not torch.compiler.is_compiling()
         rows = mask.shape[:-1] if cu_seqlens is None else (cu_seqlens.numel() - 1,)
-        return torch.full(rows, 0.0 if nv == 0 else float(dp_size) / nv, dtype=dtype)
+        nv = None  # N read on the host, rounded to ``dtype``
+        if (batch_num_tokens is None and host and mask.dtype == torch.bool
+                and mask.numel() < (1 << 24)):
+            # a bool mask's count is exact in every float dtype below 2^24: the N of the float
+            # row sums below, from one integer count
+            nv = float(mask.count_nonzero())
+        else:
+            n = (_row_sums(mask.detach().to(dtype), cu_seqlens).sum()
+                 if batch_num_tokens is None else batch_num_tokens)
+            if host and not (isinstance(n, torch.Tensor) and n.dtype == dtype):
+                n = torch.as_tensor(n, dtype=dtype)  # rounded to dtype first, as _div_or_zero
+            if host and n.device.type == "cpu" and n.numel() == 1:
+                nv = float(n)
+        if nv is not None:
+            # the same values with one host read instead of five small tensor ops (per call on
+            # the CPU path): dp / N rounded once to ``dtype``, as the tensor division rounds it
+            return torch.full(rows, 0.0 if nv == 0 else float(dp_size) / nv, dtype=dtype,
+                              device=mask.device)
+        return _div_or_zero(torch.full(rows, float(dp_size), dtype=dtype, device=mask.device), n)
     m = mask.detach().to(dtype)
     n_b = _row_sums(m, cu_seqlens)
-    if mode == "token-mean":
-        n = n_b.sum() if batch_num_tokens is None else batch_num_tokens
-        host = n_b.device.type == "cpu" and not torch.compiler.is_compiling()
-        if host and not (isinstance(n, torch.Tensor) and n.dtype == dtype):
-            n = torch.as_tensor(n, dtype=dtype)  # rounded to dtype first, as _div_or_zero does
-        if host and n.device.type == "cpu" and n.numel() == 1:
-            # the same values with one host read instead of five small tensor ops (per call on
-            # the CPU path): dp / n rounded once to ``dtype``, as the tensor division rounds it
-            nv = float(n)
-            return torch.full_like(n_b, 0.0 if nv == 0 else float(dp_size) / nv)
-        return _div_or_zero(torch.full_like(n_b, float(dp_size)), n)
     if mode == "token-sum":
         return torch.full_like(n_b, float(dp_size))
     seq_valid = (n_b > 0).to(dtype)
