@@ -92,6 +92,9 @@ def time_group(entries: list, device: str, *, warmup: int = 3, rep: int = 20,
     and with ``peak`` then ``peak_mb`` from :func:`peak_extra_bytes` (``pre()`` first, when
     given: e.g. dropping the last step's gradients).  A step that raises gets ``skipped`` with the reason and leaves the others timed.
 
+    Interleaved rows also keep their per-round times, in round order (``round_ms``): round r
+    of every row ran within the same few steps, so :func:`add_speedups` can pair them.
+
     Why round-robin: on a shared machine (a VM whose speed moves by tens of percent within
     minutes) implementations timed one after the other are compared across different machine
     states; interleaved, each implementation's repeats are spread over the same stretch of time,
@@ -126,6 +129,7 @@ def time_group(entries: list, device: str, *, warmup: int = 3, rep: int = 20,
         row.update(spread(times[id(row)]))
         if interleaved:
             row["interleaved"] = True
+            row["round_ms"] = [_sig(t, 5) for t in times[id(row)]]
         if not peak:
             continue
         try:
@@ -404,7 +408,7 @@ def fastrlhf_backend(device: str, native_ok: bool = True) -> str:
 
 def format_table(rows: list[dict]) -> str:
     cols = ["op", "mode", "shape", "dtype", "impl", "backend", "ms", "iqr_ms", "repeats", "noisy",
-            "gbps", "pct_copy_bw", "x_floor", "speedup_vs_eager", "peak_mb"]
+            "gbps", "pct_copy_bw", "x_floor", "speedup_vs_eager", "paired_vs_eager", "peak_mb"]
     present = [c for c in cols if any(c in r for r in rows)]
     lines = [" | ".join(present)]
     for r in rows:
@@ -416,11 +420,32 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired_ratios(base_ms: list, row_ms: list) -> list:
+    """``base / row`` round by round (the rounds both were timed in: :func:`time_group` drops a
+    step that fails, so one list may stop early)."""
+    return [b / t for b, t in zip(base_ms, row_ms) if t > 0]
+
+
 def add_speedups(rows: list[dict]) -> None:
-    """speedup_vs_eager for each timed row, against the eager row of the same op/mode/shape."""
-    eager = {(r["op"], r["mode"], r["shape"], r["dtype"]): r["ms"] for r in rows
+    """For each timed row, against the eager row of the same op / mode / shape / dtype:
+
+    * ``speedup_vs_eager``: eager's median time over this row's;
+    * ``paired_vs_eager`` (rows timed round-robin with eager, see :func:`time_group`): the median
+      over rounds of eager's time in a round over this row's in the same round, and
+      ``paired_q`` its quartiles ``[q1, q3]``.  The rounds pair measurements taken within a
+      few steps of each other, so a drift of the machine's speed over the run moves both sides
+      of each ratio together; the quartiles are the spread of the speedup itself."""
+    eager = {(r["op"], r["mode"], r["shape"], r["dtype"]): r for r in rows
              if r["impl"] == "eager" and r.get("ms")}
     for r in rows:
         e = eager.get((r["op"], r["mode"], r["shape"], r["dtype"]))
-        if e and r.get("ms"):
-            r["speedup_vs_eager"] = round(e / r["ms"], 2)
+        if not (e and r.get("ms")):
+            continue
+        r["speedup_vs_eager"] = round(e["ms"] / r["ms"], 2)
+        if r is e or not (e.get("round_ms") and r.get("round_ms")):
+            continue
+        ratios = paired_ratios(e["round_ms"], r["round_ms"])
+        if len(ratios) >= 2:
+            q1, med, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+            r["paired_vs_eager"] = round(med, 2)
+            r["paired_q"] = [round(q1, 2), round(q3, 2)]

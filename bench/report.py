@@ -4,7 +4,8 @@ One section per machine (the device of the run that measured each benchmark: res
 from different runs or machines never share a heading), then one line per run (versions, commit,
 date, copy bandwidth, file) above the tables it measured.  Only measured rows appear, each with
 its median and interquartile range ("not measured" where an older run kept no spread); rows
-whose spread is too wide are marked noisy; skipped rows are listed with their reason.
+whose spread is too wide are marked noisy; rows timed round-robin with eager also show the
+median and quartiles of their per-round speedups; skipped rows are listed with their reason.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ COLS = [("op", "op"), ("mode", "mode"), ("shape", "shape"), ("dtype", "dtype"), 
         ("ms", "median ms"), ("iqr_ms", "IQR ms"),
         ("min_ms", "min ms"), ("max_ms", "max ms"), ("tflops", "TFLOP/s"), ("gbps", "GB/s"),
         ("pct_copy_bw", "% copy BW"), ("pct_read_bw", "% read BW"),
-        ("x_floor", "x floor"), ("speedup_vs_eager", "vs eager"), ("peak_mb", "peak MB"),
+        ("x_floor", "x floor"), ("speedup_vs_eager", "vs eager"),
+        ("paired_vs_eager", "paired vs eager (q1-q3)"), ("peak_mb", "peak MB"),
         ("run_peak_mb", "run peak MB")]
 NOT_MEASURED = "n/m"
 
@@ -41,6 +43,9 @@ def _cell(row: dict, key: str) -> str:
         if row.get("iqr_ms") is None:
             return NOT_MEASURED
         return f"{row['iqr_ms']}" + (" noisy" if row.get("noisy") else "")
+    if key == "paired_vs_eager" and row.get(key) is not None:
+        q1, q3 = row["paired_q"]
+        return f"{row[key]} ({q1}-{q3})"
     return "" if row.get(key) is None else str(row[key])
 
 
@@ -74,7 +79,7 @@ def render(results_dir: str = os.path.join(HERE, "results")) -> str:
             machines.setdefault(env.get("device", "unknown device"), {}).setdefault(
                 run, []).append((name, bench, rel))
     out = []
-    noisy_or_nm = False
+    noisy_or_nm = paired = False
     for device in sorted(machines):
         out.append(f"#### {device}\n")
         for run, benches in sorted(machines[device].items(), key=lambda kv: str(kv[0][3])):
@@ -91,6 +96,7 @@ def render(results_dir: str = os.path.join(HERE, "results")) -> str:
                     out.append("|" + "---|" * len(cols))
                     for r in timed:
                         noisy_or_nm |= r.get("iqr_ms") is None or bool(r.get("noisy"))
+                        paired |= r.get("paired_vs_eager") is not None
                         out.append("| " + " | ".join(_cell(r, k) for k, _ in cols) + " |")
                 skipped = sorted({f"{r['impl']}: {_skip_text(r['skipped'])}"
                                   for r in rows if r.get("skipped")})
@@ -101,6 +107,11 @@ def render(results_dir: str = os.path.join(HERE, "results")) -> str:
         out.append(f"IQR ms: interquartile range of the repeats; `{NOT_MEASURED}`: not measured "
                    "(the run kept only the median); `noisy`: the range exceeds "
                    f"{common.NOISY_IQR:.0%} of the median.\n")
+    if paired:
+        out.append("paired vs eager (q1-q3): the median over the rounds of the round-robin of "
+                   "eager's time in a round over the row's time in the same round, and the "
+                   "quartiles of those ratios (the spread of the speedup itself; `vs eager` is "
+                   "the ratio of the two medians).\n")
     return "\n".join(out) + "\n"
 
 

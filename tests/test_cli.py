@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -275,6 +276,9 @@ def test_time_group_interleaves_and_isolates_a_failing_step():
     for r in rows[:2]:
         assert r["repeats"] == 4 and r["interleaved"] is True and r["ms"] >= 0
         assert "peak_mb" in r
+        # the per-round times, in round order, whose median is the row's median
+        assert len(r["round_ms"]) == 4 and r["ms"] == pytest.approx(
+            statistics.median(r["round_ms"]), rel=1e-3, abs=1e-6)
     assert dropped == ["a"]  # the pre-hook runs before the peak-memory call
     assert rows[2]["skipped"].startswith("RuntimeError: out of memory")
     assert "ms" not in rows[2] and "interleaved" not in rows[2]
@@ -282,6 +286,45 @@ def test_time_group_interleaves_and_isolates_a_failing_step():
     alone = dict(impl="d")
     common.time_group([(alone, make("d"))], "cpu", warmup=1, rep=3, peak=False)
     assert alone["repeats"] == 3 and "interleaved" not in alone and "peak_mb" not in alone
+    assert "round_ms" not in alone
+
+
+def test_paired_speedups_pair_rounds_and_render_with_quartiles(tmp_path):
+    sys.path.insert(0, BENCH)
+    try:
+        import common
+        import report
+    finally:
+        sys.path.remove(BENCH)
+    key = dict(op="x", mode="fwd+bwd", shape="8", dtype="bf16")
+    # The machine halves its speed after round 2: eager's and the op's medians come from
+    # different halves, the per-round ratios are 4 in every round but one.
+    eager = dict(key, impl="eager", ms=20.0, round_ms=[10.0, 10.0, 20.0, 20.0, 20.0])
+    fast = dict(key, impl="fast", ms=2.5, round_ms=[2.5, 2.5, 5.0, 5.0, 4.0])
+    alone = dict(key, impl="alone", ms=4.0)  # timed by itself: no rounds to pair
+    other = dict(key, shape="16", impl="fast", ms=1.0, round_ms=[1.0, 1.0])  # no eager row
+    short = dict(key, impl="short", ms=2.0, round_ms=[2.0])  # one round: no spread
+    rows = [eager, fast, alone, other, short]
+    common.add_speedups(rows)
+    assert fast["speedup_vs_eager"] == 8.0  # 20 / 2.5: medians of different machine states
+    assert fast["paired_vs_eager"] == 4.0 and fast["paired_q"] == [4.0, 4.0]
+    assert common.paired_ratios([10.0, 20.0, 30.0], [5.0, 10.0]) == [2.0, 2.0]
+    for r in (eager, alone, other, short):
+        assert "paired_vs_eager" not in r and "paired_q" not in r
+    assert alone["speedup_vs_eager"] == 5.0 and "speedup_vs_eager" not in other
+    # quartiles of uneven ratios (inclusive method): 2, 3, 4, 5, 6 -> 3 .. 5 around 4
+    e2 = dict(key, impl="eager", ms=1.0, round_ms=[2.0, 3.0, 4.0, 5.0, 6.0])
+    f2 = dict(key, impl="f", ms=1.0, round_ms=[1.0] * 5)
+    common.add_speedups([e2, f2])
+    assert f2["paired_vs_eager"] == 4.0 and f2["paired_q"] == [3.0, 5.0]
+    env = {"commit": "aaa", "date": "2026-01-01T00:00:00Z", "device": "Machine A",
+           "device_type": "cpu", "torch": "2.13.0", "triton": "3.9.0"}
+    common.write_results(str(tmp_path / "r.json"), env, 20.0, {"b": rows})
+    text = report.render(str(tmp_path))
+    assert "| paired vs eager (q1-q3) |" in text
+    line = next(ln for ln in text.splitlines() if "| fast |" in ln and "| 8 |" in ln)
+    assert "| 4.0 (4.0-4.0) |" in line and "| 8.0 |" in line
+    assert "paired vs eager (q1-q3): the median over the rounds" in text
 
 
 OLD_FORMAT = {  # schema 1: one top-level environment, overwritten by each merge; no spread
