@@ -389,7 +389,9 @@ std::tuple<Tensor, int64_t> fused_loss_call(
                  inv_temp, ignore_index, lo, hi, dual, seq, kl_coef, kl_val, kl_grad, ent_coef,
                  write_grad, aux, loss, stats, defer);
   const int64_t rows = defer ? fn::kFusedAuxRowsDeferred : fn::kFusedAuxRows;
-  return {aux.view({rows, B, T}).narrow(0, 1, 3).clone(), -1};
+  static_assert(fn::kAuxEntropy == fn::kAuxLogp + 1 && fn::kAuxKl == fn::kAuxLogp + 2,
+                "per_token is the rows logp, entropy, kl");
+  return {aux.view({rows, B, T}).narrow(0, fn::kAuxLogp, 3).clone(), -1};
 }
 
 // The deferred fused-loss gradient (grad_timing="backward"; fn::fused_loss_grad): rows of
@@ -535,6 +537,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_logprobs_bwd", &linear_logprobs_bwd, rel());
   m.def("fused_linear_loss_fwd", &fused_linear_loss_fwd, rel());
   m.def("num_threads", []() { return at::get_num_threads(); });
+  m.def("fused_aux_rows", []() {
+    return std::vector<std::string>(fn::kFusedAuxNames,
+                                    fn::kFusedAuxNames + fn::kFusedAuxRowsDeferred);
+  });
   m.def("gspo_seq_group", &fn::gspo_seq_group);
   m.def("stream_stores", &fn::stream_stores);
 }

@@ -27,9 +27,8 @@ struct FusedTokens {
   int64_t T;              // tokens per sequence: row n belongs to sequence n / T
 };
 
-// aux rows (each [N]): 0 loss term, 1 logp, 2 entropy, 3 kl, 4 clipped, 5 clipped_lower,
-// 6 approx_kl term; with FusedArgs::defer also 7 g_lp, 8 g_h, 9 M, 10 log S (kFusedAuxRows /
-// kFusedAuxRowsDeferred in native.h).
+// aux rows (each [N]): the enum FusedAux of native.h -- loss term, logp, entropy, kl, clipped,
+// clipped_lower, approx_kl term; with FusedArgs::defer also g_lp, g_h, M, log S.
 
 template <typename S, typename A, typename Sc>
 class FusedRow {
@@ -83,13 +82,13 @@ class FusedRow {
       dkl = kl_dvdx(logp, in_.ref[row], fa_.kl_grad);
     }
     const int64_t N = N_;
-    aux_[0 * N + row] = pg + kl_coef_ * kl - ent_coef_ * H;
-    aux_[1 * N + row] = logp;
-    aux_[2 * N + row] = H;
-    aux_[3 * N + row] = kl;
-    aux_[4 * N + row] = clipped ? A(1) : A(0);
-    aux_[5 * N + row] = lower ? A(1) : A(0);
-    aux_[6 * N + row] = akl;
+    aux_[kAuxLoss * N + row] = pg + kl_coef_ * kl - ent_coef_ * H;
+    aux_[kAuxLogp * N + row] = logp;
+    aux_[kAuxEntropy * N + row] = H;
+    aux_[kAuxKl * N + row] = kl;
+    aux_[kAuxClipped * N + row] = clipped ? A(1) : A(0);
+    aux_[kAuxClippedLower * N + row] = lower ? A(1) : A(0);
+    aux_[kAuxApproxKl * N + row] = akl;
     // d loss / d logp and d loss / d H of this token (0 for tokens that do not count): the
     // coefficients of the gradient sweep, here or in a later one (fused_loss_grad)
     const int64_t tok = in_.tokens[row];
@@ -97,10 +96,10 @@ class FusedRow {
     const A g_lp = live && tok != fa_.ignore_index ? w * (dpg + kl_coef_ * dkl) : A(0);
     const A g_h = live ? -w * ent_coef_ : A(0);
     if (fa_.defer) {
-      aux_[7 * N + row] = g_lp;
-      aux_[8 * N + row] = g_h;
-      aux_[9 * N + row] = M;
-      aux_[10 * N + row] = logS;
+      aux_[kAuxGradLogp * N + row] = g_lp;
+      aux_[kAuxGradEntropy * N + row] = g_h;
+      aux_[kAuxRowMax * N + row] = M;
+      aux_[kAuxRowLogSum * N + row] = logS;
       return;
     }
     if (!fa_.write_grad) return;
@@ -142,12 +141,12 @@ void reduce_fused(const A* aux, const A* m, const A* coef, int64_t B, int64_t T,
     return m[i] != A(0) ? static_cast<double>(aux[k * N + i]) * static_cast<double>(m[i]) : 0.0;
   };
   double loss = 0.0, den = 0.0, st[5] = {0, 0, 0, 0, 0};
-  const int stat_rows[5] = {4, 5, 6, 2, 3};
+  const int stat_rows[5] = {kAuxClipped, kAuxClippedLower, kAuxApproxKl, kAuxEntropy, kAuxKl};
   for (int64_t b = 0; b < B; ++b) {
     double rs = 0.0;
     for (int64_t t = 0; t < T; ++t) {
       const int64_t i = b * T + t;
-      rs += terms(0, i);
+      rs += terms(kAuxLoss, i);
       den += static_cast<double>(m[i]);
       for (int k = 0; k < 5; ++k) st[k] += terms(stat_rows[k], i);
     }

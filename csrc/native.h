@@ -81,8 +81,18 @@ struct FusedArgs {
   // not count), 9 M, 10 log S (the row statistics).
   bool defer = false;
 };
-constexpr int kFusedAuxRows = 7;           // aux rows of the fused loss (fused_row.h) ...
-constexpr int kFusedAuxRowsDeferred = 11;  // ... and with FusedArgs::defer
+// Rows of the fused loss's per-token output aux [rows, N] (written in fused_row.h): the layout
+// of fastrlhf.tables.FUSED_AUX_ROWS, whose names the extension reports (fused_aux_rows) and
+// fastrlhf/native.py checks when it loads the build.  kFusedAuxRows without FusedArgs::defer,
+// kFusedAuxRowsDeferred with it.
+enum FusedAux : int {
+  kAuxLoss, kAuxLogp, kAuxEntropy, kAuxKl, kAuxClipped, kAuxClippedLower, kAuxApproxKl,
+  kAuxGradLogp, kAuxGradEntropy, kAuxRowMax, kAuxRowLogSum, kFusedAuxRowsDeferred
+};
+constexpr int kFusedAuxRows = kAuxApproxKl + 1;
+constexpr const char* kFusedAuxNames[kFusedAuxRowsDeferred] = {
+    "loss", "logp", "entropy", "kl", "clipped", "clipped_lower", "approx_kl",
+    "g_lp", "g_h", "M", "logS"};
 
 // logits rows as logprobs_fwd ([B, T] tokens = dims), gradient rows into dlogits at ostrides (may
 // alias logits; ignored unless write_grad).  Per-token inputs: contiguous [N] of the accumulation

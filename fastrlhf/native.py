@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from .buffers import grad_empty
-from .tables import AGG_MODE_IDS, acc_dtype
+from .tables import AGG_MODE_IDS, FUSED_AUX, FUSED_AUX_ROWS, acc_dtype
 
 __all__ = ["available", "load", "build_error", "source_dir", "logprobs_fwd", "logprobs_call",
            "logprobs_bwd",
@@ -171,6 +171,7 @@ def load():
             return None
         try:
             mod = _build_extension()
+            _check_layout(mod)
             err = None
         except BaseException as e:  # noqa: BLE001 - any build failure must degrade, not crash
             if isinstance(e, KeyboardInterrupt):
@@ -182,6 +183,15 @@ def load():
                 RuntimeWarning, stacklevel=3)
         _STATE.update(tried=True, module=mod, error=err)
         return mod
+
+
+def _check_layout(mod) -> None:
+    """Refuse a build whose fused-loss output rows are not those this module reads
+    (``tables.FUSED_AUX_ROWS``, csrc/native.h ``FusedAux``)."""
+    rows = tuple(mod.fused_aux_rows())
+    if rows != FUSED_AUX_ROWS:
+        raise RuntimeError(f"the extension's fused-loss aux rows {rows} are not "
+                           f"fastrlhf.tables.FUSED_AUX_ROWS {FUSED_AUX_ROWS}")
 
 
 def available() -> bool:
@@ -335,6 +345,12 @@ def value_bwd(grad_out, values, old_values, returns, mask, coef, clip, cu=None):
 # fused PPO loss from the logits (the C++ counterpart of kernels.fused_loss)
 # ---------------------------------------------------------------------------------------------
 
+# aux rows (tables.FUSED_AUX_ROWS): the per-token terms; with defer also g_lp, g_h, M, log S
+_AUX_ROWS, _AUX_ROWS_DEFERRED = FUSED_AUX["approx_kl"] + 1, len(FUSED_AUX_ROWS)
+_AUX_G, _AUX_M = FUSED_AUX["g_lp"], FUSED_AUX["M"]
+assert FUSED_AUX["g_h"] == _AUX_G + 1 and FUSED_AUX["logS"] == _AUX_M + 1
+
+
 def fused_loss_call(logits, dlogits, dims, strides, out_strides, V, B, T, tokens, old_logp, adv,
                     ref_logp, mask, coef, *, inv_temp, ignore_index, lo, hi, dual, seq, kl_coef,
                     kl_val, kl_grad, ent_coef, write_grad, check_tokens, defer=False):
@@ -353,7 +369,7 @@ def fused_loss_call(logits, dlogits, dims, strides, out_strides, V, B, T, tokens
     :func:`fused_loss_grad` sweep, ``lse [N, 2]`` (row max, log sum exp) and ``coefs [2, N]``
     (d loss / d logp, d loss / d H per token; 0 for tokens that do not count), else two Nones."""
     acc = acc_dtype(logits)
-    aux = torch.empty(11 if defer else 7, B * T, dtype=acc)
+    aux = torch.empty(_AUX_ROWS_DEFERRED if defer else _AUX_ROWS, B * T, dtype=acc)
     loss = torch.empty((), dtype=acc)
     stats = torch.empty(5, dtype=acc)
     per_token, bad = _ext().fused_loss_call(
@@ -362,7 +378,8 @@ def fused_loss_call(logits, dlogits, dims, strides, out_strides, V, B, T, tokens
         kl_grad, ent_coef, write_grad, check_tokens, aux, loss, stats, defer)
     if not defer:
         return loss, stats, per_token, bad, None, None
-    return loss, stats, per_token, bad, aux[9:11].t().contiguous(), aux[7:9]
+    return (loss, stats, per_token, bad, aux[_AUX_M:_AUX_M + 2].t().contiguous(),
+            aux[_AUX_G:_AUX_G + 2])
 
 
 def fused_loss_grad(logits, dlogits, dims, strides, out_strides, V, tokens, lse, ent, g_lp, g_h,
@@ -444,7 +461,8 @@ def fused_linear_loss_fwd(hidden: Tensor, dims, strides, weight: Tensor, bias: O
                           ent_coef: float, need_dh: bool, need_dw: bool, need_db: bool,
                           block_rows=None):
     """The token-level fused PPO loss of the logits ``hidden @ weight.T + bias`` with its
-    gradients produced in the same call: ``(loss [], stats [5], aux [7, N], dh, dw, db)``, the
+    gradients produced in the same call: ``(loss [], stats [5], aux [7, N], dh, dw, db)`` (aux:
+    the first seven rows of ``tables.FUSED_AUX_ROWS``), the
     gradients (upstream gradient 1; None where not asked for) in the dtypes of hidden / weight /
     bias.  Per-token inputs: contiguous ``[B T]`` in the accumulation dtype of ``coef`` (``adv``
     may be ``[B]``).  ``block_rows`` overrides the rows whose ``[R, V]`` logits are formed at
@@ -453,7 +471,7 @@ def fused_linear_loss_fwd(hidden: Tensor, dims, strides, weight: Tensor, bias: O
     h = _hidden_rows(hidden, dims, strides, H)
     n = h.shape[0]
     acc = coef.dtype
-    aux = torch.empty(7, n, dtype=acc)
+    aux = torch.empty(_AUX_ROWS, n, dtype=acc)
     loss = torch.empty((), dtype=acc)
     stats = torch.empty(5, dtype=acc)
     dh = grad_empty((n, H), hidden.dtype, hidden.device) if need_dh else None

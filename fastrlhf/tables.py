@@ -12,7 +12,8 @@ import torch
 
 __all__ = ["FLOAT_DTYPES", "INT_DTYPES", "MASK_DTYPES", "ID_DTYPES", "acc_dtype", "KL_BASE",
            "KL_KINDS", "KL_CODES", "AGG_MODES", "AGG_MODE_IDS", "AGG_KWARGS", "RATIO_LEVELS",
-           "GROUP_ADV_KINDS", "MASKED_EPS", "BACKENDS", "FUSED_STATS"]
+           "GROUP_ADV_KINDS", "MASKED_EPS", "BACKENDS", "FUSED_STATS", "FUSED_AUX_ROWS",
+           "FUSED_AUX"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int32, torch.int64)
@@ -58,3 +59,13 @@ BACKENDS = ("auto", "triton", "native", "reference")
 # then 0-dim scalars.
 FUSED_STATS = ("logp", "entropy", "kl", "clipfrac", "clipfrac_lower", "approx_kl", "entropy_mean",
                "kl_mean")
+
+# Rows of the fused losses' per-token output buffer ``aux [rows, N]``, written by the Triton
+# kernel (kernels/fused_loss.py: the first nine) and the native loop (csrc/native.h, enum
+# FusedAux; the extension reports its names, and fastrlhf.native refuses a build whose list
+# differs).  The first seven are the per-token terms; ``g_lp`` / ``g_h`` (d loss / d logp,
+# d loss / d H) and the row statistics ``M`` / ``logS`` (max, log sum exp) are the inputs of a
+# deferred gradient sweep (grad_timing="backward").
+FUSED_AUX_ROWS = ("loss", "logp", "entropy", "kl", "clipped", "clipped_lower", "approx_kl",
+                  "g_lp", "g_h", "M", "logS")
+FUSED_AUX = {name: i for i, name in enumerate(FUSED_AUX_ROWS)}

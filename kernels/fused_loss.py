@@ -64,6 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..tables import FUSED_AUX, FUSED_AUX_ROWS
 from .utils import (acc_dtype_of, grad_sweep, interpreting, row_offset, row_softmax_stats,
                      stream_block, tl_dtype, zero_row)
 from .kl import KINDS as KL_KINDS
@@ -85,8 +86,7 @@ NUM_WARPS_S = 8
 # Rows of the per-token output buffer aux[N_AUX, N].
 # ``g_lp`` / ``g_h`` (d loss / d logp, d loss / d H per token) are written only without
 # ``write_grad``: the inputs of a deferred gradient sweep (``fused_loss_grad``).
-AUX_ROWS = ("loss", "logp", "entropy", "kl", "clipped", "clipped_lower", "approx_kl", "g_lp",
-            "g_h")
+AUX_ROWS = FUSED_AUX_ROWS[:FUSED_AUX["g_h"] + 1]  # the layout of fastrlhf.tables
 N_AUX = len(AUX_ROWS)
 
 

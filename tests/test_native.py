@@ -105,6 +105,25 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
     assert "c++: not found" in _native.build_error()
 
 
+def test_a_build_with_another_aux_layout_is_refused(native, monkeypatch):
+    """The fused loss's output rows are read by name (tables.FUSED_AUX_ROWS); a build whose
+    FusedAux enum (csrc/native.h) says otherwise must not be used."""
+    from fastrlhf.tables import FUSED_AUX_ROWS
+    assert tuple(native.fused_aux_rows()) == FUSED_AUX_ROWS
+    _native._check_layout(native)  # the real build passes
+    _fresh_state(monkeypatch)
+
+    class Swapped:  # two rows exchanged, as a stale or edited enum would give
+        @staticmethod
+        def fused_aux_rows():
+            rows = list(FUSED_AUX_ROWS)
+            rows[7], rows[9] = rows[9], rows[7]
+            return rows
+    monkeypatch.setattr(_native, "_build_extension", lambda: Swapped)
+    msg = _fallback_checks()
+    assert "aux rows" in msg and "FUSED_AUX_ROWS" in _native.build_error()
+
+
 def test_no_compiler_on_path_falls_back(monkeypatch):
     _fresh_state(monkeypatch)
     monkeypatch.delenv("CXX", raising=False)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .. import config, reference
 from ..backend import resolve as resolve_backend
-from ..tables import FLOAT_DTYPES, INT_DTYPES, KL_CODES, acc_dtype
+from ..tables import FLOAT_DTYPES, FUSED_AUX, INT_DTYPES, KL_CODES, acc_dtype
 from .common import (with_contract, check_bool, check_fused_loss_args, check_int, check_positive_float,
                      fused_stats,
                      check_same_device, check_shape, check_tensor, check_token_range,
@@ -168,7 +168,8 @@ def _lossgrad_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], token
         kl_coef=kl_coef, kl_val=kl_val,
         kl_grad=KL_CODES["k2"] if kl_kind.endswith("+") else kl_val, ent_coef=entropy_coef,
         need_dh=need_dh, need_dw=need_dw, need_db=need_db)
-    return (loss, stats, aux.view(7, B, T)[1:4].clone(),
+    lp = FUSED_AUX["logp"]  # logp, entropy, kl: three consecutive rows
+    return (loss, stats, aux.view(-1, B, T)[lp:lp + 3].clone(),
             dh.view(hidden.shape) if dh is not None else hidden.new_zeros(0),
             dw if dw is not None else weight.new_zeros(0),
             db if db is not None else (weight if bias is None else bias).new_zeros(0))

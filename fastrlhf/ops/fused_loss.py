@@ -43,7 +43,7 @@ from torch import Tensor
 
 from .. import config, reference
 from ..backend import resolve as resolve_backend
-from ..tables import FUSED_STATS, KL_CODES, MASKED_EPS, acc_dtype
+from ..tables import FUSED_AUX, FUSED_STATS, KL_CODES, MASKED_EPS, acc_dtype
 from .common import (with_contract, check_fused_loss_args, check_logits, check_positive_float,
                      check_int, fused_stats, check_token_range, checked_tokens,
                      contiguous_row_strides, raise_bad_token, grad_empty, grad_rows, mul_unrounded_,
@@ -157,13 +157,14 @@ def _forward(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tenso
     def terms(x):  # where(m != 0, x, 0) * m: NaN outside the mask never leaks in
         return torch.where(valid, x, torch.zeros_like(x)) * m
 
-    L, lp, ent, kl, clipped, lower, akl = aux[:7].unbind(0)
+    L, lp, ent, kl, clipped, lower, akl = aux[:FUSED_AUX["approx_kl"] + 1].unbind(0)
     sums = row_sums(terms(L))
     loss = torch.where(coef != 0, coef * sums, torch.zeros_like(sums)).sum()
     den = m.sum() + MASKED_EPS
     stats = torch.stack([terms(x).sum() for x in (clipped, lower, akl, ent, kl)]) / den
-    coefs = aux[7:9].reshape(2, -1) if defer else None
-    return loss, stats, aux[1:4].clone(), dl, lse, coefs
+    g, lp = FUSED_AUX["g_lp"], FUSED_AUX["logp"]  # (g_lp, g_h), (logp, entropy, kl)
+    coefs = aux[g:g + 2].reshape(2, -1) if defer else None
+    return loss, stats, aux[lp:lp + 3].clone(), dl, lse, coefs
 
 
 # ---------------------------------------------------------------------------------------------
