@@ -47,6 +47,15 @@ def requested(backend: str | None, *, op: str) -> str:
 
 def resolve(backend: str | None, device: torch.device, *, op: str, native_ok: bool = False) -> str:
     """Return the concrete backend for ``op`` on ``device``; raises ValueError on a bad name."""
+    if (backend is None or backend == "auto") and device.type == "cpu":
+        # The common case first, in as few steps as the general path below takes for it (every
+        # op call resolves; right after other work each step costs microseconds).
+        env = config.env("FASTRLHF_BACKEND")
+        if env is None or env.strip().lower() in ("", "auto"):
+            # The C++ extension is opaque to torch.compile: traced code keeps the reference path.
+            if native_ok and not torch.compiler.is_compiling() and native.available():
+                return "native"
+            return "reference"
     explicit = backend not in (None, "auto")
     backend = requested(backend, op=op)
     # A process-wide preference (FASTRLHF_BACKEND) for "native" applies to the ops that have a

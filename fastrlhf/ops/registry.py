@@ -95,36 +95,34 @@ class Op:
         self._mutated = tuple(names.index(a) for a in mutates_args)
 
     def __call__(self, *args):
-        if self.fast_eager and _plain_eager(args):
-            if self._mutated:
-                if _needs_graph(args):
+        if not self.fast_eager or torch.compiler.is_compiling():
+            return self.op(*args)
+        # One pass over the arguments (this runs on every eager call; right after other work
+        # has left the caches cold, each extra Python frame or generator costs microseconds):
+        # any tensor subclass -- the fake, functional or proxy tensors of a tracer such as
+        # AOTAutograd or ``opcheck`` -- must see the registered op; and autograd records the
+        # call only with grad mode on and a tensor input requiring grad (otherwise the
+        # ``autograd.Function`` would add only its cost, ~20 us a call).
+        wants_grad = False
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                kind = type(a)
+                if kind is not torch.Tensor and kind is not torch.nn.Parameter:
                     return self.op(*args)
-                out = self.impl(*args)
-                for i in self._mutated:
-                    if isinstance(args[i], torch.Tensor):
-                        torch.autograd.graph.increment_version(args[i])
-                return out
-            if self._function is not None and _needs_graph(args):
-                return self._function.apply(*args)
-            return self.impl(*args)  # not differentiable, or autograd would record nothing
-        return self.op(*args)
-
-
-def _plain_eager(args) -> bool:
-    """Eager execution on ordinary tensors: not inside ``torch.compile`` and no tensor subclass
-    (fake, functional or proxy tensors of a tracer such as AOTAutograd or ``opcheck``), which
-    must see the registered op."""
-    if torch.compiler.is_compiling():
-        return False
-    return all(type(a) is torch.Tensor or torch.nn.Parameter is type(a)
-               for a in args if isinstance(a, torch.Tensor))
-
-
-def _needs_graph(args) -> bool:
-    """Whether autograd would record this call: grad mode on and a tensor input requiring grad.
-    Otherwise the ``autograd.Function`` adds only its cost (~20 us a call)."""
-    return torch.is_grad_enabled() and any(
-        isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+                if a.requires_grad:
+                    wants_grad = True
+        records = wants_grad and torch.is_grad_enabled()
+        if self._mutated:
+            if records:
+                return self.op(*args)
+            out = self.impl(*args)
+            for i in self._mutated:
+                if isinstance(args[i], torch.Tensor):
+                    torch.autograd.graph.increment_version(args[i])
+            return out
+        if records and self._function is not None:
+            return self._function.apply(*args)
+        return self.impl(*args)  # not differentiable, or autograd would record nothing
 
 
 def _forward_of(impl: Callable, setup: Callable) -> Callable:
