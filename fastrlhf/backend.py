@@ -1,7 +1,7 @@
 """Backend choice for every op: ``"auto" | "triton" | "native" | "reference"``.
 
 * ``auto`` -> ``triton`` for CUDA tensors; for CPU tensors ``native`` when the C++ extension is
-  available, else ``reference``.  The environment variable ``FASTRLHF_BACKEND`` replaces ``auto``
+  available, else ``reference``; ``reference`` on any other device (mps, xpu, ...).  The environment variable ``FASTRLHF_BACKEND`` replaces ``auto``
   (an explicit ``backend=`` argument always wins).
 * ``triton`` on CPU tensors runs the real kernels in Triton's interpreter; that requires
   ``TRITON_INTERPRET=1`` in the environment before the kernels are first imported.
@@ -70,7 +70,9 @@ def resolve(backend: str | None, device: torch.device, *, op: str, native_ok: bo
         if device.type == "cuda":
             return "triton"
         # The C++ extension is opaque to torch.compile: traced code keeps the reference path.
-        if native_ok and not torch.compiler.is_compiling() and native_available():
+        # It reads CPU memory only: any other device (mps, xpu, ...) runs the reference.
+        if (device.type == "cpu" and native_ok and not torch.compiler.is_compiling()
+                and native_available()):
             return "native"
         return "reference"
     if backend == "triton":

@@ -70,6 +70,22 @@ def test_auto_picks_native_for_cpu_tensors(native, monkeypatch):
     assert native.num_threads() == torch.get_num_threads()
 
 
+@pytest.mark.parametrize("device", ["mps", "xpu", "hpu"])
+def test_auto_keeps_native_to_cpu_tensors(native, monkeypatch, device):
+    """The C++ backend reads CPU memory only: with the extension built (as on a Mac), ``auto`` on
+    another device's tensors picks the reference (eager PyTorch runs there), not ``native``
+    (whose binding would reject the tensors).  Only the device type is read: no such device is
+    needed."""
+    monkeypatch.delenv("FASTRLHF_BACKEND", raising=False)
+    dev = torch.device(device)
+    for native_ok in (True, False):
+        assert _backend.resolve("auto", dev, op="t", native_ok=native_ok) == "reference"
+        assert _backend.resolve(None, dev, op="t", native_ok=native_ok) == "reference"
+    with pytest.raises(ValueError, match="backend='native' is the CPU backend"):
+        _backend.resolve("native", dev, op="t", native_ok=True)
+    assert _backend.resolve("auto", CPU, op="t", native_ok=True) == "native"
+
+
 def _fresh_state(monkeypatch):
     monkeypatch.setattr(_native, "_STATE", {"tried": False, "module": None, "error": None})
 
