@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
@@ -113,24 +112,10 @@ def run(N: int, V: int, rounds: int) -> list[dict]:
 
     layers = {"kernel": kernel, "kernel-bwd": kernel_bwd, "fwd": fwd, "fwd-grad": fwd_grad, "fwd+bwd": fwd_bwd,
               "harness": harness, "eager-fwd": eager_fwd, "eager-fwd+bwd": eager_fwd_bwd}
-    for fn in layers.values():
-        for _ in range(3):
-            fn()
-    times = {(name, cond): [] for name in layers for cond in ("warm", "after-eager")}
-    for _ in range(rounds):
-        for name, fn in layers.items():
-            # warm: a second call right after a first one
-            fn()
-            t0 = time.perf_counter()
-            fn()
-            times[(name, "warm")].append((time.perf_counter() - t0) * 1e6)
-            disturb()
-            t0 = time.perf_counter()
-            fn()
-            times[(name, "after-eager")].append((time.perf_counter() - t0) * 1e6)
+    times = common.time_layers(layers, disturb, rounds, after="after-eager")
     rows = []
     for (name, cond), ts in times.items():
-        s = common.spread([t / 1e3 for t in ts])
+        s = common.spread(ts)
         rows.append(common.finish_row(dict(
             op="token_logprobs", mode=MODES[name], impl=name, condition=cond, shape=f"{N}x{V}",
             dtype="bf16", threads=torch.get_num_threads(), **s), copy_gbps=None))
@@ -145,12 +130,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     N, V = (int(v) for v in args.shape.split("x"))
     rows = run(N, V, args.rounds)
-    by = {(r["impl"], r["condition"]): r for r in rows}
-    print(f"{'layer':<15}{'warm us':>10}{'iqr':>8}{'after-eager us':>16}{'iqr':>8}")
-    for layer in MODES:
-        w, c = by[(layer, "warm")], by[(layer, "after-eager")]
-        print(f"{layer:<15}{w['ms'] * 1e3:>10.1f}{w['iqr_ms'] * 1e3:>8.1f}"
-              f"{c['ms'] * 1e3:>16.1f}{c['iqr_ms'] * 1e3:>8.1f}")
+    common.print_layers(rows, "after-eager")
     if args.out:
         common.write_results(args.out, common.environment("cpu"), None, {"cpu_small": rows})
         print(f"wrote {args.out}")

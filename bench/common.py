@@ -141,6 +141,41 @@ def time_group(entries: list, device: str, *, warmup: int = 3, rep: int = 20,
             _mark_skipped(row, e, device)
 
 
+def time_layers(layers: dict, before: Callable[[], object], rounds: int,
+                after: str = "after") -> dict:
+    """CPU timings (ms) of each ``name -> fn`` of ``layers`` in two conditions: ``"warm"`` (the
+    call right after a first one) and ``after`` (the call right after ``before()``, e.g. the
+    steps the benchmarks' round-robin runs before it).  Each is called 3 times first; then the
+    layers take turns, ``rounds`` times.  Returns ``{(name, condition): [ms, ...]}``."""
+    for fn in list(layers.values()) + [before]:
+        for _ in range(3):
+            fn()
+    times = {(name, cond): [] for name in layers for cond in ("warm", after)}
+    for _ in range(rounds):
+        for name, fn in layers.items():
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            times[(name, "warm")].append((time.perf_counter() - t0) * 1e3)
+            before()
+            t0 = time.perf_counter()
+            fn()
+            times[(name, after)].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def print_layers(rows: list[dict], after: str) -> None:
+    """The rows of :func:`time_layers`' timings (``op``, ``impl`` = the layer, ``condition``,
+    ``ms`` / ``iqr_ms``) as a table in microseconds, warm beside ``after``."""
+    print(f"{'op':<16}{'layer':<15}{'warm us':>10}{'iqr':>8}{after + ' us':>18}{'iqr':>8}")
+    by = {(r["op"], r["impl"], r["condition"]): r for r in rows}
+    for w in rows:
+        if w["condition"] == "warm":
+            c = by[(w["op"], w["impl"], after)]
+            print(f"{w['op']:<16}{w['impl']:<15}{w['ms'] * 1e3:>10.1f}{w['iqr_ms'] * 1e3:>8.1f}"
+                  f"{c['ms'] * 1e3:>18.1f}{c['iqr_ms'] * 1e3:>8.1f}")
+
+
 def _mark_skipped(row: dict, e: BaseException, device: str) -> None:
     for k in ("ms", "iqr_ms", "repeats", "peak_mb", "interleaved", "bytes", "flops", "max_err"):
         row.pop(k, None)

@@ -1104,6 +1104,25 @@ def test_bench_cpu_small_times_every_layer_in_both_conditions(native, tmp_path):
     assert json.loads(out.read_text())["benchmarks"]["cpu_small"]["rows"] == rows
 
 
+def test_bench_cpu_layers_times_every_layer_in_both_conditions(native, tmp_path):
+    # bench/bench_cpu_layers.py (what each layer of a small call costs after the benchmarks'
+    # previous steps) on tiny shapes, eager steps only: one row per (op, layer, condition),
+    # positive times, and the JSON it writes (its own bitwise check of the layers ran first).
+    import json
+    mod = _bench_module("bench_cpu_layers")
+    out = tmp_path / "layers.json"
+    rows = mod.main(["--rounds", "2", "--no-compile", "--logprobs-shape", "5x70",
+                     "--fused-shape", "2x3x70", "--out", str(out)])
+    want = {("token_logprobs", layer) for layer in ("op", "impl", "binding", "extension")} | {
+        ("fused_ppo_loss", layer) for layer in ("step", "op", "registered-op", "impl",
+                                                "binding", "checks", "agg-weights")}
+    assert {(r["op"], r["impl"], r["condition"]) for r in rows} == {
+        (op, layer, c) for op, layer in want for c in ("warm", "after-steps")}
+    assert all(r["ms"] > 0 and r["repeats"] == 2 and r["before"] == "eager" for r in rows)
+    assert {r["shape"] for r in rows} == {"5x70", "6x70"}
+    assert json.loads(out.read_text())["benchmarks"]["cpu_layers"]["rows"] == rows
+
+
 def test_bench_cpu_stream_reports_trls_error_against_eager():
     # bench/bench_cpu_stream.py times TRL's log-softmax on both dtypes and puts its log-prob
     # error against eager on its rows: exact-ish on fp32, far off on bf16 (which it computes in
