@@ -324,6 +324,27 @@ def test_no_grad_and_no_requires_grad_leave_logits_untouched(backend):
 
 
 @pytest.mark.parametrize("backend", backends(native=True))
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_rollout_inputs_are_constants_even_when_they_require_grad(backend, level):
+    """old_logp, advantages and ref_logp are constants of the loss: inputs that require grad
+    (e.g. a value head's advantages left attached) get no gradient, change nothing, and the
+    logits' gradient is the one for detached inputs."""
+    inp = make_inputs(seed=6)
+    kw = dict(ref_logp=inp["ref"], kl_coef=0.1, ratio_level=level, backend=backend)
+    x = inp["base"][:, :-1].clone().requires_grad_(True)
+    loss, st = fused_ppo_loss(x, inp["tokens"], inp["old"], inp["adv"], inp["mask"], **kw)
+    (want,) = torch.autograd.grad(loss, x)
+    old, adv, rl = (inp[k].clone().requires_grad_(True) for k in ("old", "adv", "ref"))
+    loss2, st2 = fused_ppo_loss(x, inp["tokens"], old, adv, inp["mask"],
+                                **{**kw, "ref_logp": rl})
+    assert torch.equal(loss2.detach(), loss.detach())
+    loss2.backward()
+    assert old.grad is None and adv.grad is None and rl.grad is None
+    assert torch.equal(x.grad, want)
+    assert all(not v.requires_grad for v in st2.values())
+
+
+@pytest.mark.parametrize("backend", backends(native=True))
 @pytest.mark.parametrize("inplace", [False, True])
 def test_non_unit_vocab_stride(backend, inplace):
     """A transposed [B, T, V] view (vocab not contiguous) is copied once and still correct (the

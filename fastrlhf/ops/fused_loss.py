@@ -403,6 +403,13 @@ _deferred_ib = Op("fused_ppo_loss_deferred_ib", _deferred_impl, _deferred_fake,
 # public API
 # ---------------------------------------------------------------------------------------------
 
+def _constant(t: Optional[Tensor]) -> Optional[Tensor]:
+    """``t`` without its autograd history (the loss treats it as a constant): detached only when
+    it requires grad -- a detach is a tensor call, tens of microseconds right after other work
+    has left the caches cold (bench/bench_cpu_layers.py), and these inputs rarely need one."""
+    return t.detach() if t is not None and t.requires_grad else t
+
+
 @with_contract(reference.fused_ppo_loss)
 def fused_ppo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tensor,
                    mask: Tensor, *, ref_logp: Optional[Tensor] = None, kl_coef: float = 0.0,
@@ -545,8 +552,7 @@ def fused_ppo_loss(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages:
                          "backend; use backend='auto', 'triton' or 'reference'")
     which = resolve_backend(backend, logits.device, op=OP, native_ok=not packed)
     acc = acc_dtype(logits)
-    old_logp, advantages = old_logp.detach(), advantages.detach()
-    ref_logp = None if ref_logp is None else ref_logp.detach()
+    old_logp, advantages, ref_logp = _constant(old_logp), _constant(advantages), _constant(ref_logp)
     if packed:
         kw = {**kw, "cu_seqlens": cu_seqlens}
     if process_group is not None:
