@@ -1,8 +1,10 @@
 """Backend choice for every op: ``"auto" | "triton" | "native" | "reference"``.
 
 * ``auto`` -> ``triton`` for CUDA tensors; for CPU tensors ``native`` when the C++ extension is
-  available, else ``reference``; ``reference`` on any other device (mps, xpu, ...).  The environment variable ``FASTRLHF_BACKEND`` replaces ``auto``
-  (an explicit ``backend=`` argument always wins).
+  available, else ``reference``; ``reference`` on any other device (mps, xpu, ...).  The
+  environment variable ``FASTRLHF_BACKEND`` replaces ``auto`` (an explicit ``backend=`` argument
+  always wins); its ``native`` is a preference for the CPU tensors of ops that have a native
+  implementation, and ``auto`` applies elsewhere.
 * ``triton`` on CPU tensors runs the real kernels in Triton's interpreter; that requires
   ``TRITON_INTERPRET=1`` in the environment before the kernels are first imported.
 * ``reference`` is the eager PyTorch definition in :mod:`fastrlhf.reference`.
@@ -59,8 +61,9 @@ def resolve(backend: str | None, device: torch.device, *, op: str, native_ok: bo
     explicit = backend not in (None, "auto")
     backend = requested(backend, op=op)
     # A process-wide preference (FASTRLHF_BACKEND) for "native" applies to the ops that have a
-    # native implementation; the others keep their automatic choice instead of failing.
-    if not explicit and backend == "native" and not native_ok:
+    # native implementation and to CPU tensors; the others keep their automatic choice instead
+    # of failing (an explicit backend="native" still raises for them, below).
+    if not explicit and backend == "native" and not (native_ok and device.type == "cpu"):
         backend = "auto"
     if device.type == "meta" and backend in ("auto", "reference"):
         # Shapes only: the eager reference propagates meta tensors (no kernel, no data check);

@@ -86,6 +86,24 @@ def test_auto_keeps_native_to_cpu_tensors(native, monkeypatch, device):
     assert _backend.resolve("auto", CPU, op="t", native_ok=True) == "native"
 
 
+def test_env_preference_for_native_applies_to_cpu_tensors_only(native, monkeypatch):
+    """FASTRLHF_BACKEND=native is a process-wide preference: CPU tensors of ops with a native
+    implementation take it; other devices keep the automatic choice (CUDA: Triton; meta and
+    the rest: the reference) instead of raising; an explicit backend="native" still raises."""
+    monkeypatch.setenv("FASTRLHF_BACKEND", "native")
+    assert _backend.resolve("auto", CPU, op="t", native_ok=True) == "native"
+    assert _backend.resolve("auto", CPU, op="t", native_ok=False) == "reference"
+    assert _backend.resolve("auto", torch.device("cuda"), op="t", native_ok=True) == "triton"
+    for device in ("meta", "mps", "xpu"):
+        assert _backend.resolve(None, torch.device(device), op="t", native_ok=True) == "reference"
+    with pytest.raises(ValueError, match="backend='native' is the CPU backend"):
+        _backend.resolve("native", torch.device("cuda"), op="t", native_ok=True)
+    # shapes only, under the preference: the reference propagates meta tensors
+    lp = fr.token_logprobs(torch.empty(3, 5, 11, device="meta"),
+                           torch.zeros(3, 5, dtype=torch.long, device="meta"))
+    assert lp.shape == (3, 5) and lp.device.type == "meta"
+
+
 def _fresh_state(monkeypatch):
     monkeypatch.setattr(_native, "_STATE", {"tried": False, "module": None, "error": None})
 
