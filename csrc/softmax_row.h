@@ -471,11 +471,13 @@ void grad_row(const T* x, T* out, int64_t V, const Sc& sc, A M, A logS, A H, A g
       if constexpr (kFast) {
         if constexpr (HAS_DENT) return p * (c.a + c.b * zc);
         else return p * c.a;
-      } else {
-        VA g = -g_lp * p;
-        if (HAS_DENT) g -= g_h * (p * (zc + H));
-        return sc(g);
       }
+      // the general form (dead code after the fast form's return; written outside an `else`
+      // because GCC took that for a path without a return and warned "no return statement"
+      // at every instantiation)
+      VA g = -g_lp * p;
+      if (HAS_DENT) g -= g_h * (p * (zc + H));
+      return sc(g);
     };
     const bool has_tok = tok >= 0 && tok < V;
     A g_tok = A(0);
