@@ -49,37 +49,26 @@ def requested(backend: str | None, *, op: str) -> str:
 
 def resolve(backend: str | None, device: torch.device, *, op: str, native_ok: bool = False) -> str:
     """Return the concrete backend for ``op`` on ``device``; raises ValueError on a bad name."""
-    if (backend is None or backend == "auto") and device.type == "cpu":
-        # The common case first, in as few steps as the general path below takes for it (every
-        # op call resolves; right after other work each step costs microseconds).
-        env = config.env("FASTRLHF_BACKEND")
-        if env is None or env.strip().lower() in ("", "auto"):
-            # The C++ extension is opaque to torch.compile: traced code keeps the reference path.
-            if native_ok and not torch.compiler.is_compiling() and native.available():
-                return "native"
-            return "reference"
-    explicit = backend not in (None, "auto")
+    explicit = backend is not None and backend != "auto"
     backend = requested(backend, op=op)
+    kind = device.type  # read once: every op call resolves, and each step costs when cold
     # A process-wide preference (FASTRLHF_BACKEND) for "native" applies to the ops that have a
     # native implementation and to CPU tensors; the others keep their automatic choice instead
     # of failing (an explicit backend="native" still raises for them, below).
-    if not explicit and backend == "native" and not (native_ok and device.type == "cpu"):
+    if not explicit and backend == "native" and not (native_ok and kind == "cpu"):
         backend = "auto"
-    if device.type == "meta" and backend in ("auto", "reference"):
-        # Shapes only: the eager reference propagates meta tensors (no kernel, no data check);
-        # an explicit "triton" / "native" raises below, naming the device.
-        return "reference"
     if backend == "auto":
-        if device.type == "cuda":
+        if kind == "cuda":
             return "triton"
         # The C++ extension is opaque to torch.compile: traced code keeps the reference path.
-        # It reads CPU memory only: any other device (mps, xpu, ...) runs the reference.
-        if (device.type == "cpu" and native_ok and not torch.compiler.is_compiling()
-                and native_available()):
+        # It reads CPU memory only: any other device (mps, xpu, meta: shapes only, the eager
+        # reference propagates meta tensors) runs the reference.
+        if kind == "cpu" and native_ok and not torch.compiler.is_compiling() and native.available():
             return "native"
         return "reference"
+    # an explicit "triton" / "native" on meta tensors raises below, naming the device
     if backend == "triton":
-        if device.type == "cpu":
+        if kind == "cpu":
             if not interpret_env():
                 raise RuntimeError(
                     f"{op}: backend='triton' on CPU tensors needs Triton's interpreter: set "
@@ -89,12 +78,12 @@ def resolve(backend: str | None, device: torch.device, *, op: str, native_ok: bo
                 raise RuntimeError(
                     f"{op}: TRITON_INTERPRET=1 was set after fastrlhf.kernels was imported; set it "
                     "before the first Triton-backed call")
-        elif device.type != "cuda":
+        elif kind != "cuda":
             raise ValueError(f"{op}: backend='triton' supports CUDA tensors (or CPU under "
                              f"TRITON_INTERPRET=1), got device {device}")
         return "triton"
     if backend == "native":
-        if device.type != "cpu":
+        if kind != "cpu":
             raise ValueError(f"{op}: backend='native' is the CPU backend, got device {device}")
         if not native_ok:
             raise ValueError(f"{op}: no native (C++) implementation of this op yet")
