@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from .buffers import grad_empty
-from .tables import AGG_MODE_IDS, FUSED_AUX, FUSED_AUX_ROWS, acc_dtype
+from .tables import AGG_MODE_IDS, FUSED_AUX, FUSED_AUX_ROWS, FUSED_TERM_ROWS, acc_dtype
 
 __all__ = ["available", "load", "build_error", "source_dir", "logprobs_fwd", "logprobs_call",
            "logprobs_bwd",
@@ -346,7 +346,6 @@ def value_bwd(grad_out, values, old_values, returns, mask, coef, clip, cu=None):
 # ---------------------------------------------------------------------------------------------
 
 # aux rows (tables.FUSED_AUX_ROWS): the per-token terms; with defer also g_lp, g_h, M, log S
-_AUX_ROWS, _AUX_ROWS_DEFERRED = FUSED_AUX["approx_kl"] + 1, len(FUSED_AUX_ROWS)
 _AUX_G, _AUX_M = FUSED_AUX["g_lp"], FUSED_AUX["M"]
 assert FUSED_AUX["g_h"] == _AUX_G + 1 and FUSED_AUX["logS"] == _AUX_M + 1
 
@@ -369,7 +368,7 @@ def fused_loss_call(logits, dlogits, dims, strides, out_strides, V, B, T, tokens
     :func:`fused_loss_grad` sweep, ``lse [N, 2]`` (row max, log sum exp) and ``coefs [2, N]``
     (d loss / d logp, d loss / d H per token; 0 for tokens that do not count), else two Nones."""
     acc = acc_dtype(logits)
-    aux = torch.empty(_AUX_ROWS_DEFERRED if defer else _AUX_ROWS, B * T, dtype=acc)
+    aux = torch.empty(len(FUSED_AUX_ROWS) if defer else FUSED_TERM_ROWS, B * T, dtype=acc)
     loss = torch.empty((), dtype=acc)
     stats = torch.empty(5, dtype=acc)
     per_token, bad = _ext().fused_loss_call(
@@ -471,7 +470,7 @@ def fused_linear_loss_fwd(hidden: Tensor, dims, strides, weight: Tensor, bias: O
     h = _hidden_rows(hidden, dims, strides, H)
     n = h.shape[0]
     acc = coef.dtype
-    aux = torch.empty(_AUX_ROWS, n, dtype=acc)
+    aux = torch.empty(FUSED_TERM_ROWS, n, dtype=acc)
     loss = torch.empty((), dtype=acc)
     stats = torch.empty(5, dtype=acc)
     dh = grad_empty((n, H), hidden.dtype, hidden.device) if need_dh else None

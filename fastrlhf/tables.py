@@ -13,7 +13,7 @@ import torch
 __all__ = ["FLOAT_DTYPES", "INT_DTYPES", "MASK_DTYPES", "ID_DTYPES", "acc_dtype", "KL_BASE",
            "KL_KINDS", "KL_CODES", "AGG_MODES", "AGG_MODE_IDS", "AGG_KWARGS", "RATIO_LEVELS",
            "GROUP_ADV_KINDS", "MASKED_EPS", "BACKENDS", "FUSED_STATS", "FUSED_AUX_ROWS",
-           "FUSED_AUX"]
+           "FUSED_AUX", "FUSED_TERM_ROWS"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int32, torch.int64)
@@ -69,3 +69,4 @@ FUSED_STATS = ("logp", "entropy", "kl", "clipfrac", "clipfrac_lower", "approx_kl
 FUSED_AUX_ROWS = ("loss", "logp", "entropy", "kl", "clipped", "clipped_lower", "approx_kl",
                   "g_lp", "g_h", "M", "logS")
 FUSED_AUX = {name: i for i, name in enumerate(FUSED_AUX_ROWS)}
+FUSED_TERM_ROWS = FUSED_AUX["approx_kl"] + 1  # the per-token terms: the rows without defer

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from .. import config, reference
 from ..backend import resolve as resolve_backend
-from ..tables import FUSED_AUX, FUSED_STATS, KL_CODES, MASKED_EPS, acc_dtype
+from ..tables import FUSED_AUX, FUSED_STATS, FUSED_TERM_ROWS, KL_CODES, MASKED_EPS, acc_dtype
 from .common import (with_contract, check_fused_loss_args, check_logits, check_positive_float,
                      check_int, fused_stats, check_token_range, checked_tokens,
                      contiguous_row_strides, raise_bad_token, grad_empty, grad_rows, mul_unrounded_,
@@ -157,7 +157,7 @@ def _forward(logits: Tensor, tokens: Tensor, old_logp: Tensor, advantages: Tenso
     def terms(x):  # where(m != 0, x, 0) * m: NaN outside the mask never leaks in
         return torch.where(valid, x, torch.zeros_like(x)) * m
 
-    L, lp, ent, kl, clipped, lower, akl = aux[:FUSED_AUX["approx_kl"] + 1].unbind(0)
+    L, lp, ent, kl, clipped, lower, akl = aux[:FUSED_TERM_ROWS].unbind(0)
     sums = row_sums(terms(L))
     loss = torch.where(coef != 0, coef * sums, torch.zeros_like(sums)).sum()
     den = m.sum() + MASKED_EPS
