@@ -183,11 +183,7 @@ def main(argv=None):
     shape = lambda text: tuple(int(v) for v in text.split("x"))  # noqa: E731
     rows = run(args.rounds, with_compile=not args.no_compile,
                logprobs_shape=shape(args.logprobs_shape), fused_shape=shape(args.fused_shape))
-    common.print_layers(rows, "after-steps")
-    if args.out:
-        common.write_results(args.out, common.environment("cpu"), None, {"cpu_layers": rows})
-        print(f"wrote {args.out}")
-    return rows
+    return common.report_layers(rows, "after-steps", "cpu_layers", args.out)
 
 
 if __name__ == "__main__":

@@ -130,11 +130,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     N, V = (int(v) for v in args.shape.split("x"))
     rows = run(N, V, args.rounds)
-    common.print_layers(rows, "after-eager")
-    if args.out:
-        common.write_results(args.out, common.environment("cpu"), None, {"cpu_small": rows})
-        print(f"wrote {args.out}")
-    return rows
+    return common.report_layers(rows, "after-eager", "cpu_small", args.out)
 
 
 if __name__ == "__main__":

@@ -164,6 +164,16 @@ def time_layers(layers: dict, before: Callable[[], object], rounds: int,
     return times
 
 
+def report_layers(rows: list[dict], after: str, bench: str, out: str = "") -> list[dict]:
+    """Print :func:`print_layers`' table and, with ``out``, write the rows as bench ``bench`` of
+    a CPU result file; returns the rows (the ``main`` of the layer benchmarks)."""
+    print_layers(rows, after)
+    if out:
+        write_results(out, environment("cpu"), None, {bench: rows})
+        print(f"wrote {out}")
+    return rows
+
+
 def print_layers(rows: list[dict], after: str) -> None:
     """The rows of :func:`time_layers`' timings (``op``, ``impl`` = the layer, ``condition``,
     ``ms`` / ``iqr_ms``) as a table in microseconds, warm beside ``after``."""
