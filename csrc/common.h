@@ -58,6 +58,39 @@ constexpr int kLanes = 4;  // SSE2 / NEON: 128-bit
 // whose main loop then called the lambda with every live vector spilled around the call.
 #define FASTRLHF_INLINE __attribute__((always_inline))
 
+// `v`, rounded where it stands: the compiler may not fuse the operation that produced it into
+// the one that consumes it.  GCC contracts a multiply whose only use is an add or subtract into
+// one FMA (its default -ffp-contract=fast), which skips the product's rounding.  Where a value
+// must be the same in two sweeps -- the scaled logit x / T, from which the statistics' max M was
+// taken in one sweep and log p = x / T - M - log S is formed in another -- a fused multiply in
+// one of them and not the other makes them disagree by up to half an ulp of x / T, an error the
+// gradient's 1 / T then multiplies (at T = 0.001 a one-hot row's entropy gradient came out
+// ~0.2 instead of ~0: tests/test_native.py).
+// The barrier is an empty asm that takes and returns the value in a register: the multiply and
+// the subtract stay two instructions and nothing else changes.  (GCC 12's
+// __builtin_assoc_barrier does the same for scalars but splits a vector into its lanes and
+// rebuilds it: the T != 1 forward sweep ran ~40% slower with it.)  A value wider than one
+// register (fp64 vectors) takes a round trip through memory; other targets, or compilers
+// without GNU asm, get no barrier (Clang contracts only within one expression, so it never
+// fuses across this anyway).
+template <typename X>
+FASTRLHF_INLINE inline X rounded(X v) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  if constexpr (sizeof(X) <= kLanes * sizeof(float)) {
+    __asm__("" : "+v"(v));
+  } else {
+    __asm__("" : "+m"(v));
+  }
+#elif defined(__GNUC__) && defined(__aarch64__)
+  if constexpr (sizeof(X) <= 16) {
+    __asm__("" : "+w"(v));
+  } else {
+    __asm__("" : "+m"(v));
+  }
+#endif
+  return v;
+}
+
 template <typename A>
 constexpr A kInf = std::numeric_limits<A>::infinity();
 template <typename A>

@@ -120,6 +120,8 @@ inline void vload_pair<c10::BFloat16, float>(const c10::BFloat16* p, Vec<float>&
 // (nearly every call) is a type of its own, so the hot loops carry no multiply for it: one of
 // the ~22 vector operations per kLanes elements of the forward sweep (measured ~8% (fp32) to
 // ~20% (bf16) more elements / s on one core here).  Results are unchanged (x * 1 == x).
+// The product is rounded (common.h `rounded`): every sweep sees the same x / T, so a row's
+// largest logit gives log p = 0 exactly in the gradient sweep as in the statistics.
 template <typename A, bool kUnit>
 struct LogitScale {
   A inv_temp;
@@ -128,7 +130,7 @@ struct LogitScale {
     if constexpr (kUnit) {
       return v;
     } else {
-      return v * inv_temp;
+      return rounded(v * inv_temp);
     }
   }
 };

@@ -249,6 +249,40 @@ def test_logprobs_one_hot_rows_are_exact(native, dtype, temperature):
     assert torch.all(h == 0), h
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [0.001, 0.003])
+def test_low_temperature_gradients_of_one_hot_rows(native, dtype, temperature):
+    # At a low temperature the softmax of random logits is one-hot (the other exp terms
+    # underflow) and every gradient is ~0.  The sweeps must all see the same x / T: with the
+    # gradient sweep's multiply fused into its subtract (an FMA, GCC's default contraction) and
+    # the statistics' not, log p of the largest logit came out half an ulp of x / T away from 0,
+    # times 1 / T: entropy gradients of ~0.2 at T = 0.001 (found by the long hypothesis profile).
+    x, tok = _logits((6,), 130, dtype, seed=35842546)
+    top = x.float().argmax(-1)
+    g = torch.Generator().manual_seed(1)
+    up = torch.randn(2, 6, generator=g, dtype=torch.float64) + 0.5
+    adv, old = torch.randn(1, 6, generator=g), torch.randn(1, 6, generator=g) - 2.0
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    cases = {
+        "token_entropy": lambda v, b: (fr.token_entropy(v, temperature=temperature, backend=b)
+                                       * up[1].to(v.dtype)).sum(),
+        "token_logprobs": lambda v, b: sum(
+            (o * u.to(o.dtype)).sum() for o, u in zip(fr.token_logprobs(
+                v, top, temperature=temperature, return_entropy=True, backend=b), up)),
+        "fused_ppo_loss": lambda v, b: fr.fused_ppo_loss(
+            v[None], top[None], old, adv, mask, entropy_coef=0.1, temperature=temperature,
+            backend=b)[0],
+    }
+    for name, loss in cases.items():
+        leaf = x.clone().requires_grad_(True)
+        (got,) = torch.autograd.grad(loss(leaf, "native"), leaf)
+        leaf64 = x.double().requires_grad_(True)
+        (want,) = torch.autograd.grad(loss(leaf64, "reference"), leaf64)
+        assert want.abs().max() < 1e-20, (name, want.abs().max())  # the case is one-hot
+        assert got.abs().max() <= 1e-6, (name, dtype, temperature, got.abs().max().item(),
+                                         (got != 0).nonzero().tolist())
+
+
 def test_row_statistics_leave_the_callers_denormal_mode_alone(native):
     # The forward and gradient sweeps run with flush-to-zero on (csrc/common.h FlushDenormals,
     # for the vscalefps of their exps) and must restore the thread's mode: afterwards a float op
