@@ -420,6 +420,36 @@ def test_ppo_loss_matches_float64_reference(backend, case):
     assert torch.all(leaves[0].grad[-1] == 0), "a fully masked row got a gradient"
 
 
+@pytest.mark.parametrize("backend", backends(native=True))
+@pytest.mark.parametrize("bt", [(0, 3), (2, 0), (0, 0)])
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_ppo_loss_with_no_tokens(backend, bt, ratio_level):
+    # An empty batch (B = 0) or empty responses (T = 0): a zero loss, zero-filled stats and
+    # gradients of the right shapes, as the reference (the native path once failed to reshape
+    # its per-token rows for B = 0: "[-1, 0, T] is ambiguous").
+    B, T = bt
+    H, V = 6, 11
+    w = torch.randn(V, H, device=DEVICE)
+    h, wl = _leaf(torch.randn(B, T, H, device=DEVICE)), _leaf(w)
+    z = torch.zeros(B, T, device=DEVICE)
+    tok = torch.zeros(B, T, dtype=torch.long, device=DEVICE)
+    mask = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
+    loss, stats = fused_linear_ppo_loss(h, wl, tok, z, z, mask, ref_logp=z, kl_coef=0.1,
+                                        entropy_coef=0.01, ratio_level=ratio_level,
+                                        backend=backend)
+    rloss, rstats = R.fused_linear_ppo_loss(h.detach(), w, tok, z, z, mask, ref_logp=z,
+                                            kl_coef=0.1, entropy_coef=0.01,
+                                            ratio_level=ratio_level)
+    assert loss.item() == 0 and rloss.item() == 0
+    assert set(stats) == set(rstats)
+    for k in rstats:
+        assert stats[k].shape == rstats[k].shape, k
+        assert_close(f"stats[{k}]", stats[k], rstats[k], atol=0)
+    loss.backward()
+    assert h.grad.shape == h.shape and wl.grad.shape == w.shape
+    assert torch.all(wl.grad == 0)
+
+
 @pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or the Triton interpreter")
 def test_ppo_loss_equals_fused_ppo_loss_on_materialized_logits():
     import fastrlhf as fr

@@ -169,7 +169,7 @@ def _lossgrad_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], token
         kl_grad=KL_CODES["k2"] if kl_kind.endswith("+") else kl_val, ent_coef=entropy_coef,
         need_dh=need_dh, need_dw=need_dw, need_db=need_db)
     lp = FUSED_AUX["logp"]  # logp, entropy, kl: three consecutive rows
-    return (loss, stats, aux.view(-1, B, T)[lp:lp + 3].clone(),
+    return (loss, stats, aux.view(aux.shape[0], B, T)[lp:lp + 3].clone(),  # B may be 0
             dh.view(hidden.shape) if dh is not None else hidden.new_zeros(0),
             dw if dw is not None else weight.new_zeros(0),
             db if db is not None else (weight if bias is None else bias).new_zeros(0))
