@@ -251,6 +251,9 @@ def test_agg_loss_matches_verl(mode, dp):
                 f(x, m, mode, dp_size=dp)
     with pytest.raises(ValueError):
         V.agg_loss(x, m, "token-median")
+    # a zero-length response at rank 3 (rows of [-1, 0]): 0, not a reshape error
+    e = torch.zeros(2, 3, 0)
+    assert V.agg_loss(e, e, mode, **kw).item() == 0
     # other ranks: verl treats the last dim as the sequence
     flat = x.detach().reshape(-1)[:9]
     for t, mk in ((flat, m.reshape(-1)[:9]), (x.detach().reshape(5, 1, -1), m.reshape(5, 1, -1))):

@@ -40,6 +40,7 @@ gives NaN, raises or silently mixes garbage in):
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
@@ -130,8 +131,9 @@ def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str
     _check_dp(loss_agg_mode, dp_size, batch_num_tokens, global_batch_size)
     if loss_mat.dim() != 2 and loss_mat.dim() >= 1 and loss_mask.shape == loss_mat.shape:
         # verl reduces the last dim as "the sequence" whatever the rank: same as rows of [-1, T].
-        loss_mat = loss_mat.reshape(-1, loss_mat.shape[-1])
-        loss_mask = loss_mask.reshape(-1, loss_mask.shape[-1])
+        rows = (math.prod(loss_mat.shape[:-1]), loss_mat.shape[-1])  # not -1: T may be 0
+        loss_mat = loss_mat.reshape(rows)
+        loss_mask = loss_mask.reshape(rows)
     return ops.agg_loss(loss_mat, loss_mask, loss_agg_mode, dp_size=dp_size,
                         batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
                         loss_scale_factor=loss_scale_factor)
