@@ -66,7 +66,7 @@ import triton.language as tl
 
 from ..tables import FUSED_AUX, FUSED_AUX_ROWS
 from .utils import (acc_dtype_of, grad_sweep, interpreting, row_offset, row_softmax_stats,
-                     stream_block, tl_dtype, zero_row)
+                     stream_block, tl_dtype, token_logp, zero_row)
 from .kl import KINDS as KL_KINDS
 from .kl import klp_dvdx, klp_value
 from .losses import to_acc, policy_token_terms
@@ -134,8 +134,8 @@ def _fused_loss_kernel(
         else:
             M, log_s, ent, bad_row = row_softmax_stats(base, V, inv_temp, ACC, BLOCK_V, True)
             # Out-of-range ids read nothing and give NaN (the host check normally rejects them).
-            x_tok = tl.load(base + tl.where(valid_tok, tok, 0)).to(ACC) * inv_temp
-            logp = tl.where(valid_tok, (x_tok - M) - log_s, nan)
+            l_tok = tl.load(base + tl.where(valid_tok, tok, 0)).to(ACC)
+            logp = tl.where(valid_tok, token_logp(l_tok, inv_temp, M, log_s), nan)
             logp = tl.where(bad_row, nan, logp)
             logp = tl.where(ignored, 0.0, logp)
             ent = tl.where(bad_row, nan, ent)

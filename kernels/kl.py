@@ -56,8 +56,9 @@ import triton
 import triton.language as tl
 
 from ..tables import KL_CODES, acc_dtype
-from .utils import (FMA_REF, exp2_, interpreting, load_block, max_nan, row_offset,
-                    scalar_to, stream_block, sub_block_offsets, tl_dtype)
+from .utils import (FMA_REF, exp2_, finite_or_zero, interpreting, load_block, max_nan,
+                    row_offset, scalar_to, scaled_minus, stream_block, sub_block_offsets,
+                    tl_dtype, token_logp)
 
 __all__ = ["KINDS", "kl_penalty_fwd", "kl_penalty_bwd", "full_kl_fwd", "full_kl_bwd", "AOT_SPECS"]
 
@@ -356,10 +357,18 @@ def _full_kl_fwd_kernel(
     srow = stats_ptr + row.to(tl.int64)
     Mxn = Mx * inv_temp
     Myn = My * inv_temp
+    # The stored pairs (M, log S) are relative to the stored (rounded) scaled maxima, as
+    # utils.row_softmax_stats': each max's rounding residual moves into its log S, so that the
+    # backward (which recovers the raw max as M * T) and the slices' combine can be exact.
+    res_x = finite_or_zero(scaled_minus(Mx, inv_temp, Mxn), Mx)
+    res_y = finite_or_zero(scaled_minus(My, inv_temp, Myn), My)
+    lsx = lsx + res_x
+    lsy = lsy + res_y
     if PARTIAL:
-        # Vocab-parallel slice partials: E = sum p ((x - M_x) - (y - M_y)) (0 for a slice
-        # without p mass) and the two flags; an all -inf slice is not an error here.
-        E = (Tsum / Sx - dlx + dly) * 0.6931471805599453
+        # Vocab-parallel slice partials: E = sum p ((x - M_x) - (y - M_y)) against the stored
+        # maxima (0 for a slice without p mass) and the two flags; an all -inf slice is not an
+        # error here.
+        E = (Tsum / Sx - dlx + dly) * 0.6931471805599453 + (res_x - res_y)
         tl.store(kl_ptr + row, tl.where(Sx > 0, E, 0.0))
         tl.store(srow + 4 * n_rows, (qx > ninf).to(ACC))
         tl.store(srow + 5 * n_rows, any_bad.to(ACC))
@@ -367,7 +376,7 @@ def _full_kl_fwd_kernel(
         kl = (Tsum / Sx) * 0.6931471805599453 - tl.log(Sx) + tl.log(Sy)
         # q_j = 0 under p_j > 0 (p_j as the reference forms it: exp(log_softmax)) -> +inf;
         # where p_j underflows to 0 the term is 0 like every p_j = 0 term
-        p_q = tl.exp((qx * inv_temp - Mxn) - lsx)
+        p_q = tl.exp(token_logp(qx, inv_temp, Mxn, lsx))
         kl = tl.where(p_q > 0, pinf, kl)
         kl = tl.where(any_bad | (Mx == ninf) | (My == ninf), float("nan"), kl)
         tl.store(kl_ptr + row, kl)
@@ -433,8 +442,9 @@ def _full_kl_bwd_kernel(
     c = inv_temp * 1.4426950408889634
     Mxr = Mx / inv_temp
     Myr = My / inv_temp
-    L2x = lsx * 1.4426950408889634
-    L2y = lsy * 1.4426950408889634
+    # log S relative to Mr / T (see utils.grad_sweep): exact although Mr * T != M at T != 1
+    L2x = (lsx - finite_or_zero(scaled_minus(Mxr, inv_temp, Mx), Mx)) * 1.4426950408889634
+    L2y = (lsy - finite_or_zero(scaled_minus(Myr, inv_temp, My), My)) * 1.4426950408889634
     # dx = p (ln2 (a2 - b2) - KL) g:  gl = g ln2, gk = -KL g
     gl = g * 0.6931471805599453
     gk = -kl * g

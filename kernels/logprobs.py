@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .utils import (acc_dtype_of, grad_sweep, interpreting, row_offset, row_softmax_stats,
-                     scalar_to, stream_block, tl_dtype)
+                     scalar_to, stream_block, tl_dtype, token_logp)
 
 __all__ = ["logprobs_fwd", "logprobs_bwd", "AOT_SPECS"]
 
@@ -75,8 +75,8 @@ def _logprobs_fwd_kernel(
         valid = (tok >= 0) & (tok < V)
         # Out-of-range ids never reach memory: they read nothing and give NaN (the host-side
         # check normally rejects them before launch; it can be disabled for graph capture).
-        x_tok = tl.load(base + tl.where(valid, tok, 0)).to(ACC) * inv_temp
-        logp = tl.where(valid, (x_tok - M) - log_s, nan)
+        l_tok = tl.load(base + tl.where(valid, tok, 0)).to(ACC)
+        logp = tl.where(valid, token_logp(l_tok, inv_temp, M, log_s), nan)
         logp = tl.where(bad, nan, logp)
         logp = tl.where(tok == ignore_index, 0.0, logp)
         tl.store(logp_ptr + row, logp)

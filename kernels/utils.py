@@ -108,6 +108,21 @@ def exp2_(z, ACC: tl.constexpr):
 
 
 @triton.jit
+def scaled_minus(l, inv_temp, r):
+    """``l * inv_temp - r`` rounded once (an FMA: the product is exact).  With ``r`` the
+    rounded product ``fl(l * inv_temp)`` this is that rounding's residual, exactly; for the row's
+    own logits against their scaled max it is ``x / T - M`` as the statistics define it."""
+    return tl.fma(l, inv_temp, -r)
+
+
+@triton.jit
+def finite_or_zero(v, ref):
+    """``v`` where the row's reference ``ref`` is finite, else 0 (an all ``-inf`` row's max, or
+    a NaN row's, has no residual)."""
+    return tl.where((ref > float("-inf")) & (ref < float("inf")), v, 0.0)
+
+
+@triton.jit
 def load_block(ptrs, cols, V, MASKED: tl.constexpr, EVICT: tl.constexpr):
     if MASKED:
         if EVICT:
@@ -184,7 +199,10 @@ def row_softmax_stats(base, V, inv_temp, ACC: tl.constexpr, BLOCK_V: tl.constexp
     per iteration and merged across threads once at the end.  All of them are relative to the
     same rounded references, so nothing is lost to offsets like +1e4: the rounding of the
     final reference, ``delta = M_raw c - fl(M_raw c)``, is formed exactly with an FMA and
-    removed from ``log S``.  ``H = ln S - ln2 T / S``.  ``l = -inf`` (masked vocab, padding)
+    removed from ``log S``.  The returned ``log S`` is relative to the returned (rounded) ``M``:
+    ``M + log S`` is the exact logsumexp, which is what lets a later pass that only has the pair
+    recover every ``log p`` exactly (:func:`grad_sweep`, :func:`token_logp`).  ``H = ln S - ln2
+    T / S``.  ``l = -inf`` (masked vocab, padding)
     contributes nothing.  ``ENT=False`` skips ``t`` (``H`` is then 0).
     """
     VEC: tl.constexpr = 128 // base.dtype.element_ty.primitive_bitwidth
@@ -220,7 +238,22 @@ def row_softmax_stats(base, V, inv_temp, ACC: tl.constexpr, BLOCK_V: tl.constexp
     else:
         ent = tl.zeros([], ACC)
     bad = (S != S) | (M_raw != M_raw)
-    return M_raw * inv_temp, log_s, ent, bad
+    # log S relative to the scaled max M = fl(M_raw / T) itself, not to the exact M_raw / T: the
+    # rounding residual of M moves into log S, so M + log S is the exact logsumexp and a
+    # consumer that reads (M, log S) back (the backward, via grad_sweep) can be exact.  Before,
+    # the largest logit's log p in the backward was off by up to half an ulp of M, which the
+    # gradient multiplies by 1 / T (~2 at T = 0.001 for a one-hot row).  T = 1: residual 0.
+    M = M_raw * inv_temp
+    log_s = log_s + finite_or_zero(scaled_minus(Rg, inv_temp, M), M_raw)
+    return M, log_s, ent, bad
+
+
+@triton.jit
+def token_logp(l_tok, inv_temp, M, log_s):
+    """``log p`` of the raw logit ``l_tok`` from the pair of :func:`row_softmax_stats`:
+    ``(l / T - M) - log S`` with ``l / T - M`` rounded once, as the pair defines it (exactly
+    0 - log S for the row's largest logit)."""
+    return scaled_minus(l_tok, inv_temp, M) - log_s
 
 
 @triton.jit
@@ -286,11 +319,15 @@ def grad_sweep(base, obase, V, tok, x_tok, tok_ok, M, log_s, g_lp, g_h, ent, inv
     offs = sub_block_offsets(R, VEC)
     c = inv_temp * 1.4426950408889634
     Mr = M / inv_temp                 # raw-logit units (exact at T = 1)
-    L2 = log_s * 1.4426950408889634
-    # g = p (A d + B):  d / T - log S = log p,  -g_h / T (log p + H) - g_lp / T
+    # log S relative to Mr / T rather than M: (M, log S) sum to the exact logsumexp
+    # (row_softmax_stats), and Mr / T misses M by a residual formed here exactly, so that
+    # log p = (x - Mr) / T - ls holds to rounding even though Mr * T != M at T != 1.
+    ls = log_s - finite_or_zero(scaled_minus(Mr, inv_temp, M), M)
+    L2 = ls * 1.4426950408889634
+    # g = p (A d + B):  d / T - ls = log p,  -g_h / T (log p + H) - g_lp / T
     A = -g_h * inv_temp * inv_temp
     if HAS_ENT:
-        B = -g_h * inv_temp * (ent - log_s) - g_lp * inv_temp
+        B = -g_h * inv_temp * (ent - ls) - g_lp * inv_temp
     else:
         B = -g_lp * inv_temp
     v_full = V - V % BLOCK_V

@@ -337,3 +337,70 @@ def test_cuda_many_rows_and_no_recompile():
     caches = k._logprobs_fwd_kernel.device_caches
     n_variants = sum(len(c[0]) for c in caches.values())
     assert n_variants == 1, f"forward kernel compiled {n_variants} variants for different N"
+
+
+def _one_hot_rows_off_the_round_trip(n=4, V=130, T=0.001, seed=0):
+    """fp32 rows whose softmax at temperature ``T`` is one-hot and whose largest logit ``l``
+    does not survive ``fl(fl(l / T) * T)``: a backward that recovers the raw max from the scaled
+    one as ``M * T`` lands an ulp away from ``l``, and the gradient multiplies that by ``1 / T``."""
+    g = torch.Generator().manual_seed(seed)
+    inv = torch.tensor(1.0 / T, dtype=torch.float32)
+    cand = (torch.randn(200000, generator=g) * 3 + 20).float()
+    cand = cand[(cand * inv) / inv != cand][:2 * n]
+    rows = (torch.randn(n, V, generator=g) * 3).float()
+    top = torch.randint(0, V, (n,), generator=g)
+    rows[torch.arange(n), top] = cand[:n]
+    other = rows.clone()  # the same argmax with another such value: KL(p || q) ~0 as well
+    other[torch.arange(n), top] = cand[n:]
+    for r in (rows, other):
+        assert bool(((r * inv) / inv != r).gather(1, top[:, None]).all())
+    return rows, top, other
+
+
+@pytest.mark.parametrize("backend", backends(native=True))
+def test_low_temperature_one_hot_rows_have_zero_gradients(backend):
+    # At T = 0.001 every row is one-hot: each gradient below is ~0 (the float64 reference gives
+    # < 1e-30).  Before the fix the Triton backward recovered the raw max as M * T and gave
+    # ~2 here; the native one fused x / T - M into an FMA and gave ~0.2 for the entropy.
+    T = 0.001
+    rows, top, other = _one_hot_rows_off_the_round_trip(T=T)
+    n = rows.shape[0]
+    rows, top, other = rows.to(DEVICE), top.to(DEVICE), other.to(DEVICE)
+    g = torch.Generator().manual_seed(1)
+    up = (torch.randn(2, n, generator=g) + 0.5).to(DEVICE)
+    adv = torch.randn(1, n, generator=g).to(DEVICE)
+    old = (torch.randn(1, n, generator=g) - 2.0).to(DEVICE)
+    mask = torch.ones(1, n, dtype=torch.bool, device=DEVICE)
+    eye = torch.eye(rows.shape[1], device=DEVICE)
+    cases = {
+        "token_logprobs": lambda x, b: sum(
+            (o * u).sum() for o, u in zip(fr.token_logprobs(
+                x, top, temperature=T, return_entropy=True, backend=b), up)),
+        "token_entropy": lambda x, b: (fr.token_entropy(x, temperature=T, backend=b)
+                                       * up[1]).sum(),
+        "fused_ppo_loss": lambda x, b: fr.fused_ppo_loss(
+            x[None], top[None], old, adv, mask, entropy_coef=0.1, temperature=T,
+            backend=b)[0],
+        "full_kl": lambda x, b: (fr.full_kl(x, other, temperature=T, backend=b) * up[0]).sum(),
+        # the fused lm_head with an identity weight: its logits are the rows exactly
+        "linear_token_logprobs": lambda x, b: sum(
+            (o * u).sum() for o, u in zip(fr.linear_token_logprobs(
+                x, eye.to(x.dtype), top, temperature=T, return_entropy=True, backend=b), up)),
+        "fused_linear_ppo_loss": lambda x, b: fr.fused_linear_ppo_loss(
+            x[None], eye.to(x.dtype), top[None], old, adv, mask, entropy_coef=0.1,
+            temperature=T, backend=b)[0],
+    }
+    if backend == "native":  # full_kl has no native implementation (auto runs the reference)
+        del cases["full_kl"]
+    if backend != "reference":
+        cases["fused_ppo_loss deferred"] = lambda x, b: fr.fused_ppo_loss(
+            x[None], top[None], old, adv, mask, entropy_coef=0.1, temperature=T,
+            grad_timing="backward", backend=b)[0]
+    for name, loss in cases.items():
+        leaf = rows.clone().requires_grad_(True)
+        (got,) = torch.autograd.grad(loss(leaf, backend), leaf)
+        leaf64 = rows.double().requires_grad_(True)
+        ref_case = "fused_ppo_loss" if name.startswith("fused_ppo_loss") else name
+        (want,) = torch.autograd.grad(cases[ref_case](leaf64, "reference"), leaf64)
+        assert want.abs().max() < 1e-30, (name, want.abs().max().item())
+        assert got.abs().max() <= 1e-5, (name, backend, got.abs().max().item())
