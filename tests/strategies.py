@@ -3,6 +3,9 @@
 Profiles (``FASTRLHF_HYPOTHESIS_PROFILE``): ``ci`` (default; the whole file in about two minutes
 on 2 cores) and ``long`` (many more examples, no deadline: run on demand).  Both are
 derandomized, so a run is reproducible and a failure is the same failure on every machine.
+``explore`` draws as many examples as ``long`` at random (``--hypothesis-seed=N`` picks them):
+to look for disagreements the fixed examples never reach; a failure it finds prints its
+``@reproduce_failure`` blob.
 
 Inputs are drawn as a few small integers / choices (shape, dtype, layout, special values, a
 seed) and materialized with a seeded ``torch.Generator``: cheap to draw, and every example is a
@@ -28,9 +31,11 @@ _COMMON = dict(derandomize=True, deadline=None, print_blob=True, database=None,
                                       HealthCheck.function_scoped_fixture])
 settings.register_profile("ci", max_examples=12, **_COMMON)
 settings.register_profile("long", max_examples=600, **_COMMON)
+# as long, but random: each --hypothesis-seed=N draws examples the derandomized runs never see
+settings.register_profile("explore", max_examples=600, **{**_COMMON, "derandomize": False})
 PROFILE = os.environ.get("FASTRLHF_HYPOTHESIS_PROFILE", "ci")
 settings.load_profile(PROFILE)
-LONG = PROFILE == "long"
+LONG = PROFILE in ("long", "explore")
 
 
 def examples(ci: int, long: Optional[int] = None):

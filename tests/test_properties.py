@@ -856,5 +856,6 @@ def test_bad_input_raises_naming_the_argument(backend, i):
 
 def test_profile_is_known():
     from strategies import PROFILE
-    assert PROFILE in ("ci", "long"), "FASTRLHF_HYPOTHESIS_PROFILE must be ci or long"
-    assert LONG == (PROFILE == "long")
+    assert PROFILE in ("ci", "long", "explore"), \
+        "FASTRLHF_HYPOTHESIS_PROFILE must be ci, long or explore"
+    assert LONG == (PROFILE in ("long", "explore"))
