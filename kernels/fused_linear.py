@@ -245,6 +245,12 @@ def _dlogits_kernel(
     hoff = _row_offsets(rows, D1, D2, s0, s1, s2)
     x = _logits_tile(h_ptr, w_ptr, b_ptr, hoff, rmask, cols, cmask, H, w_stride, inv_temp,
                      HAS_BIAS, ACC, PREC, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
+    # The same select as the forward's, between the scale's multiply and the subtract below:
+    # without it the compiler fuses acc * (1 / T) - M into one FMA (exact product) while the
+    # forward's statistics saw the rounded product, and the row's largest logit gets log p off
+    # by up to half an ulp of x / T, times 1 / T in the gradient (compiled-code analysis, sm_90:
+    # fma.rn.f32 on the inv_temp register here before, none after).  Masked columns: p = 0.
+    x = tl.where(cmask[None, :], x, float("-inf"))
     row_max = tl.load(lse_ptr + 2 * rows, mask=rmask, other=0.0)
     log_s = tl.load(lse_ptr + 2 * rows + 1, mask=rmask, other=0.0)
     z = (x - row_max[:, None]) - log_s[:, None]

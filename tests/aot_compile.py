@@ -95,7 +95,20 @@ def compile_one(spec, arch, cuobjdump, workdir):
     return {"regs": usage.get("REG"), "stack": usage.get("STACK"), "local": usage.get("LOCAL"),
             "shared": usage.get("SHARED"), "mem_ops": sorted(set(ops)),
             "ptx_has_local": ".local" in ptx, "loops": loops,
-            "streams": spec.get("streams", 1)}
+            "streams": spec.get("streams", 1), "fma_f32_param": fma_on_f32_params(ptx)}
+
+
+def fma_on_f32_params(ptx: str) -> int:
+    """How many ``fma.rn.f32`` of the PTX multiply by a float32 kernel argument (the kernels'
+    only such argument is the logits' scale 1 / T): an FMA there means the compiler fused
+    ``x * (1 / T) - M`` and skipped the product's rounding."""
+    names = re.findall(r"\.param \.f32 (\w+)", ptx)
+    regs = {r for n in names for r in re.findall(r"ld\.param\.b32\s+(%r\d+), \[" + n + r"\]",
+                                                   ptx)}
+    if not regs:
+        return 0
+    fma = re.findall(r"fma\.rn\.f32\s+%r\d+, (%r\d+), (%r\d+),", ptx)
+    return sum(1 for a, b in fma if a in regs or b in regs)
 
 
 def _job(args):

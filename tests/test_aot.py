@@ -113,3 +113,25 @@ def test_streaming_loops_are_wide_and_deep(aot_results):
                 bad.append(f"{r['name']} [{lp['pass']}]: {lp['ld_bits']}-bit loads, "
                            f"{lp['inflight_kib']:.0f} KiB in flight per SM")
     assert not bad, "\n".join(bad)
+
+
+def test_lm_head_backward_scales_its_logits_as_the_forward(aot_results):
+    # The fused lm_head's backward recomputes x = acc * (1 / T) and forms log p = x - M - log S
+    # against the forward's statistics.  Where the compiler fuses that multiply into an FMA in
+    # one kernel and not the other, the row's largest logit gets log p off by up to half an ulp
+    # of x / T, which the gradient multiplies by 1 / T (the dlogits kernel did so until its
+    # mask select went in front of the subtract, as in the forward).  So both kernels must fuse
+    # the scale exactly alike: never without a bias, the same bias FMAs with one.
+    import re
+    count = {}
+    for r in aot_results:
+        m = re.match(r"fused_linear_(fwd|dlogits)\[([\w-]+),bias=(True|False)", r["name"])
+        if m and "error" not in r:
+            count.setdefault((r["arch"], m[2], m[3]), {}).setdefault(m[1], set()).add(
+                r["fma_f32_param"])
+    assert count, "no fused lm_head specs compiled"
+    for (arch, prec, bias), kinds in sorted(count.items()):
+        assert set(kinds) == {"fwd", "dlogits"}, (arch, prec, bias, kinds)
+        assert kinds["dlogits"] == kinds["fwd"], (arch, prec, bias, kinds)
+        if bias == "False":
+            assert kinds["fwd"] == {0}, (arch, prec, kinds)
