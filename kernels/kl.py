@@ -56,8 +56,8 @@ import triton
 import triton.language as tl
 
 from ..tables import KL_CODES, acc_dtype
-from .utils import (FMA_REF, exp2_, finite_or_zero, interpreting, load_block, max_nan,
-                    row_offset, scalar_to, scaled_minus, stream_block, sub_block_offsets,
+from .utils import (FMA_REF, exp2_, interpreting, load_block, max_nan, raw_reference,
+                    row_offset, scalar_to, scaled_max, stream_block, sub_block_offsets,
                     tl_dtype, token_logp)
 
 __all__ = ["KINDS", "kl_penalty_fwd", "kl_penalty_bwd", "full_kl_fwd", "full_kl_bwd", "AOT_SPECS"]
@@ -355,13 +355,9 @@ def _full_kl_fwd_kernel(
             qv = tl.maximum(qv, tl.where(yv == ninf, xv, ninf))
         qx = tl.max(qv, axis=0)
     srow = stats_ptr + row.to(tl.int64)
-    Mxn = Mx * inv_temp
-    Myn = My * inv_temp
-    # The stored pairs (M, log S) are relative to the stored (rounded) scaled maxima, as
-    # utils.row_softmax_stats': each max's rounding residual moves into its log S, so that the
-    # backward (which recovers the raw max as M * T) and the slices' combine can be exact.
-    res_x = finite_or_zero(scaled_minus(Mx, inv_temp, Mxn), Mx)
-    res_y = finite_or_zero(scaled_minus(My, inv_temp, Myn), My)
+    # the stored pairs (M, log S) are relative to the stored scaled maxima (utils.scaled_max)
+    Mxn, res_x = scaled_max(Mx, inv_temp)
+    Myn, res_y = scaled_max(My, inv_temp)
     lsx = lsx + res_x
     lsy = lsy + res_y
     if PARTIAL:
@@ -440,11 +436,10 @@ def _full_kl_bwd_kernel(
     kl = tl.load(kl_ptr + row).to(ACC)
     g = tl.load(g_ptr + row).to(ACC) * inv_temp
     c = inv_temp * 1.4426950408889634
-    Mxr = Mx / inv_temp
-    Myr = My / inv_temp
-    # log S relative to Mr / T (see utils.grad_sweep): exact although Mr * T != M at T != 1
-    L2x = (lsx - finite_or_zero(scaled_minus(Mxr, inv_temp, Mx), Mx)) * 1.4426950408889634
-    L2y = (lsy - finite_or_zero(scaled_minus(Myr, inv_temp, My), My)) * 1.4426950408889634
+    Mxr, lsx = raw_reference(Mx, lsx, inv_temp)
+    Myr, lsy = raw_reference(My, lsy, inv_temp)
+    L2x = lsx * 1.4426950408889634
+    L2y = lsy * 1.4426950408889634
     # dx = p (ln2 (a2 - b2) - KL) g:  gl = g ln2, gk = -KL g
     gl = g * 0.6931471805599453
     gk = -kl * g

@@ -123,6 +123,31 @@ def finite_or_zero(v, ref):
 
 
 @triton.jit
+def scaled_max(m_raw, inv_temp):
+    """``(M, res)``: the stored scaled max ``M = fl(m_raw / T)`` and its rounding residual
+    ``res = m_raw / T - M``, exact (0 for a max that is not finite).
+
+    A log-sum taken against the exact ``m_raw / T`` plus ``res`` is relative to ``M`` itself,
+    so the stored pair ``(M, log S)`` sums to the exact logsumexp.  That is what lets a later
+    pass that only has the pair form every ``log p`` exactly (:func:`raw_reference`,
+    :func:`token_logp`): before, the largest logit's ``log p`` in the backward was off by up to
+    half an ulp of ``M``, which the gradient multiplies by ``1 / T`` (~2 at T = 0.001 for a
+    one-hot row).  At T = 1 the residual is 0."""
+    M = m_raw * inv_temp
+    return M, finite_or_zero(scaled_minus(m_raw, inv_temp, M), m_raw)
+
+
+@triton.jit
+def raw_reference(M, log_s, inv_temp):
+    """``(Mr, ls)`` for a pass over raw logits from a stored pair ``(M, log S)``: the max in
+    raw-logit units ``Mr = M * T`` (exact at T = 1) and ``log S`` relative to ``Mr / T``
+    instead of ``M``, the difference formed exactly, so that ``log p = (x - Mr) / T - ls``
+    holds to rounding although ``Mr / T != M`` at T != 1."""
+    Mr = M / inv_temp
+    return Mr, log_s - finite_or_zero(scaled_minus(Mr, inv_temp, M), M)
+
+
+@triton.jit
 def load_block(ptrs, cols, V, MASKED: tl.constexpr, EVICT: tl.constexpr):
     if MASKED:
         if EVICT:
@@ -238,14 +263,8 @@ def row_softmax_stats(base, V, inv_temp, ACC: tl.constexpr, BLOCK_V: tl.constexp
     else:
         ent = tl.zeros([], ACC)
     bad = (S != S) | (M_raw != M_raw)
-    # log S relative to the scaled max M = fl(M_raw / T) itself, not to the exact M_raw / T: the
-    # rounding residual of M moves into log S, so M + log S is the exact logsumexp and a
-    # consumer that reads (M, log S) back (the backward, via grad_sweep) can be exact.  Before,
-    # the largest logit's log p in the backward was off by up to half an ulp of M, which the
-    # gradient multiplies by 1 / T (~2 at T = 0.001 for a one-hot row).  T = 1: residual 0.
-    M = M_raw * inv_temp
-    log_s = log_s + finite_or_zero(scaled_minus(Rg, inv_temp, M), M_raw)
-    return M, log_s, ent, bad
+    M, res = scaled_max(M_raw, inv_temp)   # log S relative to the stored M
+    return M, log_s + res, ent, bad
 
 
 @triton.jit
@@ -318,11 +337,7 @@ def grad_sweep(base, obase, V, tok, x_tok, tok_ok, M, log_s, g_lp, g_h, ent, inv
     Q: tl.constexpr = R * VEC
     offs = sub_block_offsets(R, VEC)
     c = inv_temp * 1.4426950408889634
-    Mr = M / inv_temp                 # raw-logit units (exact at T = 1)
-    # log S relative to Mr / T rather than M: (M, log S) sum to the exact logsumexp
-    # (row_softmax_stats), and Mr / T misses M by a residual formed here exactly, so that
-    # log p = (x - Mr) / T - ls holds to rounding even though Mr * T != M at T != 1.
-    ls = log_s - finite_or_zero(scaled_minus(Mr, inv_temp, M), M)
+    Mr, ls = raw_reference(M, log_s, inv_temp)
     L2 = ls * 1.4426950408889634
     # g = p (A d + B):  d / T - ls = log p,  -g_h / T (log p + H) - g_lp / T
     A = -g_h * inv_temp * inv_temp
